@@ -1,0 +1,3 @@
+from ddpmlab.callbacks.sample_grid import SampleGrid
+
+__all__ = ["SampleGrid"]

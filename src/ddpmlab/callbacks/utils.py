@@ -1,0 +1,40 @@
+"""Helpers the callbacks share: the EMA denoiser, batch sampling, logging an image to any logger."""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+from ddpmlab.lit.ema import EMA
+from ddpmlab.samplers import Sampler
+
+
+def ema_denoiser(trainer, pl_module):
+    """The EMA copy's denoiser when an EMA callback is active, else the module's own."""
+    for cb in trainer.callbacks:
+        if isinstance(cb, EMA) and cb.averaged_module() is not None:
+            return cb.averaged_module().denoiser
+    return pl_module.denoiser
+
+
+@torch.no_grad()
+def sample_images(denoiser, sampler: Sampler, n: int, generator: torch.Generator, cond=None) -> torch.Tensor:
+    """n samples as float [n,C,H,W] in [0, 1], with all noise drawn from ``generator``."""
+    net = denoiser.net
+    was_training = denoiser.training
+    denoiser.eval()
+    device = next(denoiser.parameters()).device
+    shape = (n, net.in_channels, net.image_size, net.image_size)
+    x_T = torch.randn(shape, generator=generator, device=device)
+    x0 = sampler(denoiser, denoiser.diffusion, x_T, generator=generator, cond=cond)
+    denoiser.train(was_training)
+    return ((x0.float().clamp(-1, 1) + 1) / 2).cpu()
+
+
+def log_image(trainer, key: str, image: torch.Tensor, step: int) -> None:
+    """Send one [C,H,W] image in [0, 1] to every logger that takes images (W&B, TensorBoard)."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key=key, images=[image], step=step)
+        elif isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_image(key, image, global_step=step)

@@ -1,0 +1,4 @@
+from ddpmlab.lit.ema import EMA
+from ddpmlab.lit.module import DiffusionModule
+
+__all__ = ["EMA", "DiffusionModule"]

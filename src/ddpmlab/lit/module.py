@@ -1,0 +1,111 @@
+"""DiffusionModule: wiring and logging only. All math lives in ddpmlab.diffusion / objectives / samplers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from ddpmlab.diffusion.parameterization import Denoiser
+from ddpmlab.errors import CheckpointError
+from ddpmlab.samplers import Sampler
+
+# Config sections that must match for a checkpoint to resume into this run.
+ARCH_KEYS = ("model", "schedule", "prediction")
+
+
+class DiffusionModule(pl.LightningModule):
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        objective: Callable[..., Tensor],
+        optimizer: Callable[..., torch.optim.Optimizer],
+        lr_warmup_steps: int = 0,
+        sampler: Sampler | None = None,
+        p_uncond: float = 0.0,
+        seed: int = 0,
+        config: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.denoiser = denoiser
+        self.objective = objective
+        self.optimizer_factory = optimizer
+        self.lr_warmup_steps = lr_warmup_steps
+        self.sampler = sampler or Sampler("ddpm")  # for sample grids and FID during training
+        self.p_uncond = p_uncond
+        self.seed = seed
+        self.config = config or {}
+        self._noise: torch.Generator | None = None
+
+    @property
+    def diffusion(self):
+        return self.denoiser.diffusion
+
+    # ------------------------------------------------------------------ training
+    def on_train_start(self) -> None:
+        # Every rank draws its own t and eps (seed_everything alone gives all ranks the same noise); a resumed
+        # run continues with fresh noise rather than replaying the first steps'.
+        self._noise = torch.Generator(self.device).manual_seed(
+            self.seed * 1_000_003 + self.global_rank * 7919 + self.global_step
+        )
+
+    def _draw(self, x0: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        t = torch.randint(0, self.diffusion.T, (x0.shape[0],), device=x0.device, generator=generator)
+        eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        return t, eps
+
+    def _labels(self, y: Tensor, generator: torch.Generator | None) -> Tensor | None:
+        num_classes = getattr(self.denoiser.net, "num_classes", None)
+        if not num_classes:
+            return None
+        if self.p_uncond > 0:  # condition dropout (Ho & Salimans 2022): train the null label too
+            drop = torch.rand(y.shape, device=y.device, generator=generator) < self.p_uncond
+            y = torch.where(drop, torch.full_like(y, num_classes), y)
+        return y
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x0, y = batch
+        t, eps = self._draw(x0, self._noise)
+        loss = self.objective(self.denoiser, self.diffusion, x0, t, eps, self._labels(y, self._noise)).mean()
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        # Same t and eps for a batch at every validation, so val/loss curves compare like with like.
+        x0, y = batch
+        g = torch.Generator(x0.device).manual_seed(self.seed + 1_000 * batch_idx + 17 * self.global_rank)
+        t, eps = self._draw(x0, g)
+        labels = y if getattr(self.denoiser.net, "num_classes", None) else None
+        loss = self.objective(self.denoiser, self.diffusion, x0, t, eps, labels).mean()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        return loss
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.denoiser.parameters())
+        if self.lr_warmup_steps <= 0:
+            return optimizer
+        warmup = self.lr_warmup_steps  # DDPM: linear warm-up of the learning rate (5,000 steps on CIFAR-10)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["ddpmlab_config"] = self.config  # primitives only: loads with weights_only=True
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_compatible(checkpoint.get("ddpmlab_config"), self.config)
+
+
+def check_compatible(saved: dict | None, current: dict) -> None:
+    """Refuse a checkpoint whose network or schedule differs from the run's config (before weights load)."""
+    if not saved or not current:
+        return
+    for key in ARCH_KEYS:
+        if key in saved and key in current and saved[key] != current[key]:
+            raise CheckpointError(
+                f"the checkpoint was trained with a different '{key}' config:\n  checkpoint: {saved[key]}\n"
+                f"  this run:   {current[key]}\nuse the same {key} settings as the run that wrote it, or start afresh"
+            )

@@ -1,0 +1,109 @@
+"""The noise-predicting U-Net of DDPM (Ho et al. 2020, Appendix B), PixelCNN++-style.
+
+Knows nothing of schedules: it maps (x_t [B,C,H,W], t [B], labels [B] or None) -> [B,C_out,H,W].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ddpmlab.errors import ConfigError
+from ddpmlab.networks.embeddings import TimeEmbedding
+from ddpmlab.networks.layers import Downsample, ResBlock, SelfAttention, Upsample, group_norm
+
+
+def check_image_size(image_size: int, channel_mult: Sequence[int]) -> None:
+    factor = 2 ** (len(channel_mult) - 1)
+    if image_size < factor or image_size % factor:
+        ok = [s for s in range(factor, 4 * factor * max(1, image_size // factor + 1), factor)][:4]
+        raise ConfigError(
+            f"image_size={image_size} cannot go through this U-Net: channel_mult={list(channel_mult)} halves the "
+            f"image {len(channel_mult) - 1} times, so the size must be a multiple of {factor} (e.g. {ok}). "
+            f"Resize the data (data.image_size) or use fewer levels (model.channel_mult)."
+        )
+
+
+class UNet(nn.Module):
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int | None = None,
+        image_size: int = 32,
+        base_channels: int = 128,
+        channel_mult: Sequence[int] = (1, 2, 2, 2),
+        num_res_blocks: int = 2,
+        attn_resolutions: Sequence[int] = (16,),
+        dropout: float = 0.1,
+        num_heads: int = 1,
+        num_groups: int = 32,
+        num_classes: int | None = None,
+    ):
+        super().__init__()
+        check_image_size(image_size, channel_mult)
+        self.in_channels = in_channels
+        self.out_channels = out_channels or in_channels
+        self.image_size = image_size
+        self.num_classes = num_classes
+        emb_dim = 4 * base_channels
+        self.time_embed = TimeEmbedding(base_channels, emb_dim)
+        # Classifier-free guidance (Ho & Salimans 2022): class num_classes is the learned null label.
+        self.label_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
+
+        def block(i: int, o: int) -> ResBlock:
+            return ResBlock(i, o, emb_dim, dropout, num_groups)
+
+        def attn(ch: int) -> SelfAttention:
+            return SelfAttention(ch, num_heads, num_groups)
+
+        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+        self.down = nn.ModuleList()
+        chans, ch, res = [base_channels], base_channels, image_size
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers = [block(ch, base_channels * mult)]
+                ch = base_channels * mult
+                if res in attn_resolutions:
+                    layers.append(attn(ch))
+                self.down.append(nn.ModuleList(layers))
+                chans.append(ch)
+            if level != len(channel_mult) - 1:
+                self.down.append(nn.ModuleList([Downsample(ch)]))
+                chans.append(ch)
+                res //= 2
+        self.mid = nn.ModuleList([block(ch, ch), attn(ch), block(ch, ch)])
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for i in range(num_res_blocks + 1):
+                layers = [block(ch + chans.pop(), base_channels * mult)]
+                ch = base_channels * mult
+                if res in attn_resolutions:
+                    layers.append(attn(ch))
+                if level and i == num_res_blocks:
+                    layers.append(Upsample(ch))
+                    res *= 2
+                self.up.append(nn.ModuleList(layers))
+        self.norm_out = group_norm(ch, num_groups)
+        self.conv_out = nn.Conv2d(ch, self.out_channels, 3, padding=1)
+
+    @staticmethod
+    def _run(layers: nn.ModuleList, h: Tensor, emb: Tensor) -> Tensor:
+        for layer in layers:
+            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+        return h
+
+    def forward(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
+        emb = self.time_embed(t)
+        if self.label_embed is not None:
+            if labels is None:  # unconditional call of a conditional model: the null label
+                labels = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
+            emb = emb + self.label_embed(labels)
+        hs = [self.conv_in(x)]
+        for layers in self.down:
+            hs.append(self._run(layers, hs[-1], emb))
+        h = self._run(self.mid, hs[-1], emb)
+        for layers in self.up:
+            h = self._run(layers, torch.cat([h, hs.pop()], dim=1), emb)
+        return self.conv_out(nn.functional.silu(self.norm_out(h)))
