@@ -1,0 +1,70 @@
+"""Shared fixtures: compose the real Hydra configs exactly as the CLI does, with tiny fast overrides."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from ddpmlab.cli.common import CONFIG_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A run that trains in a few seconds on the CPU through the real train(cfg) path.
+TINY = [
+    "model=unet_tiny",
+    "schedule.num_timesteps=50",
+    "data.batch_size=32",
+    "trainer.max_steps=6",
+    "trainer.val_check_interval=3",
+    "trainer.limit_val_batches=2",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "callbacks.checkpoint.every_n_train_steps=3",
+    "callbacks.sample_grid.every_n_steps=3",
+    "callbacks.sample_grid.num_samples=4",
+    "callbacks.sample_grid.num_steps=5",
+]
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def compose_cfg(config_name: str, overrides: list[str], output_dir: Path | None = None) -> DictConfig:
+    """Compose ``conf/<config_name>.yaml`` with overrides; set the Hydra runtime so ${hydra:...} resolves."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(output_dir)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+@pytest.fixture
+def train_cfg(tmp_path):
+    """The default training config made tiny, writing into tmp_path/run."""
+
+    def make(*extra: str, run_dir: Path | None = None) -> DictConfig:
+        return compose_cfg("train", TINY + list(extra), run_dir or tmp_path / "run")
+
+    return make
+
+
+def run_cli(script: str, *args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run a root script (train.py, sample.py, ...) as a user would, in a subprocess."""
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "WANDB_MODE": "offline"}
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
