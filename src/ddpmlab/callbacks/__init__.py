@@ -1,3 +1,4 @@
+from ddpmlab.callbacks.checkpoint import Checkpoint
 from ddpmlab.callbacks.sample_grid import SampleGrid
 
-__all__ = ["SampleGrid"]
+__all__ = ["Checkpoint", "SampleGrid"]

@@ -7,29 +7,41 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_only
-from torchvision.utils import make_grid, save_image
 
 from ddpmlab.callbacks.utils import ema_denoiser, log_image, sample_images
+from ddpmlab.images import save_grid
+from ddpmlab.samplers.guidance import GuidedDenoiser
 
 
 class SampleGrid(pl.Callback):
     def __init__(
         self,
         every_n_steps: int = 500,
+        every_n_epochs: int = 0,
         num_samples: int = 64,
         seed: int = 0,
         num_steps: int | None = None,
         dirname: str = "grids",
         at_train_end: bool = True,
+        guidance: float = 0.0,
     ):
-        """``num_steps`` respaces the run's sampler for the grids only (None: the sampler's own grid)."""
+        """Draw every ``every_n_steps`` optimizer steps and/or every ``every_n_epochs`` epochs (0: never).
+        ``num_steps`` respaces the run's sampler for the grids only (None: the sampler's own grid).
+        A class-conditional model draws one row per class (num_samples // K samples each), with classifier-free
+        guidance weight ``guidance`` (Ho & Salimans 2022, eq. 6; 0: the conditional model unguided)."""
+        self.every_n_epochs = every_n_epochs
         self.every_n_steps, self.num_samples, self.seed, self.num_steps = every_n_steps, num_samples, seed, num_steps
-        self.dirname, self.at_train_end = dirname, at_train_end
+        self.dirname, self.at_train_end, self.guidance = dirname, at_train_end, guidance
         self._last_step = -1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if self.every_n_steps > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self.draw(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        epoch = trainer.current_epoch + 1
+        if self.every_n_epochs > 0 and epoch % self.every_n_epochs == 0 and trainer.global_step != self._last_step:
             self.draw(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -42,10 +54,15 @@ class SampleGrid(pl.Callback):
         denoiser = ema_denoiser(trainer, pl_module)
         generator = torch.Generator(pl_module.device).manual_seed(self.seed)
         sampler = pl_module.sampler if self.num_steps is None else pl_module.sampler.with_steps(self.num_steps)
-        images = sample_images(denoiser, sampler, self.num_samples, generator)  # [N,C,H,W] in [0,1]
-        grid = make_grid(images, nrow=int(self.num_samples**0.5), padding=1, pad_value=1.0)
+        num_classes = getattr(denoiser.net, "num_classes", None)
+        cond, nrow = None, None
+        if num_classes:  # one row per class
+            nrow = max(1, self.num_samples // num_classes)
+            cond = torch.arange(num_classes, device=pl_module.device).repeat_interleave(nrow)
+            denoiser = GuidedDenoiser(denoiser, self.guidance)
+        n = self.num_samples if cond is None else len(cond)
+        images = sample_images(denoiser, sampler, n, generator, cond=cond)  # [N,C,H,W] in [0,1]
         path = Path(trainer.default_root_dir) / self.dirname / f"step_{step:07d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_image(grid, path)
+        grid = save_grid(images, path, nrow=nrow)
         log_image(trainer, "samples/grid", grid, step)
         return path
