@@ -39,6 +39,8 @@ class DiffusionModule(pl.LightningModule):
         self.seed = seed
         self.config = config or {}
         self._noise: torch.Generator | None = None
+        # The progress bar reads train/loss with .item() every step, a host sync; perf.sync_free_logging turns it off.
+        self.loss_in_progress_bar = True
 
     @property
     def diffusion(self):
@@ -69,9 +71,11 @@ class DiffusionModule(pl.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x0, y = batch
         t, eps = self._draw(x0, self._noise)
-        loss = self.objective(self.denoiser, self.diffusion, x0, t, eps, self._labels(y, self._noise)).mean()
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
+        loss_per_sample = self.objective(self.denoiser, self.diffusion, x0, t, eps, self._labels(y, self._noise))
+        loss = loss_per_sample.mean()
+        self.log("train/loss", loss, prog_bar=self.loss_in_progress_bar)
+        # per-sample loss and t go to callbacks (loss by timestep quartile: callbacks.dashboard.LossByTimestep)
+        return {"loss": loss, "loss_per_sample": loss_per_sample.detach(), "t": t}
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         # Same t and eps for a batch at every validation, so val/loss curves compare like with like.
@@ -90,6 +94,17 @@ class DiffusionModule(pl.LightningModule):
         warmup = self.lr_warmup_steps  # DDPM: linear warm-up of the learning rate (5,000 steps on CIFAR-10)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # The gradient norm before clipping, logged as a device tensor: loggers read it at logging steps only.
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.denoiser.parameters() if p.grad is not None])
+        self.log("train/grad_norm", grad_norm)
+        # Lightning refuses to clip a fused optimizer under any mixed precision, for fp16's loss scale; bf16 has
+        # none, so its gradients are clipped here as the fp32 path clips them (on the device, no host sync).
+        if gradient_clip_val and self.trainer.precision == "bf16-mixed" and gradient_clip_algorithm in (None, "norm"):
+            torch.nn.utils.clip_grads_with_norm_(self.denoiser.parameters(), gradient_clip_val, grad_norm)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

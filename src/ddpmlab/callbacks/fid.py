@@ -1,0 +1,145 @@
+"""FID and KID during training, on one GPU or split across DDP ranks (a callback, never on the module: the
+EMA copy of a module would duplicate Inception and average it).
+
+Every ``every_n_steps`` the EMA weights generate ``num_samples`` images with the run's sampler (respaced to
+``num_steps``). The images come in chunks of ``batch_size``; chunk k is drawn from the seed ``seed + k`` and
+the chunks are split into contiguous blocks, one per rank, so each rank generates its own share with its
+own seeds (rank r starts at chunk r * K / W) and the sample set is the same whatever the number of GPUs.
+Each rank feeds its features to torchmetrics' FID/KID; ``compute`` syncs them and every rank gets the same
+value, logged as ``val/fid`` and ``val/kid``.
+
+Real features are computed once per dataset, resolution and feature network and cached in ``cache_dir``;
+each rank holds a contiguous shard of them, so the synced sums and concatenations are the full set.
+Without Inception weights (see :func:`ddpmlab.metrics.fid.inception_weights`) the callback says so once and
+switches itself off; training goes on.
+"""
+
+from __future__ import annotations
+
+import time
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+
+from ddpmlab.callbacks.dashboard import log_scalars
+from ddpmlab.callbacks.utils import ema_denoiser
+from ddpmlab.errors import ConfigError
+from ddpmlab.metrics.fid import (
+    FeatureMetrics,
+    InceptionUnavailable,
+    extract_features,
+    generate_chunks,
+    inception,
+    real_features,
+    real_images,
+    real_stats_file,
+    share,
+    to_inception_input,
+)
+
+
+class FID(pl.Callback):
+    def __init__(
+        self,
+        every_n_steps: int = 10_000,
+        num_samples: int = 10_000,
+        batch_size: int = 256,
+        seed: int = 0,
+        num_steps: int | None = None,
+        feature: int | nn.Module = 2048,
+        weights_path: str | None = None,
+        cache_dir: str | None = "data/fid_stats",
+        num_real: int | None = None,
+        kid_subset_size: int = 1000,
+        kid_subsets: int = 100,
+        at_train_end: bool = True,
+    ):
+        """``feature``: 2048 for Inception's pool features (the papers), or any module mapping uint8
+        [N,3,H,W] to [N,D] (tests use a tiny one). ``num_steps`` respaces the run's sampler for FID only
+        (None: the sampler's own grid). ``num_real``: how many training images make the reference (None: all)."""
+        if num_samples < 2 or batch_size < 1:
+            raise ConfigError(f"fid.num_samples ({num_samples}) must be >= 2 and fid.batch_size ({batch_size}) >= 1")
+        self.every_n_steps, self.num_samples, self.batch_size, self.seed = every_n_steps, num_samples, batch_size, seed
+        self.num_steps, self.feature, self.weights_path = num_steps, feature, weights_path
+        self.cache_dir, self.num_real, self.at_train_end = cache_dir, num_real, at_train_end
+        self.kid_subset_size, self.kid_subsets = kid_subset_size, kid_subsets
+        self.enabled = True
+        self.net: nn.Module | None = None
+        self.metrics: FeatureMetrics | None = None
+        self.seconds = 0.0  # wall time spent here, to report the overhead
+        self.generated: list[tuple[int, int]] = []  # this rank's chunks at the last evaluation
+        self._last_step = -1
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or not self.enabled or self.net is not None:
+            return
+        error = None
+        try:
+            net = inception(self.weights_path, self.feature) if isinstance(self.feature, int) else self.feature
+        except InceptionUnavailable as e:
+            error = e
+        # Every rank must agree, or the ranks that go on would wait forever for the others in compute().
+        if not trainer.strategy.reduce_boolean_decision(error is None, all=True):
+            self.enabled = False
+            reason = error or "another rank has no Inception weights"
+            rank_zero_warn(f"FID callback switched off, training goes on: {reason}")
+            return
+        self.net = net.eval().requires_grad_(False).to(pl_module.device)
+
+    def _load_real(self, trainer: pl.Trainer, device: torch.device) -> int:
+        """Put this rank's shard of the real features into the metrics; return the size of the whole set."""
+        images = real_images(trainer.datamodule, self.num_real)
+        name = getattr(trainer.datamodule, "name", type(trainer.datamodule).__name__)
+        path = None if self.cache_dir is None else real_stats_file(self.cache_dir, name, images, self.net)
+        if path is not None and trainer.is_global_zero and not path.is_file():
+            real_features(self.net, images, path, self.batch_size, device)
+        trainer.strategy.barrier()
+        rank, world = trainer.global_rank, trainer.world_size
+        if path is not None and path.is_file():
+            shard = real_features(self.net, images, path).tensor_split(world)[rank]
+        else:  # no cache, or a node that cannot see it: each rank computes its own shard
+            shard = extract_features(self.net, images.tensor_split(world)[rank], self.batch_size, device)
+        subset = min(self.kid_subset_size, self.num_samples, len(images))
+        self.metrics = FeatureMetrics(shard.shape[1], subset, self.kid_subsets).to(device)
+        self.metrics.update(shard.to(device), real=True)
+        return len(images)
+
+    # ------------------------------------------------------------------ when
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.enabled and self.every_n_steps > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.enabled and self.at_train_end and trainer.global_step != self._last_step:
+            self.evaluate(trainer, pl_module)
+
+    # ------------------------------------------------------------------ what
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        start = time.perf_counter()
+        self._last_step = trainer.global_step
+        device = pl_module.device
+        if self.metrics is None:
+            self._load_real(trainer, device)
+        sampler = pl_module.sampler if self.num_steps is None else pl_module.sampler.with_steps(self.num_steps)
+        denoiser = ema_denoiser(trainer, pl_module)
+        self.generated = share(self.num_samples, self.batch_size, trainer.global_rank, trainer.world_size)
+        for chunk in self.generated:  # this rank's share, one chunk of images at a time
+            x0 = generate_chunks(denoiser, sampler, [chunk], self.seed)
+            with torch.no_grad():
+                self.metrics.update(self.net(to_inception_input(x0)).float(), real=False)
+        values = self.metrics.compute(self.seed)  # synced: the same on every rank
+        self.metrics.reset()
+        seconds = time.perf_counter() - start
+        self.seconds += seconds
+        for key in ("fid", "kid"):
+            trainer.callback_metrics[f"val/{key}"] = torch.tensor(values[key])
+        log_scalars(trainer, {"val/fid": values["fid"], "val/kid": values["kid"], "val/fid_seconds": seconds})
+        return values
+
+    def __repr__(self) -> str:
+        return f"FID(every_n_steps={self.every_n_steps}, num_samples={self.num_samples}, num_steps={self.num_steps})"
+

@@ -1,0 +1,307 @@
+"""FID, KID and IS with the papers' protocol, shared by the training callback and ``evaluate.py``.
+
+The protocol (Heusel et al. 2017, whose TensorFlow code DDPM Sec. 4 used): uint8 RGB images, grey ones
+repeated to 3 channels; Inception-v3 as the 2015-12-05 TF graph (torch-fidelity's port), which resizes to
+299x299 with TF1's bilinear interpolation, *no antialiasing*; the 2048-d pool features; FID of N generated
+samples against the training set. Numbers from torchvision's Inception or an antialiased resize are not
+comparable with published ones.
+
+Two engines, one protocol: torchmetrics' ``FrechetInceptionDistance`` / ``KernelInceptionDistance`` during
+training (their states sync across DDP ranks), ``torch_fidelity.calculate_metrics`` for final reports (with
+IS and its own cache of real statistics). Both are fed uint8 images from :func:`to_inception_input`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ddpmlab.data.datasets import to_uint8
+from ddpmlab.errors import ConfigError
+
+INCEPTION = "inception-v3-compat"  # torch-fidelity's name for the TF Inception graph
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # what torch hub caches under $TORCH_HOME/hub/checkpoints
+
+
+class InceptionUnavailable(ConfigError):
+    """The Inception-v3 weights could not be loaded (no file at the configured path, no hub cache, no network)."""
+
+
+def to_inception_input(images: Tensor) -> Tensor:
+    """Model-range float images [N,C,H,W] in [-1, 1] (or uint8 ones) -> uint8 [N,3,H,W]; grey repeated to RGB.
+
+    The resize to 299x299 is left to the Inception network itself (TF1 bilinear, no antialiasing)."""
+    x = images if images.dtype == torch.uint8 else to_uint8(images)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    if x.shape[1] != 3:
+        raise ConfigError(f"FID needs grey or RGB images, got {x.shape[1]} channels")
+    return x.contiguous()
+
+
+def inception_weights(weights_path: str | None = None) -> str:
+    """The path of the Inception-v3 weights: ``weights_path`` if given, else torch hub's cache
+    ($TORCH_HOME/hub/checkpoints/INCEPTION_FILE), downloaded there where the machine has internet."""
+    if weights_path is not None:
+        path = Path(weights_path).expanduser()
+        if not path.is_file():
+            raise InceptionUnavailable(f"no Inception weights at {path} (expected torch-fidelity's {INCEPTION_FILE})")
+        return str(path)
+    hub = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    if not hub.is_file():
+        from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+        try:
+            hub.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(URL_INCEPTION_V3, str(hub), progress=False)
+        except Exception as e:  # offline: the usual case on compute nodes
+            raise InceptionUnavailable(
+                f"Inception-v3 weights are not in the hub cache and could not be downloaded ({type(e).__name__}); "
+                f"put {INCEPTION_FILE} at {hub} or pass its path as weights_path"
+            ) from e
+    return str(hub)
+
+
+def inception(weights_path: str | None = None, feature: int = 2048) -> nn.Module:
+    """torch-fidelity's Inception-v3 (through torchmetrics) returning ``feature``-d pool features; TF1 resize,
+    no antialiasing. Weights from :func:`inception_weights`."""
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    path = inception_weights(weights_path)
+    try:
+        net = NoTrainInceptionV3(
+            name=INCEPTION, features_list=[str(feature)], feature_extractor_weights_path=path, antialias=False
+        )
+    except Exception as e:  # a truncated or foreign file
+        reason = f"{type(e).__name__}: {str(e)[:120]}"
+        raise InceptionUnavailable(f"{path} does not hold Inception-v3 weights ({reason})") from e
+    net.num_features = feature
+    return net
+
+
+def extractor_id(net: nn.Module) -> str:
+    """A short name for a feature network, for cache file names: the Inception layer, or a hash of the weights."""
+    if hasattr(net, "features_list") and getattr(net, "name", None) == INCEPTION:
+        return f"inception{net.features_list[0]}"
+    h = hashlib.sha1()
+    for k, v in net.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return f"{type(net).__name__}-{h.hexdigest()[:10]}"
+
+
+@torch.no_grad()
+def extract_features(net: nn.Module, images: Tensor, batch_size: int = 256, device="cpu") -> Tensor:
+    """Features [N, D] (float32, CPU) of uint8 or [-1, 1] images [N,C,H,W], in batches on ``device``."""
+    batches = (images[i : i + batch_size].to(device) for i in range(0, len(images), batch_size))
+    return torch.cat([net(to_inception_input(x)).float().cpu() for x in batches])
+
+
+def real_features(net: nn.Module, images: Tensor, cache_file: str | Path | None, batch_size=256, device="cpu"):
+    """The features of the real images, read from ``cache_file`` when it exists, else computed and saved there."""
+    if cache_file is not None and Path(cache_file).is_file():
+        return torch.load(cache_file, map_location="cpu", weights_only=True)["features"]
+    features = extract_features(net, images, batch_size, device)
+    if cache_file is not None:
+        path = Path(cache_file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save({"features": features, "num_images": len(images), "extractor": extractor_id(net)}, tmp)
+        os.replace(tmp, path)  # atomic: a reader never sees half a file
+    return features
+
+
+def real_stats_file(cache_dir: str | Path, dataset: str, images: Tensor, net: nn.Module) -> Path:
+    """``<cache_dir>/<dataset>-<C>x<H>x<W>-n<N>-<extractor>.pt``: one file per dataset, resolution and network."""
+    n, c, h, w = images.shape
+    return Path(cache_dir).expanduser() / f"{dataset}-{c}x{h}x{w}-n{n}-{extractor_id(net)}.pt"
+
+
+class Precomputed(nn.Module):
+    """The 'feature network' of metrics fed features: the real network runs once per batch for FID and KID
+    together, and cached real features go in without it."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: Tensor) -> Tensor:
+        return features
+
+
+class FeatureMetrics(nn.Module):
+    """FID and KID (torchmetrics, synced across DDP ranks at ``compute``) over precomputed features.
+
+    Real features stay between evaluations; ``reset`` forgets only the generated ones."""
+
+    def __init__(self, num_features: int, kid_subset_size: int = 1000, kid_subsets: int = 100):
+        super().__init__()
+        import warnings
+
+        from torchmetrics.image import FrechetInceptionDistance, KernelInceptionDistance
+
+        feature = Precomputed(num_features)
+        self.num_features = num_features
+        self.fid = FrechetInceptionDistance(feature=feature, reset_real_features=False)
+        with warnings.catch_warnings():  # "KID will save all extracted features": that is the point
+            warnings.simplefilter("ignore", UserWarning)
+            self.kid = KernelInceptionDistance(
+                feature=feature, subsets=kid_subsets, subset_size=kid_subset_size, reset_real_features=False
+            )
+        # KID's states are lists gathered element by element: every rank must hold as many entries as the
+        # others, so each rank's features go in as one tensor just before compute.
+        self._pending: dict[bool, list[Tensor]] = {True: [], False: []}
+
+    def update(self, features: Tensor, real: bool) -> None:
+        self.fid.update(features, real=real)
+        self._pending[real].append(features)
+
+    def compute(self, seed: int = 0) -> dict[str, float]:
+        """{"fid", "kid", "kid_std"}; KID's random subsets come from ``seed``, so every rank (and a rerun) agrees."""
+        for real, pending in self._pending.items():
+            if pending or not real:
+                empty = torch.empty(0, self.num_features, device=self.fid.fake_features_sum.device)
+                self.kid.update(torch.cat(pending) if pending else empty, real=real)
+            pending.clear()
+        fid = self.fid.compute()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            kid, kid_std = self.kid.compute()
+        return {"fid": float(fid), "kid": float(kid), "kid_std": float(kid_std)}
+
+    def reset(self) -> None:
+        self.fid.reset()
+        self.kid.reset()
+        self._pending[False].clear()
+
+
+# ---------------------------------------------------------------------------------------------- samples, reference
+def share(num_samples: int, batch_size: int, rank: int, world_size: int) -> list[tuple[int, int]]:
+    """This rank's chunks as (k, n): chunk k holds n images and is drawn from the seed offset k."""
+    num_chunks = -(-num_samples // batch_size)
+    mine = torch.arange(num_chunks).tensor_split(world_size)[rank].tolist()
+    return [(k, min(batch_size, num_samples - k * batch_size)) for k in mine]
+
+
+def real_images(datamodule, num_real: int | None) -> Tensor:
+    """The first ``num_real`` training images (all when None) as uint8 [N,C,H,W]."""
+    ds = getattr(datamodule, "train_set", None)
+    if ds is None:
+        raise ConfigError("FID needs a data module with a train_set: its images are the reference")
+    if isinstance(getattr(ds, "images", None), Tensor):
+        images = ds.images
+        return images[:num_real] if num_real else images
+    n = len(ds) if not num_real else min(num_real, len(ds))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(n)), batch_size=256, shuffle=False)
+    return torch.cat([to_uint8(x) for x, *_ in loader])
+
+
+@torch.no_grad()
+def generate_chunks(denoiser, sampler, chunks: list[tuple[int, int]], seed: int) -> Tensor:
+    """Samples [sum n, C, H, W] in [-1, 1] on the denoiser's device; chunk (k, n) draws its n images from the
+    seed ``seed + k``, so a sample set does not depend on how the chunks were shared out."""
+    net, device = denoiser.net, next(denoiser.parameters()).device
+    was_training = denoiser.training
+    denoiser.eval()
+    out = []
+    for k, n in chunks:
+        generator = torch.Generator(device).manual_seed(seed + k)
+        x_T = torch.randn((n, net.in_channels, net.image_size, net.image_size), generator=generator, device=device)
+        out.append(sampler(denoiser, denoiser.diffusion, x_T, generator=generator).float().clamp(-1, 1))
+    denoiser.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, net.in_channels, net.image_size, net.image_size, device=device)
+
+
+def generate_on_devices(denoiser, sampler, num_samples: int, batch_size: int, seed: int, devices: list) -> Tensor:
+    """``num_samples`` images as uint8 [N,C,H,W] on the CPU, the chunks shared out over ``devices`` (one thread
+    and one copy of the denoiser per device); the same images whatever the number of devices."""
+    import copy
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(rank: int) -> Tensor:
+        model = denoiser if len(devices) == 1 else copy.deepcopy(denoiser).to(devices[rank])
+        return to_uint8(generate_chunks(model, sampler, share(num_samples, batch_size, rank, len(devices)), seed)).cpu()
+
+    with ThreadPoolExecutor(len(devices)) as pool:
+        return torch.cat(list(pool.map(run, range(len(devices)))))
+
+
+# ---------------------------------------------------------------------------------------------- torch-fidelity
+class UInt8Images(torch.utils.data.Dataset):
+    """uint8 [N,3,H,W] images as the Dataset torch-fidelity reads (one uint8 [3,H,W] tensor per item)."""
+
+    def __init__(self, images: Tensor):
+        self.images = to_inception_input(images).cpu()
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int) -> Tensor:
+        return self.images[i]
+
+
+def fidelity_metrics(
+    fake: Tensor,
+    real: Tensor,
+    real_name: str,
+    *,
+    isc: bool = True,
+    fid: bool = True,
+    kid: bool = True,
+    kid_subset_size: int = 1000,
+    kid_subsets: int = 100,
+    feature_extractor: str = INCEPTION,
+    feature_layer: str = "2048",
+    feature_layer_isc: str = "logits_unbiased",
+    weights_path: str | None = None,
+    cache_dir: str | Path | None = None,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    seed: int = 2020,
+) -> dict[str, float]:
+    """FID / KID / IS of generated images ``fake`` against ``real`` with torch-fidelity.
+
+    Both are uint8 or [-1, 1] images [N,C,H,W]. The real set's features are cached by torch-fidelity under
+    ``cache_dir`` with the name ``real_name`` (say ``cifar10-train-32``): give each reference set its own name.
+    Returns {"fid", "kid", "kid_std", "is", "is_std"} for the metrics asked for."""
+    import torch_fidelity
+
+    if feature_extractor == INCEPTION:
+        weights_path = inception_weights(weights_path)
+    n_fake, n_real = len(fake), len(real)
+    subset = min(kid_subset_size, n_fake, n_real)
+    raw = torch_fidelity.calculate_metrics(
+        input1=UInt8Images(fake),
+        input2=UInt8Images(real) if (fid or kid) else None,
+        input2_cache_name=real_name if (fid or kid) else None,
+        cache=cache_dir is not None,
+        cache_root=None if cache_dir is None else str(Path(cache_dir).expanduser()),
+        isc=isc,
+        fid=fid,
+        kid=kid,
+        kid_subset_size=subset,
+        kid_subsets=kid_subsets,
+        isc_splits=min(10, n_fake),
+        feature_extractor=feature_extractor,
+        feature_layer_fid=feature_layer,
+        feature_layer_kid=feature_layer,
+        feature_layer_isc=feature_layer_isc,
+        feature_extractor_weights_path=weights_path,
+        batch_size=batch_size,
+        cuda=torch.device(device).type == "cuda",
+        samples_shuffle=False,
+        rng_seed=seed,
+        verbose=False,
+    )
+    names = {
+        "frechet_inception_distance": "fid",
+        "kernel_inception_distance_mean": "kid",
+        "kernel_inception_distance_std": "kid_std",
+        "inception_score_mean": "is",
+        "inception_score_std": "is_std",
+    }
+    return {names[k]: float(v) for k, v in raw.items() if k in names}
