@@ -40,6 +40,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fit a model as ``cfg`` describes; return the final metrics. The CLI and the tests both call this."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
+    if not cfg.data.get("download"):  # fail on missing or corrupt data now, before any callback writes a checkpoint
+        datamodule.setup("fit")
     module = build_module(cfg)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     if cfg.get("ema"):

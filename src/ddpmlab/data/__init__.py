@@ -1,0 +1,15 @@
+from ddpmlab.data.datamodule import DATASETS, DiffusionDataModule
+from ddpmlab.data.datasets import NO_LABEL, ImageTensorDataset, to_model_range, to_uint8
+from ddpmlab.data.device_loader import DeviceLoader
+from ddpmlab.data.files import ImageFileDataset
+
+__all__ = [
+    "DATASETS",
+    "NO_LABEL",
+    "DeviceLoader",
+    "DiffusionDataModule",
+    "ImageFileDataset",
+    "ImageTensorDataset",
+    "to_model_range",
+    "to_uint8",
+]

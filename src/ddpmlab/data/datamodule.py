@@ -1,0 +1,159 @@
+"""The LightningDataModule: builds a dataset by name and serves (x0 float [B,C,H,W] in [-1, 1], label long [B]).
+
+Two loader paths give batches of the same distribution:
+- in-memory datasets (digits, MNIST, Fashion-MNIST, CIFAR-10) on an accelerator: ``DeviceLoader``, the whole
+  split as one uint8 tensor on the training device (``on_device: auto``; ``true`` forces it, on CPU too);
+- otherwise a DataLoader over the Dataset (items already in [-1, 1]) whose collate flips the batch; workers
+  from the CPU count for datasets read from files (CelebA, folders), pinned memory on GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ddpmlab.data import datasets as D
+from ddpmlab.data.device_loader import DeviceLoader
+from ddpmlab.data.files import ImageFileDataset, celeba_files, folder_files
+from ddpmlab.errors import ConfigError
+
+IN_MEMORY = ("digits", "mnist", "fashion_mnist", "cifar10")
+FROM_FILES = ("celeba", "folder")
+DATASETS = IN_MEMORY + FROM_FILES
+
+
+class DiffusionDataModule(pl.LightningDataModule):
+    def __init__(
+        self,
+        name: str = "digits",
+        root: str = "data",
+        image_size: int = 8,
+        channels: int = 1,
+        num_classes: int | None = 10,
+        batch_size: int = 128,
+        val_fraction: float = 0.1,  # digits and folders: the held-out share (the others have official splits)
+        random_flip: bool = False,
+        download: bool = False,
+        num_workers: int | str = "auto",
+        on_device: bool | str = "auto",
+        crop: int | None = None,  # centre crop (pixels) before resizing, e.g. 140 for CelebA 64x64
+        seed: int = 0,  # shuffling and flips of the on-device path (the DataLoader path follows seed_everything)
+    ):
+        super().__init__()
+        if name not in DATASETS:
+            raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+        if not (isinstance(image_size, int) and image_size > 0) or channels not in (1, 3):
+            raise ConfigError(f"data.image_size must be a positive integer and data.channels 1 or 3, "
+                              f"got {image_size} and {channels}")
+        if not (isinstance(batch_size, int) and batch_size > 0) or not 0 <= val_fraction < 1:
+            raise ConfigError(f"data.batch_size must be >= 1 and 0 <= data.val_fraction < 1, got {batch_size} and {val_fraction}")
+        if num_workers != "auto" and not (isinstance(num_workers, int) and num_workers >= 0):
+            raise ConfigError(f"data.num_workers must be 'auto' or an integer >= 0, got {num_workers!r}")
+        if on_device not in ("auto", True, False):
+            raise ConfigError(f"data.on_device must be auto, true or false, got {on_device!r}")
+        if on_device is True and name in FROM_FILES:
+            raise ConfigError(f"data.on_device=true needs a dataset held in memory ({', '.join(IN_MEMORY)}); "
+                              f"{name} is read from files")
+        self.name, self.root, self.download = name, root, download
+        self.image_size, self.channels, self.num_classes = image_size, channels, num_classes
+        self.batch_size, self.val_fraction, self.random_flip = batch_size, val_fraction, random_flip
+        self.num_workers, self.on_device, self.crop, self.seed = num_workers, on_device, crop, seed
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    # ------------------------------------------------------------------ building the datasets
+    def prepare_data(self) -> None:
+        if self.download and self.name in ("mnist", "fashion_mnist", "cifar10", "celeba"):
+            D.download(self.name, self.root)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        if self.name in IN_MEMORY:
+            self.train_set, self.val_set = (self._in_memory(*split) for split in self._load_in_memory())
+        elif self.name == "celeba":
+            self.train_set, self.val_set = (self._files(celeba_files(self.root, s)) for s in ("train", "val"))
+        else:
+            paths, labels, _ = folder_files(self.root)
+            train, val = D.holdout(len(paths), self.val_fraction)
+            if len(train) == 0:
+                raise ConfigError(f"{self.root} holds {len(paths)} image(s), all held out for validation; "
+                                  f"add images or set data.val_fraction=0")
+            self.train_set = self._files([paths[i] for i in train], labels[train])
+            self.val_set = self._files([paths[i] for i in val], labels[val]) if len(val) else None
+        self._check_labels(self.train_set.labels)
+
+    def _load_in_memory(self):
+        if self.name == "digits":
+            images, labels = D.load_digits()
+            train, val = D.holdout(len(images), self.val_fraction)
+            return (images[train], labels[train]), (images[val], labels[val])
+        load = D.load_cifar10 if self.name == "cifar10" else lambda root, split: D.load_idx(root, self.name, split)
+        return load(self.root, "train"), load(self.root, "val")
+
+    def _in_memory(self, images: torch.Tensor, labels: torch.Tensor) -> D.ImageTensorDataset:
+        if images.shape[1] != self.channels:
+            raise ConfigError(f"{self.name} images have {images.shape[1]} channel(s) but data.channels={self.channels}")
+        if images.shape[-2:] != (self.image_size, self.image_size):
+            images = D.resize_uint8(images, self.image_size)  # once, at load time, e.g. MNIST to 32x32
+        return D.ImageTensorDataset(images, labels)
+
+    def _files(self, paths, labels=None) -> ImageFileDataset:
+        labels = torch.full((len(paths),), D.NO_LABEL) if labels is None else labels
+        return ImageFileDataset(paths, labels, self.image_size, self.channels, self.crop)
+
+    def _check_labels(self, labels: torch.Tensor) -> None:
+        if self.num_classes is not None and len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < self.num_classes:
+            raise ConfigError(
+                f"{self.name} labels run from {int(labels.min())} to {int(labels.max())} ({D.NO_LABEL} = no label) "
+                f"but data.num_classes={self.num_classes}; set data.num_classes to the number of classes, or null"
+            )
+
+    # ------------------------------------------------------------------ loaders
+    def _device(self) -> torch.device:
+        return self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+
+    def _rank(self) -> tuple[int, int]:
+        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+
+    def uses_device_loader(self) -> bool:
+        if self.name in FROM_FILES:
+            return False
+        return self._device().type != "cpu" if self.on_device == "auto" else bool(self.on_device)
+
+    def _num_workers(self) -> int:
+        if self.num_workers != "auto":
+            return self.num_workers
+        if self.name in IN_MEMORY:
+            return 0  # indexing a tensor in memory: worker processes would only add start-up and copies
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return max(1, min(16, cpus // self._rank()[1] - 1))  # one core per rank for its main process
+
+    def _loader(self, ds: Dataset, train: bool):
+        if self.uses_device_loader():
+            rank, world_size = self._rank()
+            return DeviceLoader(
+                ds.images, ds.labels, self.batch_size, shuffle=train, random_flip=train and self.random_flip,
+                drop_last=train, seed=self.seed, rank=rank, world_size=world_size, device=self._device(),
+                epoch=(lambda: self.trainer.current_epoch) if self.trainer is not None else None,
+            )
+        workers = self._num_workers()
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=train and len(ds) >= self.batch_size,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=self._device().type == "cuda",
+            collate_fn=D.CollateX0(train and self.random_flip),
+        )
+
+    def train_dataloader(self):
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self):
+        return self._loader(self.val_set, train=False) if self.val_set is not None and len(self.val_set) else []
