@@ -10,7 +10,7 @@ from conftest import run_cli
     [
         (["schedule.beta_end=1.5"], "beta_end=1.5 is outside (0, 1)"),
         (["model.channel_mult=[1,2,2,2,2]"], "image_size=8 cannot go through this U-Net"),
-        (["data=mnist", "data.root=/nonexistent/place"], "MNIST not found: expected"),
+        (["data=mnist", "data.root=/nonexistent/place"], "MNIST not found: looked in /nonexistent/place/MNIST/raw"),
     ],
 )
 def test_train_cli_reports_bad_input_clearly(tmp_path, args, expected):
