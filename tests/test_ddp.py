@@ -16,15 +16,6 @@ from test_fid import TinyFeatures
 pytestmark = pytest.mark.ddp
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """Tiny images: one thread beats OpenMP's fork/join, by far on a shared, busy CPU (subprocesses too)."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class RecordingFID(FID):
     """Writes what each rank generated and computed to <out>/rank<r>.json."""

@@ -5,20 +5,10 @@ import csv
 import json
 
 import pytest
-import torch
 
 from conftest import TINY, compose_cfg, run_cli
 from ddpmlab.cli.sweep import write_summary
 
-
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """Tiny images: one thread beats OpenMP's fork/join, by far on a shared, busy CPU (subprocesses too)."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_multirun_of_two_tiny_jobs_writes_distinct_runs_and_a_summary(tmp_path):

@@ -17,15 +17,6 @@ from ddpmlab.cli.train import resume_path, train
 from ddpmlab.errors import CheckpointError
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """Tiny images: one thread beats OpenMP's fork/join, by far on a shared, busy CPU (subprocesses too)."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def logged_steps(run):
     try:

@@ -2,19 +2,9 @@
 a resumed training continues the same W&B run id."""
 
 import pytest
-import torch
 
-from ddpmlab.cli.train import train, wandb_resume
+from ddpmlab.cli.train import train
 
-
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """Tiny images: one thread beats OpenMP's fork/join, by far on a shared, busy CPU (subprocesses too)."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture
