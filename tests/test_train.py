@@ -66,3 +66,8 @@ def test_resume_refuses_a_checkpoint_from_another_model(train_cfg, tmp_path):
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     with pytest.raises(CheckpointError, match="different 'model' config"):
         train(train_cfg("model.base_channels=8", "model.num_groups=4", f"ckpt_path={ckpt}", run_dir=tmp_path / "other"))
+
+
+def test_training_without_any_logger(train_cfg, tmp_path):
+    train(train_cfg("logger=none"))
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()

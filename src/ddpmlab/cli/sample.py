@@ -12,44 +12,66 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
-from torchvision.utils import make_grid, save_image
 
 from ddpmlab.cli.common import CONFIG_DIR, denoiser_from_checkpoint, friendly_errors, load_checkpoint, pick_device
+from ddpmlab.cli.conditioning import conditioning, inpaint, wants_inpainting
 from ddpmlab.data.datasets import to_uint8
+from ddpmlab.images import save_grid
 from ddpmlab.errors import ConfigError
 from ddpmlab.samplers import Sampler
 
 
 @torch.no_grad()
-def generate(denoiser, sampler: Sampler, num_samples: int, batch_size: int, seed: int, device: torch.device) -> torch.Tensor:
+def generate(
+    denoiser, sampler: Sampler, num_samples: int, batch_size: int, seed: int, device: torch.device, labels: torch.Tensor | None = None
+) -> torch.Tensor:
     """``num_samples`` images in [-1, 1], [N,C,H,W], in batches; all noise comes from one seeded generator,
-    so the same seed and batch size give the same samples."""
+    so the same seed and batch size give the same samples. ``labels`` [N]: the class of each (conditional models)."""
     net = denoiser.net
     generator = torch.Generator(device).manual_seed(seed)
     out = []
     for start in range(0, num_samples, batch_size):
         n = min(batch_size, num_samples - start)
         x_T = torch.randn((n, net.in_channels, net.image_size, net.image_size), generator=generator, device=device)
-        out.append(sampler(denoiser, denoiser.diffusion, x_T, generator=generator).cpu())
+        cond = None if labels is None else labels[start : start + n].to(device)
+        out.append(sampler(denoiser, denoiser.diffusion, x_T, generator=generator, cond=cond).cpu())
     return torch.cat(out)
+
+
+@torch.no_grad()
+def save_chain(denoiser, sampler: Sampler, num_samples: int, num_frames: int, seed: int, device: torch.device, path: Path) -> Path:
+    """The x_T -> x_0 progression of ``num_samples`` samples (their own seeded draw) as one PNG strip: rows =
+    samples, columns = ``num_frames`` states evenly spaced over the sampler's steps, x_T first and x_0 last."""
+    net = denoiser.net
+    generator = torch.Generator(device).manual_seed(seed)
+    x_T = torch.randn((num_samples, net.in_channels, net.image_size, net.image_size), generator=generator, device=device)
+    frames = sampler.chain(denoiser, denoiser.diffusion, x_T, num_frames, generator=generator).cpu()  # [n,F,C,H,W]
+    save_grid((frames.flatten(0, 1).clamp(-1, 1) + 1) / 2, path, nrow=frames.shape[1])
+    return path
 
 
 def sample(cfg: DictConfig, output_dir: str | Path) -> Path:
     if cfg.num_samples < 1 or cfg.batch_size < 1:
         raise ConfigError(f"num_samples ({cfg.num_samples}) and batch_size ({cfg.batch_size}) must be >= 1")
     device = pick_device(cfg.device)
-    denoiser, _ = denoiser_from_checkpoint(load_checkpoint(cfg.ckpt_path), ema=cfg.ema)
+    denoiser, ckpt_cfg = denoiser_from_checkpoint(load_checkpoint(cfg.ckpt_path), ema=cfg.use_ema)
     denoiser.to(device)
+    if wants_inpainting(cfg):
+        return inpaint(cfg, denoiser, ckpt_cfg, device, Path(output_dir))
+    labels, denoiser = conditioning(cfg, denoiser, cfg.num_samples)  # guided for a class-conditional model
     sampler = instantiate(cfg.sampler)
     start = time.perf_counter()
-    images = generate(denoiser, sampler, cfg.num_samples, cfg.batch_size, cfg.seed, device)
+    images = generate(denoiser, sampler, cfg.num_samples, cfg.batch_size, cfg.seed, device, labels)
     seconds = time.perf_counter() - start
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(out / "samples.npz", images=to_uint8(images).permute(0, 2, 3, 1).numpy())
+    extra = {} if labels is None else {"labels": labels.numpy()}
+    np.savez_compressed(out / "samples.npz", images=to_uint8(images).permute(0, 2, 3, 1).numpy(), **extra)
     shown = images[:100]
-    save_image(make_grid((shown + 1) / 2, nrow=math.ceil(math.sqrt(shown.shape[0])), padding=1, pad_value=1.0), out / "grid.png")
+    save_grid((shown + 1) / 2, out / "grid.png", nrow=None if labels is None else int(labels.unique().numel()))  # a column per class
     print(f"{cfg.num_samples} samples with {sampler} in {seconds:.1f}s ({cfg.num_samples / seconds:.1f} img/s) on {device}")
+    if cfg.get("save_chain"):
+        save_chain(denoiser, sampler, cfg.chain_samples, cfg.chain_frames, cfg.seed, device, out / "chain.png")
     return out
 
 

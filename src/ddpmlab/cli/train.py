@@ -12,6 +12,7 @@ from pathlib import Path
 import hydra
 import lightning.pytorch as pl
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -49,6 +50,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     run_dir = Path(cfg.trainer.get("default_root_dir") or cfg.paths.output_dir)
     ckpt_path = resume_path(cfg, run_dir)
     loggers = [instantiate(c, **wandb_resume(c, run_dir, ckpt_path)) for c in (cfg.get("logger") or {}).values()]
+    if not loggers:  # LearningRateMonitor refuses a trainer with no logger; nothing to monitor into anyway
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     apply_perf(module, trainer.strategy.root_device, cfg.get("perf"))  # GPU levers; each off on the CPU by default
     for logger in trainer.loggers:

@@ -86,6 +86,10 @@ class GaussianDiffusion(nn.Module):
         """DDPM eq. (4), reparameterised: x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps."""
         return extract(self.sqrt_alpha_bar, t, x0.shape) * x0 + extract(self.sqrt_one_minus_alpha_bar, t, x0.shape) * eps
 
+    def q_step(self, x_prev: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """DDPM eq. (2), one forward step q(x_t | x_{t-1}): x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) eps."""
+        return extract(self.alpha.sqrt(), t, x_prev.shape) * x_prev + extract(self.beta.sqrt(), t, x_prev.shape) * eps
+
     def q_posterior(self, x0: Tensor, x_t: Tensor, t: Tensor) -> Posterior:
         """DDPM eqs. (6)-(7): q(x_{t-1} | x_t, x_0) = N(mu_tilde_t, beta_tilde_t I)."""
         mean = extract(self.mu_tilde_coef_x0, t, x_t.shape) * x0 + extract(self.mu_tilde_coef_xt, t, x_t.shape) * x_t

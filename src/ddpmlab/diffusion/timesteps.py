@@ -1,4 +1,13 @@
-"""Sampling grids: the one place where the timesteps a sampler visits are decided."""
+"""Sampling grids: the one place where the timesteps a sampler visits are decided.
+
+A grid is a descending LongTensor of S distinct code indices in 0..T-1 (code index t is the paper's step
+t+1). Samplers take it as given; what a step needs about its neighbour (alpha_bar of the next grid entry, or
+the respaced betas of ancestral sampling, ``GaussianDiffusion.respace``) comes from the grid, never from
+arithmetic on t.
+
+The float arithmetic below mirrors the reference code (DDIM's ``numpy.linspace``, diffusers' ``numpy.arange``)
+operation for operation, so that the same (T, S, spacing) gives the same integers as those implementations.
+"""
 
 from __future__ import annotations
 
@@ -8,33 +17,74 @@ import torch
 
 from ddpmlab.errors import ConfigError
 
-SPACINGS = ("leading", "trailing", "linspace", "quadratic")
+SPACINGS = ("leading", "trailing", "linspace", "quadratic", "logsnr")
 
 
-def make_timesteps(T: int, num_steps: int | None = None, spacing: str = "leading") -> torch.Tensor:
-    """Return the S = ``num_steps`` code indices (in 0..T-1) a sampler visits, in visiting (descending) order.
+def _linspace(stop: float, S: int) -> list[float]:
+    """``numpy.linspace(0, stop, S)``: i * (stop / (S - 1)), with the end point exactly ``stop``."""
+    if S == 1:
+        return [0.0]
+    step = stop / (S - 1)
+    return [i * step for i in range(S - 1)] + [float(stop)]
 
-    - ``leading``: 0, k, 2k, ... with k = T // S (DDIM's "uniform" skip; diffusers' "leading").
-    - ``trailing``: T-1, T-1-T/S, ... rounded (Lin et al. 2024, "Common diffusion noise schedules ..."),
-      which always starts at the noisiest step.
-    - ``linspace``: S points evenly spaced from 0 to T-1, rounded.
-    - ``quadratic``: DDIM's CIFAR-10 choice, floor(linspace(0, sqrt(0.8 T), S)^2).
+
+def _logsnr_grid(alpha_bar: torch.Tensor, S: int) -> list[int]:
+    """For S values spaced uniformly in lambda = log(alpha_t / sigma_t) = 0.5 log(alpha_bar / (1 - alpha_bar)) from
+    lambda(T-1) to lambda(0), the code index with the nearest lambda (several may land on one index where lambda moves
+    fast: near t = 0, and near T-1 for the cosine schedule)."""
+    T = alpha_bar.numel()
+    lam = (0.5 * torch.log(alpha_bar / (1 - alpha_bar))).flip(0).contiguous()  # ascending; position p is code index T-1-p
+    targets = lam[0] + torch.tensor(_linspace(float(lam[-1] - lam[0]), S), dtype=torch.float64)
+    hi = torch.searchsorted(lam, targets).clamp(1, max(T - 1, 1))
+    p = torch.where(targets - lam[hi - 1] <= lam[hi.clamp(max=T - 1)] - targets, hi - 1, hi).clamp(max=T - 1)
+    return (T - 1 - p).tolist()
+
+
+def _distinct(ts: list[int], T: int) -> list[int]:
+    """S indices in 0..T-1 made distinct with the fewest shifts: a repeat moves up to the next free index (and
+    everything is pushed back below T, possible as S <= T). A no-op on a grid without repeats."""
+    ts = sorted(min(max(int(t), 0), T - 1) for t in ts)
+    for k in range(1, len(ts)):
+        ts[k] = max(ts[k], ts[k - 1] + 1)
+    for k in reversed(range(len(ts))):
+        ts[k] = min(ts[k], T - 1 if k == len(ts) - 1 else ts[k + 1] - 1)
+    return ts
+
+
+def make_timesteps(T: int, num_steps: int | None = None, spacing: str = "leading", alpha_bar: torch.Tensor | None = None) -> torch.Tensor:
+    """The S = ``num_steps`` code indices (in 0..T-1) a sampler visits, in visiting (descending) order.
+
+    - ``leading``: 0, k, 2k, ..., (S-1) k with k = T // S (DDIM's "uniform" skip; diffusers' "leading").
+    - ``trailing``: round(T - i T/S) - 1 (Lin et al. 2024, "Common diffusion noise schedules and sample
+      steps are flawed", Table 2), which always starts at the noisiest step T-1.
+    - ``linspace``: round(linspace(0, T-1, S)): both ends, T-1 and 0, are visited.
+    - ``quadratic``: DDIM's CIFAR-10 choice (Song et al. 2020, Appendix D.2), floor(linspace(0, sqrt(0.8 T), S)^2),
+      dense near t = 0.
+    - ``logsnr``: uniform in the half log-SNR lambda_t = log(alpha_t / sigma_t) between t = T-1 and t = 0, each point
+      rounded to the nearest code index (DPM-Solver, Lu et al. 2022, Sec. 3.3: "logSNR" steps, recommended there for
+      low-resolution images). Needs the schedule: ``alpha_bar`` [T] (float64 for exactness).
+    ``num_steps=None`` means S = T (every step). ``quadratic`` and ``logsnr`` can put two points on one index near
+    t = 0 (DDIM's own code then visits t = 0 twice); here a repeat moves to the next free index, so every grid has
+    S distinct steps and equals the reference wherever the reference has no repeats.
     """
-    S = T if num_steps is None else int(num_steps)
-    if not 1 <= S <= T:
-        raise ConfigError(f"sampler.num_steps={num_steps} must be between 1 and the schedule's T={T}")
+    if spacing not in SPACINGS:
+        raise ConfigError(f"unknown timestep spacing {spacing!r}; choose one of {list(SPACINGS)}")
+    S = T if num_steps is None else num_steps
+    if isinstance(S, float) and S.is_integer():
+        S = int(S)
+    if not isinstance(S, int) or isinstance(S, bool) or not 1 <= S <= T:
+        raise ConfigError(f"sampler.num_steps={num_steps!r} must be an integer between 1 and the schedule's T={T}")
     if spacing == "leading":
-        step = T // S
-        ts = torch.arange(S, dtype=torch.float64) * step
+        ts = [i * (T // S) for i in range(S)]
     elif spacing == "trailing":
-        ts = torch.round(torch.arange(T, 0, -T / S, dtype=torch.float64)[:S]) - 1
+        delta = (T + (-T / S)) - T  # numpy.arange(T, 0, -T/S) steps by this (rounded) difference
+        ts = [round(T + i * delta) - 1 for i in range(S)]
     elif spacing == "linspace":
-        ts = torch.round(torch.linspace(0, T - 1, S, dtype=torch.float64))
+        ts = [round(v) for v in _linspace(T - 1, S)]  # round half to even, as numpy.round
     elif spacing == "quadratic":
-        ts = torch.floor(torch.linspace(0, math.sqrt(T * 0.8), S, dtype=torch.float64) ** 2)
+        ts = [int(v**2) for v in _linspace(math.sqrt(T * 0.8), S)]
     else:
-        raise ConfigError(f"unknown timestep spacing {spacing!r}; choose one of {SPACINGS}")
-    ts = ts.long().clamp(0, T - 1)
-    if ts.unique().numel() != S:
-        raise ConfigError(f"spacing {spacing!r} with num_steps={S} and T={T} repeats timesteps; use fewer steps or another spacing")
-    return ts.sort(descending=True).values
+        if alpha_bar is None or alpha_bar.numel() != T:
+            raise ConfigError(f"spacing 'logsnr' needs the schedule's alpha_bar of length T={T}")
+        ts = _logsnr_grid(alpha_bar.detach().double().cpu(), S)
+    return torch.tensor(_distinct(ts, T)[::-1], dtype=torch.long)

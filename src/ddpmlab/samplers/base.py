@@ -1,4 +1,5 @@
-"""What every sampler shares: the step record, noise drawing and the run-to-the-end helper."""
+"""What every sampler shares: the step record, the denoiser call (with optional clipping), the grid's
+alpha_bar, noise drawing, and the helpers that consume a progressive sampler."""
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from ddpmlab.diffusion.gaussian import GaussianDiffusion
+from ddpmlab.diffusion.parameterization import Denoiser, Prediction, clip_x0 as _clip
+from ddpmlab.errors import ConfigError
 
 
 class SamplerStep(NamedTuple):
@@ -19,6 +24,38 @@ def randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
+def batch_t(t: Tensor | int, x: Tensor) -> Tensor:
+    return torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
+
+
+def as_grid(timesteps: Tensor | list[int], T: int) -> Tensor:
+    """Validate a visiting grid: distinct, strictly descending code indices in 0..T-1."""
+    ts = torch.as_tensor(timesteps, dtype=torch.long).flatten().cpu()
+    if ts.numel() == 0 or ts.min() < 0 or ts.max() >= T or (ts.numel() > 1 and not (ts[1:] < ts[:-1]).all()):
+        raise ConfigError(
+            f"timesteps must be strictly descending indices in [0, {T - 1}] (use make_timesteps), got {ts.tolist()[:8]}"
+        )
+    return ts
+
+
+def grid_alpha_bar(diffusion: GaussianDiffusion, ts: Tensor) -> tuple[Tensor, Tensor]:
+    """float64 alpha_bar at each grid entry and at the entry after it (the step's target); after the last entry
+    the target is x_0 itself, alpha_bar = 1 (DDIM's convention, alpha_0 := 1). Both [S]."""
+    alpha_bar = torch.cumprod(1.0 - diffusion.beta64, 0)[ts]
+    alpha_bar_prev = torch.cat([alpha_bar[1:], torch.ones(1, dtype=torch.float64)])
+    return alpha_bar, alpha_bar_prev
+
+
+def predict(
+    denoiser: Denoiser, diffusion: GaussianDiffusion, x_t: Tensor, t: int, cond: Tensor | None, clip_x0: bool
+) -> Prediction:
+    """The network's Prediction(eps_hat, x0_hat) at code timestep ``t``; with ``clip_x0``, x0_hat is clipped to the
+    data range [-1, 1] and eps_hat re-derived from the clipped x0_hat (so the step stays consistent)."""
+    t_batch = batch_t(t, x_t)
+    pred = denoiser(x_t, t_batch, cond)
+    return _clip(pred, diffusion, x_t, t_batch) if clip_x0 else pred
+
+
 def final(steps: Iterator[SamplerStep]) -> Tensor:
     """Run a progressive sampler to the end and return x_0."""
     x = None
@@ -29,13 +66,17 @@ def final(steps: Iterator[SamplerStep]) -> Tensor:
     return x
 
 
-def batch_t(t: Tensor | int, x: Tensor) -> Tensor:
-    return torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
-
-
-def as_grid(timesteps: Tensor | list[int], T: int) -> Tensor:
-    """Validate a visiting grid: distinct, strictly descending code indices in 0..T-1."""
-    ts = torch.as_tensor(timesteps, dtype=torch.long).flatten().cpu()
-    if ts.numel() == 0 or ts.min() < 0 or ts.max() >= T or (ts.numel() > 1 and not (ts[1:] < ts[:-1]).all()):
-        raise ValueError(f"timesteps must be strictly descending indices in [0, {T - 1}], got {ts.tolist()[:8]}...")
-    return ts
+def chain(steps: Iterator[SamplerStep], x_T: Tensor, num_steps: int, num_frames: int) -> Tensor:
+    """The denoising chain x_T -> x_0 of a progressive sampler that takes ``num_steps`` steps, as ``num_frames``
+    snapshots evenly spaced over its steps, the first x_T and the last x_0: [B, F, C, H, W] (rows = samples,
+    columns = steps; F = min(num_frames, num_steps + 1))."""
+    if num_frames < 2:
+        raise ConfigError(f"a denoising chain needs at least 2 frames (x_T and x_0), got {num_frames}")
+    picks = {round(k * num_steps / (num_frames - 1)) for k in range(num_frames)}  # indices into x_T, x_1st, ...
+    frames = [x_T] if 0 in picks else []
+    for i, step in enumerate(steps, start=1):
+        if i in picks:
+            frames.append(step.x)
+    if len(frames) != len(picks):
+        raise ValueError(f"the sampler took fewer than num_steps={num_steps} steps")
+    return torch.stack(frames, 1)

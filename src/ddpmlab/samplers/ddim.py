@@ -7,9 +7,26 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from ddpmlab.diffusion.gaussian import GaussianDiffusion, extract
-from ddpmlab.diffusion.parameterization import Denoiser, clip_x0 as _clip
-from ddpmlab.samplers.base import SamplerStep, as_grid, batch_t, final, randn_like
+from ddpmlab.diffusion.gaussian import GaussianDiffusion
+from ddpmlab.diffusion.parameterization import Denoiser, Prediction
+from ddpmlab.errors import ConfigError
+from ddpmlab.samplers.base import SamplerStep, as_grid, final, grid_alpha_bar, predict, randn_like
+
+
+def ddim_sigma(alpha_bar_t: Tensor, alpha_bar_prev: Tensor, eta: float) -> Tensor:
+    """DDIM eq. (16): sigma_t(eta) = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev).
+    With eta = 1 this is the posterior's beta_tilde of the respaced process (DDPM eq. 7)."""
+    return eta * ((1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)).sqrt()
+
+
+def ddim_step(pred: Prediction, alpha_bar_prev: Tensor | float, sigma_t: Tensor | float, noise: Tensor | None) -> Tensor:
+    """DDIM eq. (12): x_prev = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - sigma_t^2) eps_hat + sigma_t eps."""
+    alpha_bar_prev = torch.as_tensor(alpha_bar_prev, dtype=torch.float64)
+    sigma_t = torch.as_tensor(sigma_t, dtype=torch.float64)
+    c_x0 = float(alpha_bar_prev.sqrt())
+    c_eps = float((1 - alpha_bar_prev - sigma_t**2).clamp(min=0).sqrt())
+    x_prev = c_x0 * pred.x0_hat + c_eps * pred.eps_hat
+    return x_prev if noise is None else x_prev + float(sigma_t) * noise
 
 
 @torch.no_grad()
@@ -24,25 +41,21 @@ def ddim_sample_progressive(
     clip_x0: bool = True,
     cond: Tensor | None = None,
 ) -> Iterator[SamplerStep]:
-    """Yield x_{t_prev} for every t of ``timesteps``; alpha_bar_prev comes from the respaced process,
-    i.e. the next grid entry (1 after the last), never from arithmetic on t."""
+    """Yield x_{t_prev} for every t of ``timesteps``. alpha_bar_prev is alpha_bar at the next grid entry (1 after
+    the last), never arithmetic on t; coefficients are computed in float64. eta = 0 is the deterministic DDIM,
+    eta = 1 on the full grid is DDPM ancestral sampling with beta_tilde."""
+    if eta < 0:
+        raise ConfigError(f"sampler.eta={eta} must be >= 0 (0: deterministic DDIM, 1: DDPM-like)")
     ts = as_grid(timesteps, diffusion.T)
+    alpha_bar, alpha_bar_prev = grid_alpha_bar(diffusion, ts)
+    sigma = ddim_sigma(alpha_bar, alpha_bar_prev, eta)
     S = ts.numel()
-    process = diffusion if S == diffusion.T else diffusion.respace(ts)
     x = x_T
     for i, t in enumerate(ts.tolist()):
-        j = batch_t(S - 1 - i, x)
-        pred = denoiser(x, batch_t(t, x), cond)
-        if clip_x0:
-            pred = _clip(pred, diffusion, x, batch_t(t, x))
-        alpha_bar_t = extract(process.alpha_bar, j, x.shape)
-        alpha_bar_prev = extract(process.alpha_bar_prev, j, x.shape)
-        # DDIM eq. (16): sigma_t(eta) = eta sqrt((1 - a_prev)/(1 - a_t)) sqrt(1 - a_t/a_prev)
-        sigma_t = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)).sqrt()
-        # DDIM eq. (12): x_prev = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - sigma^2) eps_hat + sigma eps
-        x = alpha_bar_prev.sqrt() * pred.x0_hat + (1 - alpha_bar_prev - sigma_t**2).clamp(min=0).sqrt() * pred.eps_hat
-        if eta > 0 and i < S - 1:
-            x = x + sigma_t * randn_like(x, generator)
+        pred = predict(denoiser, diffusion, x, t, cond, clip_x0)
+        # sigma = 0 at the last step (a_prev = 1); no noise is drawn there, as in ancestral sampling.
+        noise = randn_like(x, generator) if eta > 0 and i < S - 1 else None
+        x = ddim_step(pred, alpha_bar_prev[i], sigma[i], noise)
         yield SamplerStep(t, x, pred.x0_hat)
 
 

@@ -8,8 +8,22 @@ import torch
 from torch import Tensor
 
 from ddpmlab.diffusion.gaussian import GaussianDiffusion, Variance
-from ddpmlab.diffusion.parameterization import Denoiser, clip_x0 as _clip
-from ddpmlab.samplers.base import SamplerStep, as_grid, batch_t, final, randn_like
+from ddpmlab.diffusion.parameterization import Denoiser, Prediction
+from ddpmlab.errors import ConfigError
+from ddpmlab.samplers.base import SamplerStep, as_grid, batch_t, final, predict, randn_like
+
+VARIANCES = ("small", "large")
+
+
+def ddpm_step(pred: Prediction, process: GaussianDiffusion, x_t: Tensor, j: Tensor, noise: Tensor | None, variance: Variance = "small") -> Tensor:
+    """One draw x_{t-1} ~ p_theta(x_{t-1} | x_t) of ``process`` at its index ``j`` [B]; ``noise=None`` returns the mean.
+
+    The mean is mu_tilde(x_t, x0_hat), DDPM eq. (7), which equals eq. (11) for an eps prediction;
+    sigma_t^2 is beta_tilde_t ("small") or beta_t ("large"), DDPM Sec. 3.2."""
+    p = process.p_mean_variance(pred.x0_hat, x_t, j, variance)
+    if noise is None:
+        return p.mean
+    return p.mean + (0.5 * p.log_variance).exp() * noise  # Algorithm 2, line 4
 
 
 @torch.no_grad()
@@ -24,23 +38,22 @@ def ddpm_sample_progressive(
     clip_x0: bool = True,
     cond: Tensor | None = None,
 ) -> Iterator[SamplerStep]:
-    """Yield x_{t-1} ~ p_theta(x_{t-1} | x_t) for every t of ``timesteps`` (descending).
+    """Yield x_{t-1} ~ p_theta(x_{t-1} | x_t) for every t of ``timesteps`` (descending); z = 0 at the last step.
 
-    A grid shorter than T samples the respaced process (improved-diffusion): its betas are rebuilt from
-    the kept alpha_bar, and the network still sees the original timestep.
+    Any grid, the full one included, samples the respaced process (improved-diffusion, Sec. 4): its betas are
+    rebuilt from the kept alpha_bar, 1 - alpha_bar_{t_i} / alpha_bar_{t_{i-1}}, which on the full grid are the
+    original betas again. The network still sees the original timestep.
     """
+    if variance not in VARIANCES:
+        raise ConfigError(f"sampler.variance={variance!r} must be one of {list(VARIANCES)}")
     ts = as_grid(timesteps, diffusion.T)
+    process = diffusion.respace(ts)  # its index j is the j-th smallest grid entry: step i is j = S-1-i
     S = ts.numel()
-    process = diffusion if S == diffusion.T else diffusion.respace(ts)
     x = x_T
     for i, t in enumerate(ts.tolist()):
-        j = batch_t(S - 1 - i, x)  # index into the (respaced) process; == t on the full grid
-        pred = denoiser(x, batch_t(t, x), cond)
-        if clip_x0:
-            pred = _clip(pred, diffusion, x, batch_t(t, x))
-        p = process.p_mean_variance(pred.x0_hat, x, j, variance)
-        # Algorithm 2, line 4: x_{t-1} = mu_theta + sigma_t z, with z = 0 at the last step.
-        x = p.mean + (0.5 * p.log_variance).exp() * randn_like(x, generator) if i < S - 1 else p.mean
+        pred = predict(denoiser, diffusion, x, t, cond, clip_x0)
+        noise = randn_like(x, generator) if i < S - 1 else None
+        x = ddpm_step(pred, process, x, batch_t(S - 1 - i, x), noise, variance)
         yield SamplerStep(t, x, pred.x0_hat)
 
 

@@ -1,0 +1,146 @@
+"""``python evaluate.py ckpt_path=... [bpd.num_images=N] [bpd.stride=K] [batch_size=B] [seed=S]``: metrics.json.
+
+Each metric is a function ``(ctx: EvalContext, options: DictConfig) -> dict`` registered in :data:`METRICS`; the
+config's ``metrics`` list picks which run, each reads its own config section of the same name, and its result is
+stored under that name in metrics.json (beside ``checkpoint``, which says what was evaluated).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ddpmlab.cli.common import CONFIG_DIR, denoiser_from_checkpoint, friendly_errors, load_checkpoint, pick_device
+from ddpmlab.diffusion import Denoiser
+from ddpmlab.errors import ConfigError
+from ddpmlab.metrics.nll import evaluate_bpd
+
+
+@dataclass
+class EvalContext:
+    """What every metric may use: the denoiser (on ``device``, eval mode), the checkpoint's training config and
+    this evaluation's config."""
+
+    denoiser: Denoiser
+    train_cfg: DictConfig
+    cfg: DictConfig
+    device: torch.device
+
+    def datamodule(self):
+        """The checkpoint's data module (its data config, ``cfg.data`` merged over it, batches of ``cfg.batch_size``)."""
+        data_cfg = OmegaConf.merge(self.train_cfg.data, self.cfg.get("data") or {})
+        datamodule = instantiate(data_cfg, batch_size=self.cfg.batch_size)
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        return datamodule
+
+
+def bpd(ctx: EvalContext, options: DictConfig) -> dict[str, Any]:
+    """Bits/dim (DDPM eq. 5) on the first ``num_images`` images of the validation split."""
+    loader = ctx.datamodule().val_dataloader()
+    if options.num_images is not None and options.num_images > len(loader.dataset):
+        raise ConfigError(
+            f"bpd.num_images={options.num_images} but the validation split has only {len(loader.dataset)} images; "
+            "lower it, or use null for all of them"
+        )
+    result = evaluate_bpd(
+        ctx.denoiser,
+        loader,
+        options.num_images,
+        stride=options.stride,
+        variance=options.variance,
+        clip_x0=options.clip_x0,
+        conditional=bool(getattr(ctx.denoiser.net, "num_classes", None)),
+        seed=ctx.cfg.seed,
+        device=ctx.device,
+    )
+    result["protocol"].update(dataset=ctx.train_cfg.data.get("name", "?"), split="validation")
+    print(
+        f"bpd = {result['value']:.4f} ± {result['stderr']:.4f} bits/dim on {result['n']} validation images "
+        f"({result['protocol']['timesteps_per_image']} timesteps each) in {result['seconds']:.1f}s"
+    )
+    return result
+
+
+def fid(ctx: EvalContext, options: DictConfig) -> dict[str, Any]:
+    """FID, KID and IS (torch-fidelity, metrics/fid.py's protocol) of ``num_samples`` samples, generated on every
+    visible GPU, against the first ``num_real`` training images (whose features torch-fidelity caches)."""
+    from ddpmlab.metrics.fid import fidelity_metrics, generate_on_devices, real_images
+
+    sampler = instantiate(options.sampler if options.get("sampler") else ctx.train_cfg.sampler)
+    if options.get("num_steps"):
+        sampler = sampler.with_steps(options.num_steps)
+    gpus = [torch.device("cuda", i) for i in range(torch.cuda.device_count())] if ctx.device.type == "cuda" else []
+    devices = gpus if options.all_gpus and gpus else [ctx.device]
+    start = time.perf_counter()
+    fake = generate_on_devices(ctx.denoiser, sampler, options.num_samples, ctx.cfg.batch_size, ctx.cfg.seed, devices)
+    seconds_sampling = time.perf_counter() - start
+    datamodule = ctx.datamodule()
+    real = real_images(datamodule, options.num_real)
+    name = getattr(datamodule, "name", ctx.train_cfg.data.get("name", "data"))
+    reference = f"{name}-train-{real.shape[1]}x{real.shape[2]}x{real.shape[3]}-first{len(real)}"
+    values = fidelity_metrics(
+        fake, real, reference, isc=options.isc, fid=True, kid=True,
+        kid_subset_size=options.kid_subset_size, kid_subsets=options.kid_subsets,
+        feature_extractor=options.feature_extractor, feature_layer=options.feature_layer,
+        feature_layer_isc=options.feature_layer_isc, weights_path=options.weights_path,
+        cache_dir=options.cache_dir, batch_size=ctx.cfg.batch_size, device=ctx.device, seed=ctx.cfg.seed,
+    )  # fmt: skip
+    protocol = {
+        "num_samples": options.num_samples, "reference": reference, "num_real": len(real), "sampler": repr(sampler),
+        "steps": len(sampler.timesteps(ctx.denoiser.diffusion)), "seed": ctx.cfg.seed, "devices": len(devices),
+        "feature_extractor": options.feature_extractor, "feature_layer": options.feature_layer,
+        "resize": "TF1 bilinear to 299, no antialiasing (inside the extractor)", "kid_subset_size":
+        min(options.kid_subset_size, len(fake), len(real)), "kid_subsets": options.kid_subsets,
+    }  # fmt: skip
+    print(" ".join(f"{k} = {v:.4g}" for k, v in values.items()) + f" ({options.num_samples} samples, {reference})")
+    return {**values, "seconds_sampling": seconds_sampling, "protocol": protocol}
+
+
+METRICS: dict[str, Callable[[EvalContext, DictConfig], dict[str, Any]]] = {"bpd": bpd, "fid": fid}
+
+
+def evaluate(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
+    """Compute every metric in ``cfg.metrics`` for the checkpoint and write them to ``<output_dir>/metrics.json``."""
+    unknown = [m for m in cfg.metrics if m not in METRICS]
+    if unknown:
+        raise ConfigError(f"unknown metric(s) {unknown}; choose from {sorted(METRICS)}")
+    if cfg.batch_size < 1:
+        raise ConfigError(f"batch_size={cfg.batch_size} must be >= 1")
+    device = pick_device(cfg.device)
+    ckpt = load_checkpoint(cfg.ckpt_path)
+    denoiser, train_cfg = denoiser_from_checkpoint(ckpt, ema=cfg.use_ema)
+    ctx = EvalContext(denoiser.to(device), train_cfg, cfg, device)
+    results: dict[str, Any] = {
+        "checkpoint": {"path": str(cfg.ckpt_path), "global_step": ckpt.get("global_step"), "ema": cfg.use_ema}
+    }
+    for name in cfg.metrics:
+        start = time.perf_counter()
+        results[name] = METRICS[name](ctx, cfg.get(name) or OmegaConf.create())
+        results[name].setdefault("seconds", time.perf_counter() - start)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
+@friendly_errors
+def main(cfg: DictConfig) -> None:
+    out = HydraConfig.get().runtime.output_dir
+    evaluate(cfg, out)
+    print(Path(out) / "metrics.json")
+
+
+if __name__ == "__main__":
+    main()
