@@ -15,17 +15,8 @@ from ddpmlab.images import image_grid
 from ddpmlab.samplers import Sampler
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """8x8 images: one thread beats OpenMP's fork/join, by far on a shared, busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
-def tiny_ckpt(one_thread, tmp_path_factory):
+def tiny_ckpt(tmp_path_factory):
     run = tmp_path_factory.mktemp("trained")
     train(compose_cfg("train", TINY, run))  # digits, T = 50, a few steps
     return run / "checkpoints" / "last.ckpt"
