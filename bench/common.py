@@ -25,7 +25,7 @@ from omegaconf import DictConfig, open_dict
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ddpmlab.cli.common import CONFIG_DIR
+from ddpmlab.api import CONFIG_DIR
 
 # Dense bf16 / TF32 tensor-core peaks in TFLOP/s (vendor data sheets, no sparsity). MFU uses the bf16 peak for
 # bf16 runs and the TF32 one for fp32 runs (TF32 is on for fp32 matmuls when perf.tf32 is on).

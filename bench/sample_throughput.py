@@ -25,8 +25,8 @@ from hydra.utils import instantiate
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402
 
-from ddpmlab.cli.common import build_denoiser  # noqa: E402
-from ddpmlab.lit.perf import autocast, prepare_sampling  # noqa: E402
+from ddpmlab.api import build_denoiser  # noqa: E402
+from ddpmlab.perf import autocast, prepare_sampling  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -27,12 +27,12 @@ from hydra.utils import instantiate
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402
 
-from ddpmlab.cli.train import build_module  # noqa: E402
+from ddpmlab.api import build_module  # noqa: E402
 from ddpmlab.data.device_loader import DeviceLoader  # noqa: E402
 from ddpmlab.diffusion import Denoiser, GaussianDiffusion  # noqa: E402
 from ddpmlab.lit.ema import ema_multi_avg_fn  # noqa: E402
 from ddpmlab.lit.module import DiffusionModule  # noqa: E402
-from ddpmlab.lit.perf import apply_perf, autocast  # noqa: E402
+from ddpmlab.perf import apply_perf, autocast  # noqa: E402
 
 PATHS = ("trainer", "bare", "peer")
 

@@ -14,7 +14,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from ddpmlab.cli.common import CONFIG_DIR
+from ddpmlab.api import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,7 @@ import pytest
 from hydra.utils import instantiate
 
 from conftest import compose_cfg
-from ddpmlab.cli.common import CONFIG_DIR, build_denoiser
+from ddpmlab.api import CONFIG_DIR, build_denoiser
 
 GROUPS_BUILT = {"model", "schedule", "objective", "sampler", "optimizer", "ema", "data"}
 

@@ -13,7 +13,8 @@ from fixtures_data import (assert_model_range, datamodule, images_with_ids, make
 from hydra.utils import instantiate
 from PIL import Image
 
-from ddpmlab.cli.common import build_denoiser, user_error
+from ddpmlab.api import build_denoiser
+from ddpmlab.cli.common import user_error
 from ddpmlab.data import NO_LABEL, DiffusionDataModule, to_model_range, to_uint8
 from ddpmlab.data.datasets import load_idx
 from ddpmlab.errors import ConfigError, DatasetNotFoundError

@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 
 from conftest import TINY, compose_cfg, run_cli
 from ddpmlab.callbacks.fid import FID
-from ddpmlab.cli.train import build_module
+from ddpmlab.api import build_module
 from test_fid import TinyFeatures
 
 pytestmark = pytest.mark.ddp

@@ -51,7 +51,7 @@ def test_slurm_launcher_config_requeues_into_the_same_run_dir(tmp_path):
 
 
 def test_ddpm_cifar10_preset_is_the_papers_recipe(tmp_path):
-    from ddpmlab.cli.common import build_denoiser
+    from ddpmlab.api import build_denoiser
 
     cfg = compose_cfg("train", ["experiment=ddpm_cifar10"], tmp_path)
     assert cfg.data.name == "cifar10" and cfg.data.batch_size == 128 and cfg.data.random_flip

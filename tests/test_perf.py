@@ -1,4 +1,4 @@
-"""Performance levers (ddpmlab.lit.perf) and the benchmark scripts (bench/), on the CPU; GPU-only checks skip.
+"""Performance levers (ddpmlab.perf) and the benchmark scripts (bench/), on the CPU; GPU-only checks skip.
 
 Throughput itself is never asserted here (that is the benches' job, on a GPU); these tests pin what the levers
 must not change (keys, outputs, the CPU default) and what they must remove (host syncs between steps)."""
@@ -15,10 +15,10 @@ import torch
 from hydra.utils import instantiate
 
 from conftest import REPO, TINY, compose_cfg
-from ddpmlab.cli.train import build_module
+from ddpmlab.api import build_module
 from ddpmlab.errors import ConfigError
 from ddpmlab.lit.ema import ema_multi_avg_fn
-from ddpmlab.lit.perf import apply_perf, autocast, prepare_sampling, resolve, with_fused
+from ddpmlab.perf import apply_perf, autocast, prepare_sampling, resolve, with_fused
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 ALL_ON = {"compile": True, "compile_backend": "eager", "channels_last": True, "fused_optimizer": True, "sync_free_logging": True}
@@ -225,7 +225,7 @@ def test_gpu_auto_turns_every_lever_on_and_compiled_sampling_matches_eager(tiny_
     module = build_module(tiny_cfg)
     on = apply_perf(module, "cuda", {"compile_backend": "inductor"})
     assert all(on.values())
-    from ddpmlab.cli.common import build_denoiser
+    from ddpmlab.api import build_denoiser
 
     eager = build_denoiser(tiny_cfg).cuda().eval()
     fast = copy.deepcopy(eager)

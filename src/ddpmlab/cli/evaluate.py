@@ -20,7 +20,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ddpmlab.cli.common import CONFIG_DIR, denoiser_from_checkpoint, friendly_errors, load_checkpoint, pick_device
+from ddpmlab.api import CONFIG_DIR, denoiser_from_checkpoint, load_checkpoint, pick_device
+from ddpmlab.cli.common import friendly_errors
 from ddpmlab.diffusion import Denoiser
 from ddpmlab.errors import ConfigError
 from ddpmlab.metrics.nll import evaluate_bpd

@@ -13,7 +13,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from ddpmlab.cli.common import CONFIG_DIR, denoiser_from_checkpoint, friendly_errors, load_checkpoint, pick_device
+from ddpmlab.api import CONFIG_DIR, denoiser_from_checkpoint, load_checkpoint, pick_device
+from ddpmlab.cli.common import friendly_errors
 from ddpmlab.cli.conditioning import conditioning, inpaint, wants_inpainting
 from ddpmlab.data.datasets import to_uint8
 from ddpmlab.images import save_grid

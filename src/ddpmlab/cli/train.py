@@ -18,23 +18,10 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from ddpmlab.cli.common import CONFIG_DIR, build_denoiser, friendly_errors
+from ddpmlab.api import CONFIG_DIR, build_module
+from ddpmlab.cli.common import friendly_errors
 from ddpmlab.errors import CheckpointError
-from ddpmlab.lit.module import DiffusionModule
-from ddpmlab.lit.perf import apply_perf
-
-
-def build_module(cfg: DictConfig) -> DiffusionModule:
-    return DiffusionModule(
-        denoiser=build_denoiser(cfg),
-        objective=instantiate(cfg.objective),
-        optimizer=instantiate(cfg.optimizer),
-        lr_warmup_steps=cfg.lr_warmup_steps,
-        sampler=instantiate(cfg.sampler),
-        p_uncond=cfg.p_uncond,
-        seed=cfg.seed,
-        config=OmegaConf.to_container(cfg, resolve=True),
-    )
+from ddpmlab.perf import apply_perf
 
 
 def train(cfg: DictConfig) -> dict[str, float]:

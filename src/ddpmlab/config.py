@@ -1,0 +1,17 @@
+"""Where the shipped Hydra configs live, and the resolvers they use."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("ddpm.div"):
+        OmegaConf.register_new_resolver("ddpm.div", lambda a, b: int(a) // int(b))
+
+
+register_resolvers()
