@@ -1,7 +1,8 @@
 """Sampling throughput for any sampler and step count, printed as one JSON line:
 
-  ddpmlab  ``build_denoiser`` from the composed config, the sampling levers (``prepare_sampling``: channels_last,
-           compile with CUDA graphs, TF32), bf16 autocast for the network, ``Sampler`` from the sampler config;
+  ddpmlab  ``build_denoiser`` from the composed config and ``Sampler`` from the sampler config, drawn by
+           ``ddpmlab.samplers.generate`` (what sample.py, evaluate.py and the callbacks run) with the
+           ``perf.sampling`` levers (channels_last, compile with CUDA graphs, TF32, bf16 for the network);
   peer     diffusers' ``UNet2DModel`` (DDPM CIFAR-10 configuration) driven by diffusers' ``DDIMScheduler`` over
            the same grid, with the same levers (DDIM only; when diffusers is installed).
 
@@ -27,6 +28,7 @@ import common as C  # noqa: E402
 
 from ddpmlab.api import build_denoiser  # noqa: E402
 from ddpmlab.perf import autocast, prepare_sampling  # noqa: E402
+from ddpmlab.samplers import generate  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,8 +43,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def sampling_perf(args) -> dict:
+def sampling_perf(args, precision: str | None = None) -> dict:
+    """The ``perf.sampling`` config these arguments describe."""
     perf = {"compile": C.switch(args.compile), "channels_last": C.switch(args.channels_last), "compile_backend": args.compile_backend}
+    if precision is not None:
+        perf["precision"] = precision
     if args.compile_mode is not None:  # else prepare_sampling's default: reduce-overhead (CUDA graphs) on a GPU
         perf["compile_mode"] = args.compile_mode
     return perf
@@ -61,17 +66,15 @@ def time_runs(run, args, device) -> tuple[float, torch.Tensor]:
 @torch.no_grad()
 def ddpmlab_sampling(args, cfg, device, precision, flops_per_call, peak) -> tuple[dict, dict]:
     denoiser = build_denoiser(cfg).to(device).eval()
-    levers = prepare_sampling(denoiser.net, device, sampling_perf(args))
+    perf = sampling_perf(args, precision)
+    levers = prepare_sampling(denoiser.net, device, perf)  # what generate applies (again, for free) on each call
     sampler = instantiate(cfg.sampler)
-    g = torch.Generator(device).manual_seed(args.seed)
-    x_T = torch.randn((args.batch_size, args.channels, args.image_size, args.image_size), generator=g, device=device)
 
     def run():
-        with autocast(device, precision):
-            return sampler(denoiser, denoiser.diffusion, x_T, generator=g)
+        return generate(denoiser, sampler, args.batch_size, seed=args.seed, batch_size=args.batch_size, perf=perf)
 
     seconds, x0 = time_runs(run, args, device)
-    num_steps = sampler.timesteps(denoiser.diffusion).numel()
+    num_steps = sampler.num_evaluations(denoiser.diffusion)
     out = C.rate(args.batch_size * args.runs, seconds, args.runs * num_steps, flops_per_call * num_steps, peak, device)
     out.update(sampler=repr(sampler), network_calls_per_image=num_steps, finite=bool(torch.isfinite(x0).all()))
     if args.profile_runs:

@@ -16,7 +16,7 @@ from conftest import TINY, compose_cfg
 from fixtures_data import (assert_model_range, datamodule, decode, images_with_ids, make_celeba, make_cifar10,
                            make_idx_dataset, one_epoch)
 
-from ddpmlab.cli.train import train
+from ddpmlab.training import train
 from ddpmlab.data import DeviceLoader, to_model_range
 
 

@@ -11,7 +11,7 @@ from torch import nn
 from conftest import TINY, compose_cfg
 from ddpmlab.callbacks.fid import FID, share
 from ddpmlab.cli.evaluate import evaluate
-from ddpmlab.cli.train import train
+from ddpmlab.training import train
 from ddpmlab.metrics.fid import (
     FeatureMetrics,
     InceptionUnavailable,

@@ -7,16 +7,15 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import TINY, compose_cfg, run_cli
-from ddpmlab.cli.conditioning import conditioning
 from ddpmlab.cli.sample import sample
-from ddpmlab.cli.train import train
+from ddpmlab.training import train
 from ddpmlab.diffusion import Denoiser, GaussianDiffusion, Prediction, linear_betas
 from ddpmlab.errors import ConfigError
 from ddpmlab.lit.module import DiffusionModule
 from ddpmlab.networks import UNet
 from ddpmlab.objectives import SimpleLoss
 from ddpmlab.samplers import ALGORITHMS, Sampler
-from ddpmlab.samplers.guidance import GuidedDenoiser, cycle_labels
+from ddpmlab.samplers.guidance import GuidedDenoiser, cycle_labels, with_guidance
 
 K = 4  # classes of the toy model
 
@@ -154,10 +153,10 @@ def test_guidance_changes_samples_and_w0_matches_the_unguided_cli(cond_run, tmp_
 
 def test_labels_or_guidance_on_an_unconditional_model_are_refused():
     den = conditional_denoiser(num_classes=None)
-    assert conditioning(OmegaConf.create({"labels": None, "guidance": 0.0}), den, 3) == (None, den)
-    for bad in ({"labels": [1], "guidance": 0.0}, {"labels": None, "guidance": 1.0}):
+    assert with_guidance(den, None, 0.0, 3) == (None, den)
+    for labels, w in (([1], 0.0), (None, 1.0)):
         with pytest.raises(ConfigError, match="unconditional"):
-            conditioning(OmegaConf.create(bad), den, 3)
+            with_guidance(den, labels, w, 3)
 
 
 def test_a_conditional_checkpoint_inpaints_towards_the_requested_label(cond_run, tmp_path):

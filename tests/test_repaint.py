@@ -4,16 +4,18 @@ resampling buys (an exact oracle), the mask presets and files, and sample.py's i
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 from torch import nn
 
 from conftest import TINY, compose_cfg, run_cli
 from ddpmlab.cli.sample import sample
-from ddpmlab.cli.train import train
+from ddpmlab.training import train
 from ddpmlab.data.datasets import to_model_range, to_uint8
 from ddpmlab.diffusion import Denoiser, GaussianDiffusion, linear_betas, make_timesteps
 from ddpmlab.errors import ConfigError
 from ddpmlab.networks import UNet
+from ddpmlab.samplers import Sampler
 from ddpmlab.samplers.masks import PRESETS, centre_square, left_half, load_mask, make_mask, random_strokes
 from ddpmlab.samplers.repaint import repaint_sample, repaint_sample_progressive, repaint_schedule
 
@@ -216,3 +218,34 @@ def test_q_step_composes_to_the_closed_form():
         if t in (0, 9, 49, 99):
             assert abs(x.mean().item() - 0.5 * diffusion.sqrt_alpha_bar[t].item()) < 0.015  # 4 sd of the mean
             assert abs(x.var().item() / (1 - diffusion.alpha_bar[t].item()) - 1) < 0.03  # 6 sd of the variance ratio
+
+
+# ------------------------------------------------------------------ RePaint through Sampler
+def test_repaint_is_a_sampler_with_every_spacing_and_the_same_validation():
+    den = Denoiser(UNet(in_channels=1, image_size=8, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                        attn_resolutions=(), num_groups=8), GaussianDiffusion(linear_betas(50))).eval()
+    x0, keep = torch.zeros(1, 1, 8, 8), left_half(8)
+    for spacing in ("leading", "trailing", "linspace", "quadratic", "logsnr"):
+        sampler = Sampler("repaint", 10, spacing, jump_length=2, jump_n_sample=2)
+        assert sampler.timesteps(den.diffusion).tolist() == make_timesteps(50, 10, spacing, den.diffusion.alpha_bar64).tolist()
+        x = sampler(den, den.diffusion, torch.randn(2, 1, 8, 8), x0=x0, keep=keep, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(x[..., 4:], x0.expand(2, -1, -1, -1)[..., 4:])  # known pixels kept exactly
+    assert Sampler("repaint", 10, jump_length=2, jump_n_sample=2).num_evaluations(den.diffusion) == len(
+        [1 for k, k_next in zip(repaint_schedule(10, 2, 2), repaint_schedule(10, 2, 2)[1:]) if k_next < k])
+    with pytest.raises(ConfigError, match="between 1 and the schedule's T=50"):  # no silent clamp to T
+        Sampler("repaint", 250, "trailing")(den, den.diffusion, torch.randn(1, 1, 8, 8), x0=x0, keep=keep)
+    for bad in ({"variance": "medium"}, {"jump_length": 0}, {"eta": 0.5}):
+        with pytest.raises(ConfigError):
+            Sampler("repaint", 10, **bad)
+
+
+def test_sample_inpaints_on_a_logsnr_grid_and_saves_the_sampler(tiny_ckpt, tmp_path):
+    cfg = compose_cfg("sample", [f"ckpt_path={tiny_ckpt}", "inpaint.index=1", "inpaint.spacing=logsnr", *INPAINT], tmp_path)
+    out = sample(cfg, tmp_path)
+    npz = np.load(out / "samples.npz")
+    assert (npz["images"][:, npz["keep"]] == npz["original"][npz["keep"]]).all()
+    saved = OmegaConf.load(out / "sampler.yaml")
+    assert (saved.algorithm, saved.spacing, saved.num_steps, saved.jump_length) == ("repaint", "logsnr", 10, 2)
+    with pytest.raises(ConfigError, match="between 1 and the schedule's T=50"):
+        sample(compose_cfg("sample", [f"ckpt_path={tiny_ckpt}", "inpaint.index=1", "inpaint.num_steps=51"], tmp_path / "b"),
+               tmp_path / "b")

@@ -7,13 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from torchvision.io import write_png
 
-from ddpmlab.data.datasets import to_uint8
 from ddpmlab.diffusion import Denoiser, GaussianDiffusion, linear_betas
+from ddpmlab.images import load_image, to_hwc_uint8
 from ddpmlab.networks import UNet
-from ddpmlab.samplers import GuidedDenoiser, Sampler
+from ddpmlab.samplers import GuidedDenoiser, Sampler, generate
+from ddpmlab.samplers.masks import make_mask
 from ddpmlab.samplers.guidance import cycle_labels
 
 NUM_SAMPLES, BATCH_SIZE, SEED = 5, 2, 123  # three batches: the generator carries over between them
@@ -26,25 +26,17 @@ def tiny_denoiser(num_classes: int | None = None) -> Denoiser:
     return Denoiser(net, GaussianDiffusion(linear_betas(50)), "eps").eval()
 
 
-def generate_uint8(denoiser, sampler: Sampler, labels=None) -> np.ndarray:
-    from ddpmlab.cli.sample import generate
-
-    images = generate(denoiser, sampler, NUM_SAMPLES, BATCH_SIZE, SEED, torch.device("cpu"), labels)
-    return to_uint8(images).permute(0, 2, 3, 1).numpy()
+def generate_uint8(denoiser, sampler: Sampler, labels=None, **inputs) -> np.ndarray:
+    images = generate(denoiser, sampler, NUM_SAMPLES, seed=SEED, batch_size=BATCH_SIZE, labels=labels, **inputs)
+    return to_hwc_uint8(images)
 
 
 def inpaint_uint8(denoiser, tmp_path) -> np.ndarray:
-    from ddpmlab.cli.conditioning import inpaint
-
     original = (torch.arange(64, dtype=torch.int64).reshape(1, 8, 8) * 4).to(torch.uint8)  # a ramp
     write_png(original, str(tmp_path / "original.png"))
-    cfg = OmegaConf.create({
-        "seed": SEED, "num_samples": NUM_SAMPLES, "batch_size": BATCH_SIZE, "labels": None, "guidance": 0.0,
-        "inpaint": {"image": str(tmp_path / "original.png"), "index": None, "split": "val", "mask": "left_half",
-                    "num_steps": 12, "spacing": "trailing", "jump_length": 3, "jump_n_sample": 2, "variance": "small"},
-    })  # fmt: skip
-    out = inpaint(cfg, denoiser, None, torch.device("cpu"), tmp_path / "out")
-    return np.load(out / "samples.npz")["images"]
+    x0 = load_image(tmp_path / "original.png", 1, 8)  # the PNG round trip sample.py's inpaint.image= takes
+    sampler = Sampler("repaint", 12, "trailing", jump_length=3, jump_n_sample=2, variance="small")
+    return generate_uint8(denoiser, sampler, x0=x0, keep=make_mask("left_half", 8, torch.Generator().manual_seed(SEED)))
 
 
 def draw(case: str, tmp_path) -> np.ndarray:

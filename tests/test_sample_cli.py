@@ -6,7 +6,7 @@ import torch
 
 from conftest import compose_cfg, run_cli
 from ddpmlab.cli.sample import sample
-from ddpmlab.cli.train import train
+from ddpmlab.training import train
 from ddpmlab.errors import CheckpointError
 
 

@@ -124,6 +124,8 @@ def test_the_progressive_twin_ends_where_the_final_sampler_ends():
         (dict(algorithm="ddpm", eta=0.5), "no option"),
         (dict(algorithm="ddim", spacing="uniform"), "unknown sampler.spacing"),
         (dict(algorithm="ddim", num_steps=0), "positive integer"),
+        (dict(algorithm="ddim", num_steps=5, eta=-1.0), "eta"),  # options are checked where the config enters
+        (dict(algorithm="ddpm", num_steps=5, variance="medium"), "variance"),
     ],
 )
 def test_bad_sampler_configs_are_config_errors(kwargs, match):
@@ -135,8 +137,6 @@ def test_bad_sampler_configs_are_config_errors(kwargs, match):
     "sampler,match",
     [
         (Sampler("ddim", 51), "between 1 and the schedule's T=50"),
-        (Sampler("ddim", 5, eta=-1.0), "eta"),
-        (Sampler("ddpm", 5, variance="medium"), "variance"),
     ],
 )
 def test_bad_values_are_config_errors_at_sampling_time(sampler, match):

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from ddpmlab.diffusion import GaussianDiffusion, cosine_betas, linear_betas, make_betas, quadratic_betas, sigmoid_betas
+from ddpmlab.diffusion import GaussianDiffusion, cosine_betas, linear_betas, quadratic_betas, sigmoid_betas
 from ddpmlab.errors import ConfigError
 
 ALL = [linear_betas, cosine_betas, quadratic_betas, sigmoid_betas]
@@ -55,9 +55,3 @@ def test_betas_that_leave_the_unit_interval_after_scaling_are_refused():
     # 0.02 * 1000 / 10 = 2.0: valid-looking config values, invalid betas
     with pytest.raises(ConfigError, match=r"\(0, 1\)"):
         linear_betas(10, beta_end=0.02)
-
-
-def test_make_betas_names():
-    assert torch.equal(make_betas("linear", 50), linear_betas(50))
-    with pytest.raises(ConfigError, match="unknown schedule"):
-        make_betas("exponential", 50)

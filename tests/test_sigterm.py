@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch import Callback
 
 from conftest import REPO, TINY
-from ddpmlab.cli.train import resume_path, train
+from ddpmlab.training import resume_path, train
 from ddpmlab.errors import CheckpointError
 
 

@@ -4,7 +4,7 @@ import csv
 
 import torch
 
-from ddpmlab.cli.train import train
+from ddpmlab.training import train
 
 
 def read_metrics(run_dir):

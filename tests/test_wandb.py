@@ -3,7 +3,7 @@ a resumed training continues the same W&B run id."""
 
 import pytest
 
-from ddpmlab.cli.train import train
+from ddpmlab.training import train
 
 
 

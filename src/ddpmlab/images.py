@@ -1,5 +1,7 @@
-"""Image grids for people to look at: small images (8x8 digits) are enlarged with nearest-neighbour
-so a saved PNG or a dashboard panel is readable; pixel values are never interpolated."""
+"""Images in and out: the conversions between the model's range [-1, 1], [0, 1] and uint8 (all here, the
+data's own scaling included), reading an image file, and grids for people to look at: small images (8x8 digits)
+are enlarged with nearest-neighbour so a saved PNG or a dashboard panel is readable; pixel values are never
+interpolated."""
 
 from __future__ import annotations
 
@@ -9,6 +11,51 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
+
+from ddpmlab.data.datasets import to_model_range, to_uint8
+from ddpmlab.errors import ConfigError
+
+__all__ = ["image_grid", "load_image", "save_grid", "side_by_side", "to_hwc_uint8", "to_model_range", "to_uint8", "to_unit"]
+
+
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """Model range [-1, 1] -> float [0, 1] (clamped), for grids and loggers."""
+    return (images.float().clamp(-1, 1) + 1) / 2
+
+
+def to_hwc_uint8(images: torch.Tensor):
+    """[N,C,H,W] in [-1, 1] -> a uint8 numpy array [N,H,W,C], as samples.npz stores them."""
+    return to_uint8(images.cpu()).permute(0, 2, 3, 1).numpy()
+
+
+def load_image(path: str | Path, channels: int, size: int, what: str = "image") -> torch.Tensor:
+    """An image file as [1,C,size,size] in [-1, 1] (antialiased resize; grey or RGB as ``channels``).
+    ``what`` names the setting in error messages (e.g. ``inpaint.image``)."""
+    from torchvision.io import ImageReadMode, decode_image, read_file
+    from torchvision.transforms.v2.functional import resize
+
+    p = Path(str(path)).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"{what}: no file at {p}")
+    try:
+        img = decode_image(read_file(str(p)), mode=ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB)
+    except (OSError, RuntimeError) as e:
+        first = str(e).splitlines()[0][:200]
+        raise ConfigError(f"{what}: cannot read {p} as an image ({first}); give a PNG or JPEG") from e
+    return to_model_range(resize(img, [size, size], antialias=True))[None]
+
+
+def side_by_side(x0: torch.Tensor, keep: torch.Tensor, completions: torch.Tensor, per_row: int = 8) -> torch.Tensor:
+    """Rows of [masked input (unknown pixels mid-grey) | up to ``per_row`` completions | original], in [0, 1]."""
+    masked = to_unit(x0 * keep)  # unknown pixels at 0 in [-1, 1]: mid-grey
+    original = to_unit(x0)
+    shown = to_unit(completions)
+    rows = []
+    for lo in range(0, len(shown), per_row):
+        chunk = shown[lo : lo + per_row]
+        pad = torch.ones(per_row - len(chunk), *chunk.shape[1:]) if lo else chunk[:0]
+        rows.append(torch.cat([masked, chunk, pad, original]))
+    return torch.cat(rows)
 
 
 def image_grid(images: torch.Tensor, nrow: int | None = None, min_cell: int = 32) -> torch.Tensor:

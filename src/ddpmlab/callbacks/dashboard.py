@@ -22,7 +22,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
-from ddpmlab.callbacks.utils import ema_denoiser, log_image
+from ddpmlab.callbacks.utils import ema_denoiser, log_image, sampling_perf
+from ddpmlab.images import to_unit
+from ddpmlab.samplers import generate_chain
 
 
 def log_scalars(trainer: pl.Trainer, metrics: dict[str, float], step: int | None = None) -> None:
@@ -61,24 +63,16 @@ class DenoisingChain(pl.Callback):
         if self.at_train_end and trainer.global_step != self._last_step:
             self.draw(trainer, pl_module)
 
-    @torch.no_grad()
-    def chain(self, denoiser, sampler) -> Tensor:
+    def chain(self, denoiser, sampler, perf=None) -> Tensor:
         """[num_images * F, C, H, W] in [0, 1], row-major: each row one image's x_T ... x_0."""
-        net, device = denoiser.net, next(denoiser.parameters()).device
-        generator = torch.Generator(device).manual_seed(self.seed)
-        shape = (self.num_images, net.in_channels, net.image_size, net.image_size)
-        x_T = torch.randn(shape, generator=generator, device=device)
-        was_training = denoiser.training
-        denoiser.eval()
-        chain = sampler.chain(denoiser, denoiser.diffusion, x_T, self.num_frames, generator=generator)  # [B,F,C,H,W]
-        denoiser.train(was_training)
-        return ((chain.flatten(0, 1).float().clamp(-1, 1) + 1) / 2).cpu()
+        frames = generate_chain(denoiser, sampler, self.num_images, self.num_frames, seed=self.seed, perf=perf)
+        return to_unit(frames.flatten(0, 1))
 
     @rank_zero_only
     def draw(self, trainer: pl.Trainer, pl_module) -> Path:
         self._last_step = trainer.global_step
         sampler = pl_module.sampler if self.num_steps is None else pl_module.sampler.with_steps(self.num_steps)
-        chain = self.chain(ema_denoiser(trainer, pl_module), sampler)
+        chain = self.chain(ema_denoiser(trainer, pl_module), sampler, sampling_perf(pl_module))
         grid = make_grid(chain, nrow=chain.shape[0] // self.num_images, padding=1, pad_value=1.0)
         return save_and_log(trainer, "samples/denoising_chain", "chains", grid)
 
@@ -98,7 +92,7 @@ class ForwardStrip(pl.Callback):
         eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(self.seed)).to(x0.device)
         frames = [x0] + [diffusion.q_sample(x0, t.expand(x0.shape[0]), eps) for t in ts]
         strip = torch.stack(frames, dim=1).flatten(0, 1)
-        return ((strip.float().clamp(-1, 1) + 1) / 2).cpu()
+        return to_unit(strip).cpu()
 
     @rank_zero_only
     def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:

@@ -8,9 +8,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from ddpmlab.callbacks.utils import ema_denoiser, log_image, sample_images
-from ddpmlab.images import save_grid
-from ddpmlab.samplers.guidance import GuidedDenoiser
+from ddpmlab.callbacks.utils import ema_denoiser, log_image, sampling_perf
+from ddpmlab.images import save_grid, to_unit
+from ddpmlab.samplers import GuidedDenoiser, generate
 
 
 class SampleGrid(pl.Callback):
@@ -52,16 +52,16 @@ class SampleGrid(pl.Callback):
     def draw(self, trainer: pl.Trainer, pl_module) -> Path:
         self._last_step = step = trainer.global_step
         denoiser = ema_denoiser(trainer, pl_module)
-        generator = torch.Generator(pl_module.device).manual_seed(self.seed)
         sampler = pl_module.sampler if self.num_steps is None else pl_module.sampler.with_steps(self.num_steps)
-        num_classes = getattr(denoiser.net, "num_classes", None)
+        num_classes = denoiser.num_classes
         cond, nrow = None, None
         if num_classes:  # one row per class
             nrow = max(1, self.num_samples // num_classes)
-            cond = torch.arange(num_classes, device=pl_module.device).repeat_interleave(nrow)
+            cond = torch.arange(num_classes).repeat_interleave(nrow)
             denoiser = GuidedDenoiser(denoiser, self.guidance)
         n = self.num_samples if cond is None else len(cond)
-        images = sample_images(denoiser, sampler, n, generator, cond=cond)  # [N,C,H,W] in [0,1]
+        x0 = generate(denoiser, sampler, n, seed=self.seed, batch_size=n, labels=cond, perf=sampling_perf(pl_module))
+        images = to_unit(x0)  # [N,C,H,W] in [0,1]
         path = Path(trainer.default_root_dir) / self.dirname / f"step_{step:07d}.png"
         grid = save_grid(images, path, nrow=nrow)
         log_image(trainer, "samples/grid", grid, step)

@@ -1,12 +1,10 @@
-"""Helpers the callbacks share: the EMA denoiser, batch sampling, logging an image to any logger."""
+"""Helpers the callbacks share: the EMA denoiser, the sampling levers, logging an image to any logger."""
 
 from __future__ import annotations
 
-import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
 from ddpmlab.lit.ema import EMA
-from ddpmlab.samplers import Sampler
 
 
 def ema_denoiser(trainer, pl_module):
@@ -17,18 +15,9 @@ def ema_denoiser(trainer, pl_module):
     return pl_module.denoiser
 
 
-@torch.no_grad()
-def sample_images(denoiser, sampler: Sampler, n: int, generator: torch.Generator, cond=None) -> torch.Tensor:
-    """n samples as float [n,C,H,W] in [0, 1], with all noise drawn from ``generator``."""
-    net = denoiser.net
-    was_training = denoiser.training
-    denoiser.eval()
-    device = next(denoiser.parameters()).device
-    shape = (n, net.in_channels, net.image_size, net.image_size)
-    x_T = torch.randn(shape, generator=generator, device=device)
-    x0 = sampler(denoiser, denoiser.diffusion, x_T, generator=generator, cond=cond)
-    denoiser.train(was_training)
-    return ((x0.float().clamp(-1, 1) + 1) / 2).cpu()
+def sampling_perf(pl_module):
+    """The ``perf.sampling`` config the run was given (``ddpmlab.perf.apply_perf`` keeps it), or None."""
+    return getattr(pl_module, "sampling_perf", None)
 
 
 def log_image(trainer, key: str, image: torch.Tensor, step: int) -> None:

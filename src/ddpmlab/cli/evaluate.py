@@ -22,9 +22,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from ddpmlab.api import CONFIG_DIR, denoiser_from_checkpoint, load_checkpoint, pick_device
 from ddpmlab.cli.common import friendly_errors
+from ddpmlab.cli.sample import given
 from ddpmlab.diffusion import Denoiser
 from ddpmlab.errors import ConfigError
 from ddpmlab.metrics.nll import evaluate_bpd
+from ddpmlab.samplers import Sampler
 
 
 @dataclass
@@ -61,7 +63,7 @@ def bpd(ctx: EvalContext, options: DictConfig) -> dict[str, Any]:
         stride=options.stride,
         variance=options.variance,
         clip_x0=options.clip_x0,
-        conditional=bool(getattr(ctx.denoiser.net, "num_classes", None)),
+        conditional=bool(ctx.denoiser.num_classes),
         seed=ctx.cfg.seed,
         device=ctx.device,
     )
@@ -78,13 +80,16 @@ def fid(ctx: EvalContext, options: DictConfig) -> dict[str, Any]:
     visible GPU, against the first ``num_real`` training images (whose features torch-fidelity caches)."""
     from ddpmlab.metrics.fid import fidelity_metrics, generate_on_devices, real_images
 
-    sampler = instantiate(options.sampler if options.get("sampler") else ctx.train_cfg.sampler)
+    sampler = Sampler.from_config(given(ctx.train_cfg.get("sampler")), given(options.get("sampler")))
     if options.get("num_steps"):
         sampler = sampler.with_steps(options.num_steps)
+    print(f"sampler: {sampler}")
+    perf = (ctx.cfg.get("perf") or {}).get("sampling")
     gpus = [torch.device("cuda", i) for i in range(torch.cuda.device_count())] if ctx.device.type == "cuda" else []
     devices = gpus if options.all_gpus and gpus else [ctx.device]
     start = time.perf_counter()
-    fake = generate_on_devices(ctx.denoiser, sampler, options.num_samples, ctx.cfg.batch_size, ctx.cfg.seed, devices)
+    fake = generate_on_devices(ctx.denoiser, sampler, options.num_samples, ctx.cfg.batch_size, ctx.cfg.seed, devices,
+                               perf)
     seconds_sampling = time.perf_counter() - start
     datamodule = ctx.datamodule()
     real = real_images(datamodule, options.num_real)
@@ -98,7 +103,7 @@ def fid(ctx: EvalContext, options: DictConfig) -> dict[str, Any]:
         cache_dir=options.cache_dir, batch_size=ctx.cfg.batch_size, device=ctx.device, seed=ctx.cfg.seed,
     )  # fmt: skip
     protocol = {
-        "num_samples": options.num_samples, "reference": reference, "num_real": len(real), "sampler": repr(sampler),
+        "num_samples": options.num_samples, "reference": reference, "num_real": len(real), "sampler": sampler.to_config(),
         "steps": len(sampler.timesteps(ctx.denoiser.diffusion)), "seed": ctx.cfg.seed, "devices": len(devices),
         "feature_extractor": options.feature_extractor, "feature_layer": options.feature_layer,
         "resize": "TF1 bilinear to 299, no antialiasing (inside the extractor)", "kid_subset_size":

@@ -1,8 +1,9 @@
-"""``python sample.py ckpt_path=... num_samples=N seed=S``: samples.npz (uint8 N x H x W x C) and grid.png."""
+"""``python sample.py ckpt_path=... num_samples=N seed=S``: samples.npz (uint8 N x H x W x C), grid.png and
+sampler.yaml (the sampler used: the checkpoint's own unless the command line changes it). With ``inpaint.image``
+or ``inpaint.index``: RePaint completions and inpaint.png instead."""
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -11,44 +12,33 @@ import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ddpmlab.api import CONFIG_DIR, denoiser_from_checkpoint, load_checkpoint, pick_device
 from ddpmlab.cli.common import friendly_errors
-from ddpmlab.cli.conditioning import conditioning, inpaint, wants_inpainting
-from ddpmlab.data.datasets import to_uint8
-from ddpmlab.images import save_grid
 from ddpmlab.errors import ConfigError
-from ddpmlab.samplers import Sampler
+from ddpmlab.images import load_image, save_grid, side_by_side, to_hwc_uint8, to_unit
+from ddpmlab.samplers import Sampler, generate, generate_chain, with_guidance
+from ddpmlab.samplers.masks import make_mask
 
 
-@torch.no_grad()
-def generate(
-    denoiser, sampler: Sampler, num_samples: int, batch_size: int, seed: int, device: torch.device, labels: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``num_samples`` images in [-1, 1], [N,C,H,W], in batches; all noise comes from one seeded generator,
-    so the same seed and batch size give the same samples. ``labels`` [N]: the class of each (conditional models)."""
-    net = denoiser.net
-    generator = torch.Generator(device).manual_seed(seed)
-    out = []
-    for start in range(0, num_samples, batch_size):
-        n = min(batch_size, num_samples - start)
-        x_T = torch.randn((n, net.in_channels, net.image_size, net.image_size), generator=generator, device=device)
-        cond = None if labels is None else labels[start : start + n].to(device)
-        out.append(sampler(denoiser, denoiser.diffusion, x_T, generator=generator, cond=cond).cpu())
-    return torch.cat(out)
+def given(node: DictConfig | None) -> dict:
+    """The keys of a config section that are set (not ``???``), as primitives."""
+    if node is None:
+        return {}
+    return {k: OmegaConf.to_container(node, resolve=True)[k] for k in node if not OmegaConf.is_missing(node, k)}
 
 
-@torch.no_grad()
-def save_chain(denoiser, sampler: Sampler, num_samples: int, num_frames: int, seed: int, device: torch.device, path: Path) -> Path:
-    """The x_T -> x_0 progression of ``num_samples`` samples (their own seeded draw) as one PNG strip: rows =
-    samples, columns = ``num_frames`` states evenly spaced over the sampler's steps, x_T first and x_0 last."""
-    net = denoiser.net
-    generator = torch.Generator(device).manual_seed(seed)
-    x_T = torch.randn((num_samples, net.in_channels, net.image_size, net.image_size), generator=generator, device=device)
-    frames = sampler.chain(denoiser, denoiser.diffusion, x_T, num_frames, generator=generator).cpu()  # [n,F,C,H,W]
-    save_grid((frames.flatten(0, 1).clamp(-1, 1) + 1) / 2, path, nrow=frames.shape[1])
-    return path
+def chosen_sampler(cfg: DictConfig, ckpt_cfg: DictConfig) -> Sampler:
+    """The checkpoint's training sampler with the command line's ``sampler`` keys on top."""
+    return Sampler.from_config(given(ckpt_cfg.get("sampler")), given(cfg.get("sampler")))
+
+
+def write_outputs(out: Path, images: torch.Tensor, sampler: Sampler, labels: torch.Tensor | None, **arrays) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    extra = {} if labels is None else {"labels": labels.numpy()}
+    np.savez_compressed(out / "samples.npz", images=to_hwc_uint8(images), **extra, **arrays)
+    OmegaConf.save(OmegaConf.create(sampler.to_config()), out / "sampler.yaml")
 
 
 def sample(cfg: DictConfig, output_dir: str | Path) -> Path:
@@ -57,22 +47,69 @@ def sample(cfg: DictConfig, output_dir: str | Path) -> Path:
     device = pick_device(cfg.device)
     denoiser, ckpt_cfg = denoiser_from_checkpoint(load_checkpoint(cfg.ckpt_path), ema=cfg.use_ema)
     denoiser.to(device)
+    perf = (cfg.get("perf") or {}).get("sampling")
     if wants_inpainting(cfg):
-        return inpaint(cfg, denoiser, ckpt_cfg, device, Path(output_dir))
-    labels, denoiser = conditioning(cfg, denoiser, cfg.num_samples)  # guided for a class-conditional model
-    sampler = instantiate(cfg.sampler)
+        return inpaint(cfg, denoiser, ckpt_cfg, Path(output_dir), perf)
+    labels, denoiser = with_guidance(denoiser, cfg.get("labels"), cfg.get("guidance"), cfg.num_samples)
+    sampler = chosen_sampler(cfg, ckpt_cfg)
+    print(f"sampler: {sampler}")
     start = time.perf_counter()
-    images = generate(denoiser, sampler, cfg.num_samples, cfg.batch_size, cfg.seed, device, labels)
+    images = generate(denoiser, sampler, cfg.num_samples, seed=cfg.seed, batch_size=cfg.batch_size, labels=labels,
+                      perf=perf)  # fmt: skip
     seconds = time.perf_counter() - start
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    extra = {} if labels is None else {"labels": labels.numpy()}
-    np.savez_compressed(out / "samples.npz", images=to_uint8(images).permute(0, 2, 3, 1).numpy(), **extra)
-    shown = images[:100]
-    save_grid((shown + 1) / 2, out / "grid.png", nrow=None if labels is None else int(labels.unique().numel()))  # a column per class
-    print(f"{cfg.num_samples} samples with {sampler} in {seconds:.1f}s ({cfg.num_samples / seconds:.1f} img/s) on {device}")
+    write_outputs(out, images, sampler, labels)
+    nrow = None if labels is None else int(labels.unique().numel())  # a column per class
+    save_grid(to_unit(images[:100]), out / "grid.png", nrow=nrow)
+    print(f"{cfg.num_samples} samples in {seconds:.1f}s ({cfg.num_samples / seconds:.1f} img/s) on {device}")
     if cfg.get("save_chain"):
-        save_chain(denoiser, sampler, cfg.chain_samples, cfg.chain_frames, cfg.seed, device, out / "chain.png")
+        frames = generate_chain(denoiser, sampler, cfg.chain_samples, cfg.chain_frames, seed=cfg.seed, perf=perf)
+        save_grid(to_unit(frames.flatten(0, 1)), out / "chain.png", nrow=frames.shape[1])
+    return out
+
+
+def wants_inpainting(cfg: DictConfig) -> bool:
+    spec = cfg.get("inpaint") or {}
+    return spec.get("image") is not None or spec.get("index") is not None
+
+
+def dataset_image(data_cfg: DictConfig, index: int, split: str = "val") -> tuple[torch.Tensor, int]:
+    """Image ``index`` of the checkpoint's dataset split ('val' or 'train') as [1,C,H,W] in [-1, 1], and its label."""
+    datamodule = instantiate(data_cfg)
+    datamodule.setup("fit")
+    ds = {"val": datamodule.val_set, "train": datamodule.train_set}.get(split)
+    if ds is None or not 0 <= index < len(ds):
+        raise ConfigError(f"inpaint.index={index} is not an image of the {data_cfg.name} '{split}' split "
+                          f"({0 if ds is None else len(ds)} images); use inpaint.split=val|train and an index below that")
+    x0, label = ds[index]
+    return x0[None], int(label)
+
+
+def inpaint(cfg: DictConfig, denoiser, ckpt_cfg: DictConfig, out: Path, perf=None) -> Path:
+    """RePaint ``num_samples`` completions of one image; writes samples.npz (completions, original, keep, labels),
+    sampler.yaml and inpaint.png: rows of [masked input | completions | original]."""
+    spec = cfg.inpaint
+    C, H, _ = denoiser.sample_shape
+    if spec.get("image") is not None:
+        x0 = load_image(spec.image, C, H, what="inpaint.image")
+    else:
+        x0, _ = dataset_image(ckpt_cfg.data, int(spec.index), spec.get("split", "val"))
+    keep = make_mask(str(spec.mask), H, torch.Generator().manual_seed(cfg.seed))  # [H,W], 1 = known
+    labels = None  # a class-conditional model completes unconditionally (null label) unless labels are given
+    if cfg.get("labels") is not None:
+        labels, denoiser = with_guidance(denoiser, cfg.labels, cfg.get("guidance"), cfg.num_samples)
+    elif float(cfg.get("guidance") or 0.0) != 0:
+        raise ConfigError("inpainting with guidance= needs labels=[...], the class(es) to complete towards")
+    options = {k: spec[k] for k in ("jump_length", "jump_n_sample", "variance")}
+    sampler = Sampler("repaint", spec.num_steps, spec.spacing, **options)
+    print(f"sampler: {sampler}")
+    start = time.perf_counter()
+    images = generate(denoiser, sampler, cfg.num_samples, seed=cfg.seed, batch_size=cfg.batch_size, labels=labels,
+                      x0=x0, keep=keep, perf=perf)  # fmt: skip
+    print(f"{cfg.num_samples} RePaint completions ({sampler.num_evaluations(denoiser.diffusion)} network "
+          f"evaluations each) in {time.perf_counter() - start:.1f}s")
+    write_outputs(out, images, sampler, labels, original=to_hwc_uint8(x0)[0], keep=keep.bool().numpy())
+    save_grid(side_by_side(x0, keep, images), out / "inpaint.png", nrow=min(8, len(images)) + 2, min_cell=64)
     return out
 
 

@@ -1,119 +1,13 @@
-"""``python train.py [overrides]``: compose the config, build the objects, fit."""
+"""``python train.py [overrides]``: compose the config, build the objects, fit (``ddpmlab.training.train``)."""
 
 from __future__ import annotations
 
-import json
-import os
-import secrets
-import signal
-import warnings
-from pathlib import Path
-
 import hydra
-import lightning.pytorch as pl
-from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor
-from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities.exceptions import SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from ddpmlab.api import CONFIG_DIR, build_module
+from ddpmlab.api import CONFIG_DIR
 from ddpmlab.cli.common import friendly_errors
-from ddpmlab.errors import CheckpointError
-from ddpmlab.perf import apply_perf
-
-
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit a model as ``cfg`` describes; return the final metrics. The CLI and the tests both call this."""
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = instantiate(cfg.data)
-    if not cfg.data.get("download"):  # fail on missing or corrupt data now, before any callback writes a checkpoint
-        datamodule.setup("fit")
-    module = build_module(cfg)
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    if cfg.get("ema"):
-        callbacks.append(instantiate(cfg.ema))
-    run_dir = Path(cfg.trainer.get("default_root_dir") or cfg.paths.output_dir)
-    ckpt_path = resume_path(cfg, run_dir)
-    loggers = [instantiate(c, **wandb_resume(c, run_dir, ckpt_path)) for c in (cfg.get("logger") or {}).values()]
-    if not loggers:  # LearningRateMonitor refuses a trainer with no logger; nothing to monitor into anyway
-        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    apply_perf(module, trainer.strategy.root_device, cfg.get("perf"))  # GPU levers; each off on the CPU by default
-    for logger in trainer.loggers:
-        logger.log_hyperparams(module.config)
-    requeue = defer_submitit_requeue()
-    try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    except SIGTERMException:  # Lightning stopped at a step boundary and OnExceptionCheckpoint saved there
-        if trainer.is_global_zero:
-            print(f"stopped by SIGTERM at step {trainer.global_step}; continue with: python train.py "
-                  f"ckpt_path=last hydra.run.dir={run_dir} (plus this run's overrides)", flush=True)
-        requeue()
-        raise SystemExit(128 + signal.SIGTERM) from None
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    if trainer.is_global_zero:
-        run_dir.mkdir(parents=True, exist_ok=True)  # what a sweep summary reads
-        (run_dir / "final_metrics.json").write_text(json.dumps({"step": trainer.global_step, **metrics}, indent=2))
-        print(f"run directory: {trainer.default_root_dir}")
-    if any(isinstance(logger, WandbLogger) for logger in trainer.loggers) and trainer.is_global_zero:
-        import wandb
-
-        wandb.finish()  # the next job of a multirun (same process) starts its own W&B run
-    return metrics
-
-
-def defer_submitit_requeue():
-    """In a submitit job, its pre-emption/time-out signal (USR2) requeues the job and exits at once, wherever
-    training is. Turn that signal into a SIGTERM, so that Lightning stops at the next step boundary and saves
-    on_exception.ckpt, and return a function that then runs submitit's own handler (requeue, exit)."""
-    name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
-    signum = getattr(signal, f"SIG{name}", None)
-    submitit_handler = signal.getsignal(signum) if os.environ.get("SUBMITIT_EXECUTOR") and signum else None
-    if not callable(submitit_handler):
-        return lambda: None
-    received = []
-
-    def to_sigterm(sig, frame):
-        received.append(sig)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    signal.signal(signum, to_sigterm)
-    return lambda: submitit_handler(received[0], None) if received else None
-
-
-def resume_path(cfg: DictConfig, run_dir: str | Path) -> str | None:
-    """``ckpt_path`` as given. ``last`` or null: the newest of the run directory's ``last.ckpt`` and
-    ``on_exception.ckpt`` (what a SIGTERM or a crash left), so a requeued or restarted job that reuses its run
-    directory continues where it stopped; ``last`` where there is none is an error, null starts afresh."""
-    if cfg.get("ckpt_path") and cfg.ckpt_path != "last":
-        return str(cfg.ckpt_path)
-    # Lightning itself falls back to "last" when OnExceptionCheckpoint is present, and says so loudly.
-    warnings.filterwarnings("ignore", message=r".*ckpt_path=None.*was called without a model")
-    warnings.filterwarnings("ignore", message=r".*there is no last checkpoint available")
-    found = [p for p in (Path(run_dir) / "checkpoints" / n for n in ("last.ckpt", "on_exception.ckpt")) if p.is_file()]
-    if found:
-        return str(max(found, key=lambda p: p.stat().st_mtime))
-    if cfg.get("ckpt_path") == "last":
-        raise CheckpointError(
-            f"ckpt_path=last: no last.ckpt or on_exception.ckpt in {Path(run_dir) / 'checkpoints'}; pass the run "
-            "directory to continue as hydra.run.dir=<run dir>, or a file as ckpt_path=<path>"
-        )
-    return None
-
-
-def wandb_resume(logger_cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> dict:
-    """A W&B logger's run id: the one of the run that wrote the checkpoint we resume from, so a resumed
-    training continues the same W&B run; else a new one. Kept in ``<run dir>/wandb_run_id``."""
-    if not str(logger_cfg.get("_target_", "")).endswith("WandbLogger") or logger_cfg.get("id"):
-        return {}
-    ids = [Path(ckpt_path).parent.parent / "wandb_run_id", run_dir / "wandb_run_id"] if ckpt_path else []
-    run_id = next((f.read_text().strip() for f in ids if f.is_file()), None) or secrets.token_hex(4)
-    if rank_zero_only.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "wandb_run_id").write_text(run_id)
-    return {"id": run_id, "resume": "allow"}
+from ddpmlab.training import train
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

@@ -10,7 +10,6 @@ from ddpmlab.diffusion.parameterization import Denoiser, Prediction
 from ddpmlab.diffusion.schedules import (
     cosine_betas,
     linear_betas,
-    make_betas,
     quadratic_betas,
     sigmoid_betas,
     validate_betas,
@@ -24,7 +23,6 @@ __all__ = [
     "cosine_betas",
     "extract",
     "linear_betas",
-    "make_betas",
     "make_timesteps",
     "quadratic_betas",
     "sigmoid_betas",

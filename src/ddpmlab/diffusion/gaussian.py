@@ -65,13 +65,16 @@ class GaussianDiffusion(nn.Module):
         }
         for name, value in tables.items():
             self.register_buffer(name, value.to(torch.float32), persistent=False)
-        self.num_timesteps = T
-        # Exact float64 copy (a plain attribute: stays on the CPU) so respacing loses no precision.
+        self.T = T  # the number of diffusion steps (config: schedule.num_timesteps)
+        # Exact float64 copies (plain attributes: they stay on the CPU) for grids and respacing, which need the
+        # schedule without float32 rounding.
         self.beta64 = beta
+        self._alpha_bar64 = alpha_bar
 
     @property
-    def T(self) -> int:
-        return self.num_timesteps
+    def alpha_bar64(self) -> Tensor:
+        """alpha_bar [T] in float64 on the CPU, computed once (DDPM eq. 4's alpha_bar_t = prod_{s<=t} (1 - beta_s))."""
+        return self._alpha_bar64
 
     def extra_repr(self) -> str:
         return f"T={self.T}, beta=[{self.beta[0].item():.3g} .. {self.beta[-1].item():.3g}]"
@@ -136,7 +139,7 @@ class GaussianDiffusion(nn.Module):
         """A diffusion over the kept steps only (improved-diffusion, Sec. 4): keep alpha_bar at ``timesteps``
         and recompute beta_i = 1 - alpha_bar_{t_i} / alpha_bar_{t_{i-1}}. Index i of the result is ``timesteps[i]``."""
         kept = torch.as_tensor(timesteps, dtype=torch.long).sort().values
-        alpha_bar = torch.cumprod(1.0 - self.beta64, 0)[kept]
+        alpha_bar = self.alpha_bar64[kept]
         alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
         return GaussianDiffusion(1.0 - alpha_bar / alpha_bar_prev).to(self.beta.device)
 

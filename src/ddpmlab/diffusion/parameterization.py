@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Literal, NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 from ddpmlab.diffusion.gaussian import GaussianDiffusion
@@ -21,15 +22,44 @@ class Prediction(NamedTuple):
 
 
 class Denoiser(nn.Module):
-    """Wraps ``net(x_t, t[, cond])`` whose output is ``prediction`` (eps: DDPM eq. 11; x0; v: Salimans & Ho 2022)."""
+    """Wraps ``net(x_t, t[, cond])`` whose output is ``prediction`` (eps: DDPM eq. 11; x0; v: Salimans & Ho 2022).
 
-    def __init__(self, net: nn.Module, diffusion: GaussianDiffusion, prediction: PredictionType = "eps"):
+    It also says what it samples: ``sample_shape`` (C, H, W) of one x_t, and ``num_classes`` (None for an
+    unconditional model; a conditional one takes labels 0..num_classes-1 as ``cond``). Both default to the
+    network's ``in_channels`` / ``image_size`` / ``num_classes``; pass ``sample_shape`` for a network that has no
+    such attributes (e.g. one denoising latents)."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        diffusion: GaussianDiffusion,
+        prediction: PredictionType = "eps",
+        sample_shape: tuple[int, int, int] | None = None,
+    ):
         super().__init__()
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
         self.net = net
         self.diffusion = diffusion
         self.prediction = prediction
+        self._sample_shape = None if sample_shape is None else tuple(int(n) for n in sample_shape)
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one sample x_t."""
+        if self._sample_shape is not None:
+            return self._sample_shape
+        try:
+            return (int(self.net.in_channels), int(self.net.image_size), int(self.net.image_size))
+        except AttributeError:
+            raise AttributeError(
+                f"{type(self.net).__name__} has no in_channels / image_size: give Denoiser(..., sample_shape=(C, H, W))"
+            ) from None
+
+    @property
+    def num_classes(self) -> int | None:
+        """The number of classes of a class-conditional network (its null label is ``num_classes``), else None."""
+        return getattr(self.net, "num_classes", None) or None
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Tensor | None = None) -> Prediction:
         out = self.net(x_t, t) if cond is None else self.net(x_t, t, cond)
@@ -58,6 +88,18 @@ class Denoiser(nn.Module):
         if self.prediction == "x0":
             return x0
         return self.diffusion.v_from_x0_eps(x0, t, eps)
+
+
+def check_same_diffusion(denoiser: nn.Module, diffusion: GaussianDiffusion) -> None:
+    """Refuse a (denoiser, diffusion) pair whose schedules differ: the network was trained on its own
+    diffusion's timesteps, so any other schedule would feed it the wrong noise levels."""
+    own = getattr(denoiser, "diffusion", None)
+    if own is None or own is diffusion:
+        return
+    if own.T != diffusion.T or not torch.equal(own.beta64, diffusion.beta64):
+        raise ValueError(
+            f"the diffusion given (T={diffusion.T}) is not the denoiser's own (T={own.T}); pass denoiser.diffusion"
+        )
 
 
 def clip_x0(pred: Prediction, diffusion: GaussianDiffusion, x_t: Tensor, t: Tensor, lo: float = -1.0, hi: float = 1.0) -> Prediction:

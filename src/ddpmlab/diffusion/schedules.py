@@ -79,13 +79,3 @@ def sigmoid_betas(
     x = torch.linspace(-steepness, steepness, T, dtype=torch.float64)
     betas = torch.sigmoid(x) * (beta_end - beta_start) * scale + beta_start * scale
     return validate_betas(betas, "schedule 'sigmoid'")
-
-
-SCHEDULES = {"linear": linear_betas, "cosine": cosine_betas, "quadratic": quadratic_betas, "sigmoid": sigmoid_betas}
-
-
-def make_betas(name: str, num_timesteps: int = 1000, **kwargs) -> torch.Tensor:
-    """Look a schedule up by name: ``make_betas("cosine", 1000)``."""
-    if name not in SCHEDULES:
-        raise ConfigError(f"unknown schedule {name!r}; choose one of {sorted(SCHEDULES)}")
-    return SCHEDULES[name](num_timesteps, **kwargs)

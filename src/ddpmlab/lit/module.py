@@ -60,7 +60,7 @@ class DiffusionModule(pl.LightningModule):
         return t, eps
 
     def _labels(self, y: Tensor, generator: torch.Generator | None) -> Tensor | None:
-        num_classes = getattr(self.denoiser.net, "num_classes", None)
+        num_classes = self.denoiser.num_classes
         if not num_classes:
             return None
         if self.p_uncond > 0:  # condition dropout (Ho & Salimans 2022): train the null label too
@@ -82,7 +82,7 @@ class DiffusionModule(pl.LightningModule):
         x0, y = batch
         g = torch.Generator(x0.device).manual_seed(self.seed + 1_000 * batch_idx + 17 * self.global_rank)
         t, eps = self._draw(x0, g)
-        labels = y if getattr(self.denoiser.net, "num_classes", None) else None
+        labels = y if self.denoiser.num_classes else None
         loss = self.objective(self.denoiser, self.diffusion, x0, t, eps, labels).mean()
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         return loss

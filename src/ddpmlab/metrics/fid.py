@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ddpmlab.data.datasets import to_uint8
 from ddpmlab.errors import ConfigError
+from ddpmlab.images import to_uint8
+from ddpmlab.samplers import generate
 
 INCEPTION = "inception-v3-compat"  # torch-fidelity's name for the TF Inception graph
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # what torch hub caches under $TORCH_HOME/hub/checkpoints
@@ -200,23 +201,18 @@ def real_images(datamodule, num_real: int | None) -> Tensor:
     return torch.cat([to_uint8(x) for x, *_ in loader])
 
 
-@torch.no_grad()
-def generate_chunks(denoiser, sampler, chunks: list[tuple[int, int]], seed: int) -> Tensor:
+def generate_chunks(denoiser, sampler, chunks: list[tuple[int, int]], seed: int, perf=None) -> Tensor:
     """Samples [sum n, C, H, W] in [-1, 1] on the denoiser's device; chunk (k, n) draws its n images from the
-    seed ``seed + k``, so a sample set does not depend on how the chunks were shared out."""
-    net, device = denoiser.net, next(denoiser.parameters()).device
-    was_training = denoiser.training
-    denoiser.eval()
-    out = []
-    for k, n in chunks:
-        generator = torch.Generator(device).manual_seed(seed + k)
-        x_T = torch.randn((n, net.in_channels, net.image_size, net.image_size), generator=generator, device=device)
-        out.append(sampler(denoiser, denoiser.diffusion, x_T, generator=generator).float().clamp(-1, 1))
-    denoiser.train(was_training)
-    return torch.cat(out) if out else torch.empty(0, net.in_channels, net.image_size, net.image_size, device=device)
+    seed ``seed + k`` (:func:`ddpmlab.samplers.generate`), so a sample set does not depend on how the chunks were
+    shared out."""
+    out = [generate(denoiser, sampler, n, seed=seed + k, batch_size=n, perf=perf, to_cpu=False) for k, n in chunks]
+    if not out:
+        device = next(denoiser.parameters()).device
+        return torch.empty(0, *denoiser.sample_shape, device=device)
+    return torch.cat(out).clamp(-1, 1)
 
 
-def generate_on_devices(denoiser, sampler, num_samples: int, batch_size: int, seed: int, devices: list) -> Tensor:
+def generate_on_devices(denoiser, sampler, num_samples: int, batch_size: int, seed: int, devices: list, perf=None) -> Tensor:
     """``num_samples`` images as uint8 [N,C,H,W] on the CPU, the chunks shared out over ``devices`` (one thread
     and one copy of the denoiser per device); the same images whatever the number of devices."""
     import copy
@@ -224,7 +220,8 @@ def generate_on_devices(denoiser, sampler, num_samples: int, batch_size: int, se
 
     def run(rank: int) -> Tensor:
         model = denoiser if len(devices) == 1 else copy.deepcopy(denoiser).to(devices[rank])
-        return to_uint8(generate_chunks(model, sampler, share(num_samples, batch_size, rank, len(devices)), seed)).cpu()
+        chunks = share(num_samples, batch_size, rank, len(devices))
+        return to_uint8(generate_chunks(model, sampler, chunks, seed, perf)).cpu()
 
     with ThreadPoolExecutor(len(devices)) as pool:
         return torch.cat(list(pool.map(run, range(len(devices)))))

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ddpmlab.diffusion.gaussian import GaussianDiffusion, Variance
-from ddpmlab.diffusion.parameterization import Denoiser, clip_x0 as _clip
+from ddpmlab.diffusion.parameterization import Denoiser, check_same_diffusion, clip_x0 as _clip
 from ddpmlab.objectives.losses import mean_flat
 
 LN2 = math.log(2.0)
@@ -70,6 +70,7 @@ def vb_terms_bpd(
     """One term of the bound per sample, bits/dim [B]: at x_t = q_sample(x0, t, eps), the KL L_t for index t >= 1
     and the decoder's -log p(x_0 | x_1) for index t = 0. p_theta has mean mu_tilde(x_t, x0_hat) and variance
     beta ("large") or beta_tilde ("small"), DDPM Sec. 3.2; ``clip_x0`` clips x0_hat to [-1, 1] first."""
+    check_same_diffusion(denoiser, diffusion)
     x_t = diffusion.q_sample(x0, t, eps)
     pred = denoiser(x_t, t, cond)
     if clip_x0:

@@ -1,11 +1,13 @@
-"""Training objectives: callables ``(denoiser, diffusion, x0, t, eps, cond=None) -> per-sample loss [B]``."""
+"""Training objectives: callables ``(denoiser, diffusion, x0, t, eps, cond=None) -> per-sample loss [B]``.
+
+``diffusion`` must be the denoiser's own (``denoiser.diffusion``); another schedule is refused."""
 
 from __future__ import annotations
 
 from torch import Tensor
 
 from ddpmlab.diffusion.gaussian import GaussianDiffusion, extract
-from ddpmlab.diffusion.parameterization import Denoiser
+from ddpmlab.diffusion.parameterization import Denoiser, check_same_diffusion
 
 
 def mean_flat(x: Tensor) -> Tensor:
@@ -17,6 +19,7 @@ class SimpleLoss:
     network predicts (eps for DDPM; x0 or v for the other parameterizations)."""
 
     def __call__(self, denoiser: Denoiser, diffusion: GaussianDiffusion, x0: Tensor, t: Tensor, eps: Tensor, cond: Tensor | None = None) -> Tensor:
+        check_same_diffusion(denoiser, diffusion)
         x_t = diffusion.q_sample(x0, t, eps)
         pred = denoiser(x_t, t, cond)
         return mean_flat((denoiser.output_of(pred, x_t, t) - denoiser.target(x0, t, eps)) ** 2)

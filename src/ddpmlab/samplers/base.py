@@ -41,7 +41,7 @@ def as_grid(timesteps: Tensor | list[int], T: int) -> Tensor:
 def grid_alpha_bar(diffusion: GaussianDiffusion, ts: Tensor) -> tuple[Tensor, Tensor]:
     """float64 alpha_bar at each grid entry and at the entry after it (the step's target); after the last entry
     the target is x_0 itself, alpha_bar = 1 (DDIM's convention, alpha_0 := 1). Both [S]."""
-    alpha_bar = torch.cumprod(1.0 - diffusion.beta64, 0)[ts]
+    alpha_bar = diffusion.alpha_bar64[ts]
     alpha_bar_prev = torch.cat([alpha_bar[1:], torch.ones(1, dtype=torch.float64)])
     return alpha_bar, alpha_bar_prev
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ddpmlab.diffusion.gaussian import GaussianDiffusion
-from ddpmlab.diffusion.parameterization import Denoiser, Prediction
+from ddpmlab.diffusion.parameterization import Denoiser, Prediction, check_same_diffusion
 from ddpmlab.errors import ConfigError
 from ddpmlab.samplers.base import SamplerStep, as_grid, final, grid_alpha_bar, predict, randn_like
 
@@ -46,6 +46,7 @@ def ddim_sample_progressive(
     eta = 1 on the full grid is DDPM ancestral sampling with beta_tilde."""
     if eta < 0:
         raise ConfigError(f"sampler.eta={eta} must be >= 0 (0: deterministic DDIM, 1: DDPM-like)")
+    check_same_diffusion(denoiser, diffusion)
     ts = as_grid(timesteps, diffusion.T)
     alpha_bar, alpha_bar_prev = grid_alpha_bar(diffusion, ts)
     sigma = ddim_sigma(alpha_bar, alpha_bar_prev, eta)

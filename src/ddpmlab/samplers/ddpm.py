@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ddpmlab.diffusion.gaussian import GaussianDiffusion, Variance
-from ddpmlab.diffusion.parameterization import Denoiser, Prediction
+from ddpmlab.diffusion.parameterization import Denoiser, Prediction, check_same_diffusion
 from ddpmlab.errors import ConfigError
 from ddpmlab.samplers.base import SamplerStep, as_grid, batch_t, final, predict, randn_like
 
@@ -46,6 +46,7 @@ def ddpm_sample_progressive(
     """
     if variance not in VARIANCES:
         raise ConfigError(f"sampler.variance={variance!r} must be one of {list(VARIANCES)}")
+    check_same_diffusion(denoiser, diffusion)
     ts = as_grid(timesteps, diffusion.T)
     process = diffusion.respace(ts)  # its index j is the j-th smallest grid entry: step i is j = S-1-i
     S = ts.numel()

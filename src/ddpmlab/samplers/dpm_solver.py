@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ddpmlab.diffusion.gaussian import GaussianDiffusion
-from ddpmlab.diffusion.parameterization import Denoiser
+from ddpmlab.diffusion.parameterization import Denoiser, check_same_diffusion
 from ddpmlab.samplers.base import SamplerStep, as_grid, final, grid_alpha_bar, predict
 
 
@@ -50,6 +50,7 @@ def dpm_solver_sample_progressive(
     cond: Tensor | None = None,
 ) -> Iterator[SamplerStep]:
     """Yield the solver's state after each of the S steps (one network evaluation each); the last is x_0."""
+    check_same_diffusion(denoiser, diffusion)
     ts = as_grid(timesteps, diffusion.T)
     alpha_bar, _ = grid_alpha_bar(diffusion, ts)
     # S+1 time points: the grid, then x_0 (alpha = 1, sigma = 0, lambda = +inf). float64 throughout.

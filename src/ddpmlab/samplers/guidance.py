@@ -29,7 +29,7 @@ class GuidedDenoiser(nn.Module):
 
     def __init__(self, denoiser: Denoiser, w: float):
         super().__init__()
-        num_classes = getattr(denoiser.net, "num_classes", None)
+        num_classes = denoiser.num_classes
         if not num_classes:
             raise ConfigError(
                 "classifier-free guidance needs a class-conditional model: train with model.num_classes=<K> "
@@ -51,6 +51,14 @@ class GuidedDenoiser(nn.Module):
     @property
     def prediction(self) -> str:
         return self.denoiser.prediction
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return self.denoiser.sample_shape
+
+    @property
+    def num_classes(self) -> int:
+        return self.denoiser.num_classes
 
     def extra_repr(self) -> str:
         return f"w={self.w}, null_label={self.null_label}"
@@ -91,3 +99,19 @@ def cycle_labels(labels: int | list[int] | Tensor | None, num_classes: int, n: i
     out = base.repeat(-(-n // base.numel()))[:n]
     check_labels(out, num_classes, n)
     return out
+
+
+def with_guidance(denoiser: Denoiser, labels, guidance: float, n: int) -> tuple[Tensor | None, nn.Module]:
+    """(labels [n] or None, the denoiser to sample with), as ``sample.py`` wires ``labels=`` and ``guidance=``.
+
+    A class-conditional denoiser draws ``labels`` cycled over the n samples (None: every class in turn) with
+    guidance weight ``guidance`` (w of eq. 6); an unconditional one is returned as it is, and refuses both."""
+    guidance = float(guidance or 0.0)
+    if not denoiser.num_classes:
+        if labels is not None or guidance != 0:
+            raise ConfigError(
+                "labels= and guidance= need a class-conditional checkpoint (trained with model.num_classes, e.g. "
+                "experiment=cond_digits); this one is unconditional: drop them"
+            )
+        return None, denoiser
+    return cycle_labels(labels, denoiser.num_classes, n), GuidedDenoiser(denoiser, guidance)

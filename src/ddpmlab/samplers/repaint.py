@@ -19,18 +19,22 @@ import torch
 from torch import Tensor
 
 from ddpmlab.diffusion.gaussian import GaussianDiffusion, Variance
-from ddpmlab.diffusion.parameterization import Denoiser
+from ddpmlab.diffusion.parameterization import Denoiser, check_same_diffusion
 from ddpmlab.errors import ConfigError
 from ddpmlab.samplers.base import SamplerStep, as_grid, batch_t, final, predict, randn_like
 from ddpmlab.samplers.ddpm import VARIANCES, ddpm_step
+
+
+def check_jumps(jump_length: int, jump_n_sample: int) -> None:
+    if not (isinstance(jump_length, int) and jump_length >= 1 and isinstance(jump_n_sample, int) and jump_n_sample >= 1):
+        raise ConfigError(f"jump_length ({jump_length}) and jump_n_sample ({jump_n_sample}) must be integers >= 1")
 
 
 def repaint_schedule(num_steps: int, jump_length: int = 10, jump_n_sample: int = 10) -> list[int]:
     """The states visited, from S-1 (x_T) down to -1 (x_0), one unit apart: a decrease is a reverse step, an
     increase a forward (re-noising) step. At every state k = 0, j, 2j, ... below S - j the walk jumps back up by
     j states, r - 1 times (the RePaint code's ``get_schedule_jump``, also diffusers' RePaintScheduler)."""
-    if not (isinstance(jump_length, int) and jump_length >= 1 and isinstance(jump_n_sample, int) and jump_n_sample >= 1):
-        raise ConfigError(f"jump_length ({jump_length}) and jump_n_sample ({jump_n_sample}) must be integers >= 1")
+    check_jumps(jump_length, jump_n_sample)
     if jump_n_sample > 1 and jump_length >= num_steps:
         raise ConfigError(f"jump_length={jump_length} must be smaller than the number of steps ({num_steps}) to resample")
     jumps = {k: jump_n_sample - 1 for k in range(0, num_steps - jump_length, jump_length)}
@@ -68,6 +72,7 @@ def repaint_sample_progressive(
     to x0 (e.g. [H,W] from ``samplers.masks``). Known pixels of the result equal ``x0`` exactly."""
     if variance not in VARIANCES:
         raise ConfigError(f"variance={variance!r} must be one of {list(VARIANCES)}")
+    check_same_diffusion(denoiser, diffusion)
     ts = as_grid(timesteps, diffusion.T)
     process = diffusion.respace(ts)  # its index k is the k-th smallest grid entry
     t_of = ts.flip(0).tolist()  # t_of[k]: the network's code timestep at state k

@@ -1,0 +1,103 @@
+"""The one way to draw images: :func:`generate` (samples) and :func:`generate_chain` (x_T -> x_0 snapshots).
+
+``sample.py``, ``evaluate.py`` (FID), the training callbacks (sample grid, denoising chain, FID), the notebooks
+and ``bench/sample_throughput.py`` all come through here, so the levers a benchmark measures are the ones users
+run. Randomness: one ``torch.Generator`` on the denoiser's device, seeded with ``seed``, draws every x_T (batch
+after batch) and every noise of the sampler, so the same seed and batch size give the same samples.
+
+Samples are in the model's range, nominally [-1, 1]; ``ddpmlab.images`` turns them into [0, 1] or uint8.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ddpmlab.perf import autocast, prepare_sampling
+
+
+def _device_of(denoiser: nn.Module) -> torch.device:
+    return next(denoiser.parameters()).device
+
+
+@contextmanager
+def _sampling(denoiser: nn.Module, perf: Mapping[str, Any] | None):
+    """Eval mode (restored after), and with a ``perf`` config the sampling levers and the network's precision."""
+    device = _device_of(denoiser)
+    was_training = denoiser.training
+    denoiser.eval()
+    precision = "fp32"
+    if perf is not None:
+        precision = prepare_sampling(denoiser.net, device, perf)["precision"]
+    try:
+        with torch.no_grad(), autocast(device, precision):
+            yield device
+    finally:
+        denoiser.train(was_training)
+
+
+def generate(
+    denoiser: nn.Module,
+    sampler,
+    num_samples: int,
+    *,
+    seed: int = 0,
+    batch_size: int = 256,
+    labels: Tensor | None = None,
+    x0: Tensor | None = None,
+    keep: Tensor | None = None,
+    perf: Mapping[str, Any] | None = None,
+    to_cpu: bool = True,
+) -> Tensor:
+    """``num_samples`` samples [N, C, H, W] (float32, model range) from ``sampler`` (a :class:`Sampler`), drawn in
+    batches of ``batch_size`` on the denoiser's device.
+
+    - ``denoiser``: a :class:`~ddpmlab.diffusion.Denoiser` (or a ``GuidedDenoiser`` for classifier-free
+      guidance); its ``sample_shape`` is the shape of each sample and its ``diffusion`` the schedule.
+    - ``labels`` [N]: the class of each sample (class-conditional models; passed to the network as ``cond``).
+    - ``x0`` [1 or N, C, H, W] in [-1, 1] and ``keep`` (1 = known pixel, broadcastable): RePaint's inputs, for a
+      ``Sampler("repaint", ...)``.
+    - ``perf``: the ``perf.sampling`` config (compile with CUDA graphs, channels_last, TF32, bf16 ``precision``),
+      applied in place to ``denoiser.net``; ``auto`` switches are on for a CUDA device only, so on the CPU this
+      is the plain fp32 eager path. None: nothing applied.
+    - ``to_cpu``: gather the samples on the CPU (else they stay on the device).
+    """
+    if num_samples < 1 or batch_size < 1:
+        raise ValueError(f"num_samples ({num_samples}) and batch_size ({batch_size}) must be >= 1")
+    if labels is not None and len(labels) != num_samples:
+        raise ValueError(f"labels holds {len(labels)} classes for {num_samples} samples")
+    out = []
+    with _sampling(denoiser, perf) as device:
+        generator = torch.Generator(device).manual_seed(seed)
+        inpaint = {} if x0 is None else {"x0": x0.to(device), "keep": keep.to(device)}
+        for start in range(0, num_samples, batch_size):
+            n = min(batch_size, num_samples - start)
+            x_T = torch.randn((n, *denoiser.sample_shape), generator=generator, device=device)
+            cond = None if labels is None else labels[start : start + n].to(device)
+            x = sampler(denoiser, denoiser.diffusion, x_T, generator=generator, cond=cond, **inpaint).float()
+            out.append(x.cpu() if to_cpu else x)
+    return torch.cat(out)
+
+
+def generate_chain(
+    denoiser: nn.Module,
+    sampler,
+    num_samples: int,
+    num_frames: int = 10,
+    *,
+    seed: int = 0,
+    labels: Tensor | None = None,
+    perf: Mapping[str, Any] | None = None,
+) -> Tensor:
+    """The denoising chain of ``num_samples`` samples (one batch, seeded as :func:`generate`): [N, F, C, H, W]
+    on the CPU, F = ``num_frames`` snapshots evenly spaced over the sampler's steps, x_T first and x_0 last."""
+    with _sampling(denoiser, perf) as device:
+        generator = torch.Generator(device).manual_seed(seed)
+        x_T = torch.randn((num_samples, *denoiser.sample_shape), generator=generator, device=device)
+        cond = None if labels is None else labels.to(device)
+        frames = sampler.chain(denoiser, denoiser.diffusion, x_T, num_frames, generator=generator, cond=cond)
+    return frames.float().cpu()
