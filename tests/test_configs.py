@@ -43,5 +43,8 @@ def test_default_train_config_is_the_documented_one(tmp_path):
 
 
 def test_sample_config_composes(tmp_path):
+    from ddpmlab.cli.sample import given
+
     cfg = compose_cfg("sample", ["ckpt_path=x.ckpt", "sampler=ddim"], tmp_path)
-    assert instantiate(cfg.sampler).algorithm == "ddim"
+    assert given(cfg.sampler)["algorithm"] == "ddim" and "variance" not in given(cfg.sampler)
+    assert cfg.perf.sampling.precision == "auto"

@@ -4,11 +4,12 @@ import json
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import TINY, compose_cfg, run_cli
 from ddpmlab.cli.evaluate import METRICS, evaluate
-from ddpmlab.cli.sample import sample
+from ddpmlab.cli.sample import chosen_sampler, sample
 from ddpmlab.training import train
 from ddpmlab.errors import CheckpointError, ConfigError
 from ddpmlab.images import image_grid
@@ -95,9 +96,27 @@ def test_every_sampler_config_composes_into_a_sampler(tmp_path, name, overrides,
     from hydra.utils import instantiate
 
     cfg = compose_cfg("sample", ["ckpt_path=x", f"sampler={name}", *overrides], tmp_path)
-    sampler = instantiate(cfg.sampler)
+    checkpoints_own = {"algorithm": "ddpm", "num_steps": 7, "spacing": "trailing", "variance": "large"}
+    sampler = chosen_sampler(cfg, OmegaConf.create({"sampler": checkpoints_own}))  # a named algorithm replaces it
     assert isinstance(sampler, Sampler)
     assert (sampler.algorithm, sampler.num_steps, sampler.spacing, sampler.options) == expected
+    train_cfg = compose_cfg("train", [f"sampler={name}", *overrides], tmp_path)
+    assert repr(instantiate(train_cfg.sampler)) == repr(sampler)  # the training config builds the same one
+
+
+def test_sample_defaults_to_the_checkpoints_sampler_and_the_command_line_wins(tmp_path):
+    own = OmegaConf.create({"sampler": {"_target_": "ddpmlab.samplers.Sampler", "algorithm": "ddpm", "num_steps": None,
+                                        "spacing": "leading", "variance": "large", "clip_x0": True}})
+    plain = chosen_sampler(compose_cfg("sample", ["ckpt_path=x"], tmp_path), own)
+    assert (plain.algorithm, plain.num_steps, plain.options) == ("ddpm", None, {"variance": "large", "clip_x0": True})
+    fewer = chosen_sampler(compose_cfg("sample", ["ckpt_path=x", "sampler.num_steps=10", "sampler.spacing=trailing"],
+                                       tmp_path), own)
+    assert (fewer.num_steps, fewer.spacing, fewer.options["variance"]) == (10, "trailing", "large")
+    with pytest.raises(ConfigError, match="has no option"):  # an option of another algorithm is refused
+        chosen_sampler(compose_cfg("sample", ["ckpt_path=x", "sampler.eta=0.5"], tmp_path), own)
+    foreign = OmegaConf.create({"sampler": {"_target_": "os.system", "algorithm": "ddpm"}})
+    with pytest.raises(ConfigError, match="builds only"):
+        chosen_sampler(compose_cfg("sample", ["ckpt_path=x"], tmp_path), foreign)
 
 
 # ------------------------------------------------------------------------------------------------ denoising chains

@@ -3,11 +3,13 @@
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from conftest import compose_cfg, run_cli
 from ddpmlab.cli.sample import sample
 from ddpmlab.training import train
 from ddpmlab.errors import CheckpointError
+from ddpmlab.samplers import Sampler
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +51,15 @@ def test_sample_cli_round_trip(tiny_ckpt, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().splitlines()[-1] == str(tmp_path / "out")
     assert np.load(tmp_path / "out" / "samples.npz")["images"].shape == (3, 8, 8, 1)
+    used = "Sampler('ddim', num_steps=4, spacing='leading', eta=0.0, clip_x0=True)"
+    assert f"sampler: {used}" in r.stdout  # printed, and saved beside the samples
+    assert repr(Sampler.from_config(OmegaConf.load(tmp_path / "out" / "sampler.yaml"))) == used
+
+
+def test_sample_draws_with_the_checkpoints_own_sampler_by_default(tiny_ckpt, tmp_path):
+    out = sample(compose_cfg("sample", [f"ckpt_path={tiny_ckpt}", "num_samples=2"], tmp_path), tmp_path)
+    trained_with = torch.load(tiny_ckpt, weights_only=True)["ddpmlab_config"]["sampler"]
+    assert OmegaConf.to_container(OmegaConf.load(out / "sampler.yaml")) == trained_with
 
 
 @pytest.mark.parametrize("content", [None, b"", b"not a checkpoint at all", "truncated"])
