@@ -1,4 +1,4 @@
-# Source me on a fresh GPU machine that cannot download (see bench/README.md): installs the wheels carried in
+# Source me on a GPU machine that cannot download (see bench/README.md): installs the wheels copied into
 # .whl (hydra-core, omegaconf, antlr4, diffusers, importlib-metadata, torch-fidelity) and ddpmlab itself.
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || return 1
