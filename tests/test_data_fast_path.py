@@ -13,11 +13,18 @@ from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
 from conftest import TINY, compose_cfg
-from fixtures_data import (assert_model_range, datamodule, decode, images_with_ids, make_celeba, make_cifar10,
-                           make_idx_dataset, one_epoch)
-
-from ddpmlab.training import train
 from ddpmlab.data import DeviceLoader, to_model_range
+from ddpmlab.training import train
+from fixtures_data import (
+    assert_model_range,
+    datamodule,
+    decode,
+    images_with_ids,
+    make_celeba,
+    make_cifar10,
+    make_idx_dataset,
+    one_epoch,
+)
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,10 @@ from PIL import Image
 from conftest import TINY, compose_cfg, run_cli
 from ddpmlab.cli.evaluate import METRICS, evaluate
 from ddpmlab.cli.sample import chosen_sampler, sample
-from ddpmlab.training import train
 from ddpmlab.errors import CheckpointError, ConfigError
 from ddpmlab.images import image_grid
 from ddpmlab.samplers import Sampler
+from ddpmlab.training import train
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from torch import nn
 from conftest import TINY, compose_cfg
 from ddpmlab.callbacks.fid import FID, share
 from ddpmlab.cli.evaluate import evaluate
-from ddpmlab.training import train
 from ddpmlab.metrics.fid import (
     FeatureMetrics,
     InceptionUnavailable,
@@ -21,6 +20,7 @@ from ddpmlab.metrics.fid import (
     real_features,
     to_inception_input,
 )
+from ddpmlab.training import train
 
 
 class TinyFeatures(nn.Module):

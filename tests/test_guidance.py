@@ -3,12 +3,10 @@
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import TINY, compose_cfg, run_cli
 from ddpmlab.cli.sample import sample
-from ddpmlab.training import train
 from ddpmlab.diffusion import Denoiser, GaussianDiffusion, Prediction, linear_betas
 from ddpmlab.errors import ConfigError
 from ddpmlab.lit.module import DiffusionModule
@@ -16,6 +14,7 @@ from ddpmlab.networks import UNet
 from ddpmlab.objectives import SimpleLoss
 from ddpmlab.samplers import ALGORITHMS, Sampler
 from ddpmlab.samplers.guidance import GuidedDenoiser, cycle_labels, with_guidance
+from ddpmlab.training import train
 
 K = 4  # classes of the toy model
 

@@ -10,7 +10,6 @@ from torch import nn
 
 from conftest import TINY, compose_cfg, run_cli
 from ddpmlab.cli.sample import sample
-from ddpmlab.training import train
 from ddpmlab.data.datasets import to_model_range, to_uint8
 from ddpmlab.diffusion import Denoiser, GaussianDiffusion, linear_betas, make_timesteps
 from ddpmlab.errors import ConfigError
@@ -18,6 +17,7 @@ from ddpmlab.networks import UNet
 from ddpmlab.samplers import Sampler
 from ddpmlab.samplers.masks import PRESETS, centre_square, left_half, load_mask, make_mask, random_strokes
 from ddpmlab.samplers.repaint import repaint_sample, repaint_sample_progressive, repaint_schedule
+from ddpmlab.training import train
 
 
 # ------------------------------------------------------------------ the schedule
@@ -227,8 +227,10 @@ def test_repaint_is_a_sampler_with_every_spacing_and_the_same_validation():
     x0, keep = torch.zeros(1, 1, 8, 8), left_half(8)
     for spacing in ("leading", "trailing", "linspace", "quadratic", "logsnr"):
         sampler = Sampler("repaint", 10, spacing, jump_length=2, jump_n_sample=2)
-        assert sampler.timesteps(den.diffusion).tolist() == make_timesteps(50, 10, spacing, den.diffusion.alpha_bar64).tolist()
-        x = sampler(den, den.diffusion, torch.randn(2, 1, 8, 8), x0=x0, keep=keep, generator=torch.Generator().manual_seed(0))
+        grid = make_timesteps(50, 10, spacing, den.diffusion.alpha_bar64)
+        assert sampler.timesteps(den.diffusion).tolist() == grid.tolist()
+        g = torch.Generator().manual_seed(0)
+        x = sampler(den, den.diffusion, torch.randn(2, 1, 8, 8), x0=x0, keep=keep, generator=g)
         assert torch.equal(x[..., 4:], x0.expand(2, -1, -1, -1)[..., 4:])  # known pixels kept exactly
     assert Sampler("repaint", 10, jump_length=2, jump_n_sample=2).num_evaluations(den.diffusion) == len(
         [1 for k, k_next in zip(repaint_schedule(10, 2, 2), repaint_schedule(10, 2, 2)[1:]) if k_next < k])
@@ -240,12 +242,13 @@ def test_repaint_is_a_sampler_with_every_spacing_and_the_same_validation():
 
 
 def test_sample_inpaints_on_a_logsnr_grid_and_saves_the_sampler(tiny_ckpt, tmp_path):
-    cfg = compose_cfg("sample", [f"ckpt_path={tiny_ckpt}", "inpaint.index=1", "inpaint.spacing=logsnr", *INPAINT], tmp_path)
+    over = [f"ckpt_path={tiny_ckpt}", "inpaint.index=1", "inpaint.spacing=logsnr", *INPAINT]
+    cfg = compose_cfg("sample", over, tmp_path)
     out = sample(cfg, tmp_path)
     npz = np.load(out / "samples.npz")
     assert (npz["images"][:, npz["keep"]] == npz["original"][npz["keep"]]).all()
     saved = OmegaConf.load(out / "sampler.yaml")
     assert (saved.algorithm, saved.spacing, saved.num_steps, saved.jump_length) == ("repaint", "logsnr", 10, 2)
     with pytest.raises(ConfigError, match="between 1 and the schedule's T=50"):
-        sample(compose_cfg("sample", [f"ckpt_path={tiny_ckpt}", "inpaint.index=1", "inpaint.num_steps=51"], tmp_path / "b"),
-               tmp_path / "b")
+        over = [f"ckpt_path={tiny_ckpt}", "inpaint.index=1", "inpaint.num_steps=51"]
+        sample(compose_cfg("sample", over, tmp_path / "b"), tmp_path / "b")

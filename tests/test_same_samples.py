@@ -13,8 +13,8 @@ from ddpmlab.diffusion import Denoiser, GaussianDiffusion, linear_betas
 from ddpmlab.images import load_image, to_hwc_uint8
 from ddpmlab.networks import UNet
 from ddpmlab.samplers import GuidedDenoiser, Sampler, generate
-from ddpmlab.samplers.masks import make_mask
 from ddpmlab.samplers.guidance import cycle_labels
+from ddpmlab.samplers.masks import make_mask
 
 NUM_SAMPLES, BATCH_SIZE, SEED = 5, 2, 123  # three batches: the generator carries over between them
 

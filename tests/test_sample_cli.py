@@ -7,9 +7,9 @@ from omegaconf import OmegaConf
 
 from conftest import compose_cfg, run_cli
 from ddpmlab.cli.sample import sample
-from ddpmlab.training import train
 from ddpmlab.errors import CheckpointError
 from ddpmlab.samplers import Sampler
+from ddpmlab.training import train
 
 
 @pytest.fixture(scope="module")

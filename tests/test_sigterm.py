@@ -13,9 +13,8 @@ import torch
 from lightning.pytorch import Callback
 
 from conftest import REPO, TINY
-from ddpmlab.training import resume_path, train
 from ddpmlab.errors import CheckpointError
-
+from ddpmlab.training import resume_path, train
 
 
 def logged_steps(run):

@@ -6,7 +6,6 @@ import pytest
 from ddpmlab.training import train
 
 
-
 @pytest.fixture
 def offline(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -15,7 +15,9 @@ from torchvision.utils import make_grid, save_image
 from ddpmlab.data.datasets import to_model_range, to_uint8
 from ddpmlab.errors import ConfigError
 
-__all__ = ["image_grid", "load_image", "save_grid", "side_by_side", "to_hwc_uint8", "to_model_range", "to_uint8", "to_unit"]
+__all__ = [
+    "image_grid", "load_image", "save_grid", "side_by_side", "to_hwc_uint8", "to_model_range", "to_uint8", "to_unit"
+]
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
 from ddpmlab.lit.ema import EMA

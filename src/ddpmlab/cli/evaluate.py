@@ -103,7 +103,8 @@ def fid(ctx: EvalContext, options: DictConfig) -> dict[str, Any]:
         cache_dir=options.cache_dir, batch_size=ctx.cfg.batch_size, device=ctx.device, seed=ctx.cfg.seed,
     )  # fmt: skip
     protocol = {
-        "num_samples": options.num_samples, "reference": reference, "num_real": len(real), "sampler": sampler.to_config(),
+        "num_samples": options.num_samples, "reference": reference, "num_real": len(real),
+        "sampler": sampler.to_config(),
         "steps": len(sampler.timesteps(ctx.denoiser.diffusion)), "seed": ctx.cfg.seed, "devices": len(devices),
         "feature_extractor": options.feature_extractor, "feature_layer": options.feature_layer,
         "resize": "TF1 bilinear to 299, no antialiasing (inside the extractor)", "kid_subset_size":

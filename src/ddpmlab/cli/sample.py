@@ -79,8 +79,10 @@ def dataset_image(data_cfg: DictConfig, index: int, split: str = "val") -> tuple
     datamodule.setup("fit")
     ds = {"val": datamodule.val_set, "train": datamodule.train_set}.get(split)
     if ds is None or not 0 <= index < len(ds):
-        raise ConfigError(f"inpaint.index={index} is not an image of the {data_cfg.name} '{split}' split "
-                          f"({0 if ds is None else len(ds)} images); use inpaint.split=val|train and an index below that")
+        raise ConfigError(
+            f"inpaint.index={index} is not an image of the {data_cfg.name} '{split}' split "
+            f"({0 if ds is None else len(ds)} images); use inpaint.split=val|train and an index below that"
+        )
     x0, label = ds[index]
     return x0[None], int(label)
 

@@ -212,7 +212,9 @@ def generate_chunks(denoiser, sampler, chunks: list[tuple[int, int]], seed: int,
     return torch.cat(out).clamp(-1, 1)
 
 
-def generate_on_devices(denoiser, sampler, num_samples: int, batch_size: int, seed: int, devices: list, perf=None) -> Tensor:
+def generate_on_devices(
+    denoiser, sampler, num_samples: int, batch_size: int, seed: int, devices: list, perf=None
+) -> Tensor:
     """``num_samples`` images as uint8 [N,C,H,W] on the CPU, the chunks shared out over ``devices`` (one thread
     and one copy of the denoiser per device); the same images whatever the number of devices."""
     import copy

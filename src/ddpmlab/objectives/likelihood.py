@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from ddpmlab.diffusion.gaussian import GaussianDiffusion, Variance
-from ddpmlab.diffusion.parameterization import Denoiser, check_same_diffusion, clip_x0 as _clip
+from ddpmlab.diffusion.parameterization import Denoiser, check_same_diffusion
+from ddpmlab.diffusion.parameterization import clip_x0 as _clip
 from ddpmlab.objectives.losses import mean_flat
 
 LN2 = math.log(2.0)

@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 
 from ddpmlab.diffusion.gaussian import GaussianDiffusion
-from ddpmlab.diffusion.parameterization import Denoiser, Prediction, clip_x0 as _clip
+from ddpmlab.diffusion.parameterization import Denoiser, Prediction
+from ddpmlab.diffusion.parameterization import clip_x0 as _clip
 from ddpmlab.errors import ConfigError
 
 

@@ -26,7 +26,10 @@ from ddpmlab.samplers.ddpm import VARIANCES, ddpm_step
 
 
 def check_jumps(jump_length: int, jump_n_sample: int) -> None:
-    if not (isinstance(jump_length, int) and jump_length >= 1 and isinstance(jump_n_sample, int) and jump_n_sample >= 1):
+    def positive_int(n) -> bool:
+        return isinstance(n, int) and not isinstance(n, bool) and n >= 1
+
+    if not (positive_int(jump_length) and positive_int(jump_n_sample)):
         raise ConfigError(f"jump_length ({jump_length}) and jump_n_sample ({jump_n_sample}) must be integers >= 1")
 
 

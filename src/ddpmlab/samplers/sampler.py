@@ -42,7 +42,9 @@ def _check_options(algorithm: str, options: dict) -> None:
     allowed = _options_of(SAMPLERS[algorithm])
     unknown = set(options) - set(allowed)
     if unknown:
-        raise ConfigError(f"sampler {algorithm!r} has no option(s) {sorted(unknown)}; its options are {sorted(allowed)}")
+        raise ConfigError(
+            f"sampler {algorithm!r} has no option(s) {sorted(unknown)}; its options are {sorted(allowed)}"
+        )
     value = {name: options.get(name, p.default) for name, p in allowed.items()}
     if "variance" in value and value["variance"] not in VARIANCES:
         raise ConfigError(f"sampler.variance={value['variance']!r} must be one of {list(VARIANCES)}")
