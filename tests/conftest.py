@@ -15,6 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from ddpmlab.api import CONFIG_DIR
+from ddpmlab.diffusion import GaussianDiffusion, linear_betas
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,6 +64,29 @@ def train_cfg(tmp_path):
         return compose_cfg("train", TINY + list(extra), run_dir or tmp_path / "run")
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """One tiny trained checkpoint (digits, unet_tiny, T = 50, 6 steps, EMA) for every test that only reads one.
+    Tests must not write next to it: give outputs their own tmp_path."""
+    from ddpmlab.training import train
+
+    run = tmp_path_factory.mktemp("tiny_run")
+    train(compose_cfg("train", TINY, run))
+    return run / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="session")
+def diffusion() -> GaussianDiffusion:
+    """DDPM's process: linear betas 1e-4 .. 0.02, T = 1000 (read-only: its tables are shared)."""
+    return GaussianDiffusion(linear_betas(1000))
+
+
+@pytest.fixture
+def generator():
+    """``generator(seed)``: a fresh CPU torch.Generator seeded with ``seed`` (default 0)."""
+    return lambda seed=0: torch.Generator().manual_seed(seed)
 
 
 def run_cli(script: str, *args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -11,18 +11,13 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler  # noqa: E402
 
-from ddpmlab.diffusion import Denoiser, GaussianDiffusion, linear_betas, make_timesteps  # noqa: E402
+from ddpmlab.diffusion import Denoiser, make_timesteps  # noqa: E402
 from ddpmlab.diffusion.parameterization import Prediction  # noqa: E402
 from ddpmlab.samplers import Sampler, ddim_step, ddpm_step  # noqa: E402
 from test_samplers import TinyNet  # noqa: E402
 
 T = 1000
 LINEAR = dict(num_train_timesteps=T, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
-
-
-@pytest.fixture(scope="module")
-def diffusion():
-    return GaussianDiffusion(linear_betas(T))
 
 
 def gen(seed):

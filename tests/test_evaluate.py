@@ -7,20 +7,12 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import TINY, compose_cfg, run_cli
+from conftest import compose_cfg, run_cli
 from ddpmlab.cli.evaluate import METRICS, evaluate
 from ddpmlab.cli.sample import chosen_sampler, sample
 from ddpmlab.errors import CheckpointError, ConfigError
 from ddpmlab.images import image_grid
 from ddpmlab.samplers import Sampler
-from ddpmlab.training import train
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    run = tmp_path_factory.mktemp("trained")
-    train(compose_cfg("train", TINY, run))  # digits, T = 50, a few steps
-    return run / "checkpoints" / "last.ckpt"
 
 
 def eval_cfg(ckpt, out, *extra):

@@ -39,15 +39,6 @@ class TinyFeatures(nn.Module):
         return torch.tanh(self.conv(x.float() / 127.5 - 1)).mean((2, 3))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny images: one thread beats OpenMP's fork/join, by far on a shared, busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def images(n, seed, shift=0.0, size=8):
     return (torch.randn(n, 1, size, size, generator=torch.Generator().manual_seed(seed)) * 0.5 + shift).clamp(-1, 1)
 

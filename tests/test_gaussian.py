@@ -5,11 +5,6 @@ from ddpmlab.diffusion import Denoiser, GaussianDiffusion, cosine_betas, extract
 from ddpmlab.diffusion.parameterization import clip_x0
 
 
-@pytest.fixture(scope="module")
-def diffusion():
-    return GaussianDiffusion(linear_betas(1000))
-
-
 def test_tables_are_float32_buffers_not_in_state_dict(diffusion):
     assert diffusion.alpha_bar.dtype == torch.float32
     assert diffusion.state_dict() == {}  # the config rebuilds them; a checkpoint cannot contradict it

@@ -7,26 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from ddpmlab.diffusion import Denoiser, GaussianDiffusion, linear_betas
+from ddpmlab.diffusion import Denoiser
 from ddpmlab.errors import ConfigError
 from ddpmlab.metrics.nll import bits_per_dim, evaluate_bpd, mean_stderr, strata
 from ddpmlab.objectives.likelihood import discretized_gaussian_log_likelihood, normal_kl, prior_bpd, vb_terms_bpd
 from test_samplers import GaussianOracle, TinyNet
 
 LEVELS = torch.linspace(-1, 1, 256, dtype=torch.float64)  # the 256 data values of [-1, 1]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def diffusion():
-    return GaussianDiffusion(linear_betas(1000))
 
 
 def gen(seed=0):

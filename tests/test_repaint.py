@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch import nn
 
-from conftest import TINY, compose_cfg, run_cli
+from conftest import compose_cfg, run_cli
 from ddpmlab.cli.sample import sample
 from ddpmlab.data.datasets import to_model_range, to_uint8
 from ddpmlab.diffusion import Denoiser, GaussianDiffusion, linear_betas, make_timesteps
@@ -17,7 +17,6 @@ from ddpmlab.networks import UNet
 from ddpmlab.samplers import Sampler
 from ddpmlab.samplers.masks import PRESETS, centre_square, left_half, load_mask, make_mask, random_strokes
 from ddpmlab.samplers.repaint import repaint_sample, repaint_sample_progressive, repaint_schedule
-from ddpmlab.training import train
 
 
 # ------------------------------------------------------------------ the schedule
@@ -166,13 +165,6 @@ def test_mask_files_and_bad_masks(tmp_path):
 
 
 # ------------------------------------------------------------------ sample.py
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    run = tmp_path_factory.mktemp("inpaint")
-    train(compose_cfg("train", TINY, run))
-    return run / "checkpoints" / "last.ckpt"
-
-
 INPAINT = ["num_samples=3", "inpaint.num_steps=10", "inpaint.jump_length=2", "inpaint.jump_n_sample=2"]
 
 

@@ -9,16 +9,6 @@ from conftest import compose_cfg, run_cli
 from ddpmlab.cli.sample import sample
 from ddpmlab.errors import CheckpointError
 from ddpmlab.samplers import Sampler
-from ddpmlab.training import train
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    from conftest import TINY
-
-    run = tmp_path_factory.mktemp("trained")
-    train(compose_cfg("train", TINY, run))
-    return run / "checkpoints" / "last.ckpt"
 
 
 def sample_cfg(ckpt, out, *extra):

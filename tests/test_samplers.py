@@ -66,15 +66,6 @@ class Recorder(nn.Module):
         return self.net(x, t)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: one thread is faster than OpenMP's fork/join (by 100x on a shared, busy CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def linear(T=1000):
     return GaussianDiffusion(linear_betas(T) if T >= 20 else cosine_betas(T))
 
