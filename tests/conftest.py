@@ -89,6 +89,14 @@ def generator():
     return lambda seed=0: torch.Generator().manual_seed(seed)
 
 
+@pytest.fixture(scope="session")
+def oracle():
+    """The Gaussian oracle of the sampler tests (sampler_helpers.make_oracle)."""
+    from sampler_helpers import make_oracle
+
+    return make_oracle()
+
+
 def run_cli(script: str, *args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run a root script (train.py, sample.py, ...) as a user would, in a subprocess."""
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "WANDB_MODE": "offline"}

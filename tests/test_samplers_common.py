@@ -1,4 +1,5 @@
-"""Samplers: the grid they visit, equivalences between them, the Gaussian oracle, clipping, golden tables."""
+"""Every sampler alike: the grid it visits, validation, clipping, determinism, the Gaussian oracle, chains, and
+the golden values of the linear schedule."""
 
 import math
 
@@ -6,76 +7,15 @@ import pytest
 import torch
 from torch import nn
 
-from ddpmlab.diffusion import Denoiser, GaussianDiffusion, cosine_betas, linear_betas, make_timesteps
+from ddpmlab.diffusion import Denoiser, GaussianDiffusion, linear_betas, make_timesteps
 from ddpmlab.diffusion.timesteps import SPACINGS
 from ddpmlab.errors import ConfigError
 from ddpmlab.samplers import (
     ALGORITHMS,
     Sampler,
     ddim_sample_progressive,
-    ddpm_sample_progressive,
-    dpm_solver_sample,
-    dpm_solver_sample_progressive,
 )
-
-
-class GaussianOracle(nn.Module):
-    """The optimal eps-predictor for data x0 ~ N(m, s^2 I): x_t ~ N(sqrt(a) m, a s^2 + 1 - a) with a = alpha_bar_t,
-    so E[eps | x_t] = sqrt(1 - a) (x_t - sqrt(a) m) / (a s^2 + 1 - a)."""
-
-    def __init__(self, diffusion: GaussianDiffusion, m: float, s: float):
-        super().__init__()
-        self.alpha_bar, self.m, self.s = torch.cumprod(1 - diffusion.beta64, 0), m, s
-
-    def forward(self, x, t):
-        a = self.alpha_bar[t].view(-1, *[1] * (x.dim() - 1))
-        return ((1 - a).sqrt() * (x - a.sqrt() * self.m) / (a * self.s**2 + 1 - a)).to(x.dtype)
-
-    def flow_map(self, x_T, t_start):
-        """The probability-flow ODE's exact solution from x at t_start to t = 0 and then x_0 (alpha_bar = 1):
-        the affine map that keeps (x_t - sqrt(a) m) / sqrt(a s^2 + 1 - a) fixed."""
-        a = self.alpha_bar[t_start]
-        return self.m + self.s * (x_T - a.sqrt() * self.m) / (a * self.s**2 + 1 - a).sqrt()
-
-
-class TinyNet(nn.Module):
-    """A fixed random network that depends on x and t, so every step of a sampler matters: the Gaussian oracle of
-    N(0, 0.5^2) data plus a random perturbation, which keeps the samples O(1) as a trained network would."""
-
-    def __init__(self, diffusion: GaussianDiffusion, dim: int = 4, seed: int = 0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.oracle = GaussianOracle(diffusion, 0.0, 0.5)
-        self.W = torch.randn(dim, dim, generator=g) / dim**0.5
-        self.emb = torch.randn(diffusion.T, dim, generator=g)
-
-    def forward(self, x, t):
-        return self.oracle(x, t) + 0.3 * torch.tanh(x @ self.W + self.emb[t].view(-1, 1, 1, self.W.shape[0]))
-
-
-class Recorder(nn.Module):
-    """Wraps a network and records the timesteps it is called with."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net, self.seen = net, []
-
-    def forward(self, x, t):
-        assert (t == t[0]).all()
-        self.seen.append(int(t[0]))
-        return self.net(x, t)
-
-
-def linear(T=1000):
-    return GaussianDiffusion(linear_betas(T) if T >= 20 else cosine_betas(T))
-
-
-def x_T(n=3, seed=0, shape=(1, 2, 4)):
-    return torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
-
-
-def gen(seed=1):
-    return torch.Generator().manual_seed(seed)
+from sampler_helpers import SD, M, Recorder, TinyNet, gen, linear, x_T
 
 
 # ------------------------------------------------------------------------------------------------ the grid
@@ -142,78 +82,6 @@ def test_a_grid_that_is_not_strictly_descending_is_refused():
         list(ddim_sample_progressive(Denoiser(TinyNet(d), d), d, x_T(), [3, 10, 20]))
 
 
-# ------------------------------------------------------------------------------------------------ equivalences
-@pytest.mark.parametrize("clip", [False, True])
-def test_ddim_with_eta_1_on_the_full_grid_is_ancestral_sampling_with_beta_tilde(clip):
-    """DDIM eq. (16) with eta = 1 is the posterior variance beta_tilde, and the eq. (12) mean is the posterior mean:
-    step for step, with the same noise, the two samplers agree."""
-    T = 200
-    d = linear(T)
-    den = Denoiser(TinyNet(d), d)
-    grid = make_timesteps(T)
-    ddim = list(ddim_sample_progressive(den, d, x_T(), grid, generator=gen(), eta=1.0, clip_x0=clip))
-    ddpm = list(ddpm_sample_progressive(den, d, x_T(), grid, generator=gen(), variance="small", clip_x0=clip))
-    assert len(ddim) == len(ddpm) == T
-    for a, b in zip(ddim, ddpm):
-        assert a.t == b.t
-        assert torch.allclose(a.x, b.x, atol=2e-5, rtol=1e-5), (a.t, (a.x - b.x).abs().max())
-        assert torch.allclose(a.x0_hat, b.x0_hat, atol=2e-4, rtol=1e-5)
-
-
-def reference_ancestral(den, betas, x, generator, respaced_grid=None):
-    """DDPM Algorithm 2 written from eq. (11) in float64, independent of the library's tables:
-    x_{t-1} = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_hat) + sigma_t z, sigma_t^2 = beta_tilde_t.
-    With ``respaced_grid``, the betas are first rebuilt over the kept steps as 1 - alpha_bar_{t_i} / alpha_bar_{t_{i-1}}."""
-    alpha_bar = torch.cumprod(1 - betas, 0)
-    ts = list(range(betas.numel() - 1, -1, -1)) if respaced_grid is None else respaced_grid
-    kept = torch.tensor(sorted(ts))
-    ab = alpha_bar[kept]
-    beta = 1 - ab / torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
-    x = x.double()
-    for i, t in enumerate(ts):
-        j = len(ts) - 1 - i
-        eps_hat = den.net(x.float(), torch.full((x.shape[0],), t)).double()
-        mean = (x - beta[j] / (1 - ab[j]).sqrt() * eps_hat) / (1 - beta[j]).sqrt()  # DDPM eq. (11)
-        if j > 0:
-            beta_tilde = beta[j] * (1 - ab[j - 1]) / (1 - ab[j])  # DDPM eq. (7)
-            x = mean + beta_tilde.sqrt() * torch.randn(x.shape, generator=generator).double()
-        else:
-            x = mean
-    return x.float()
-
-
-def test_respaced_ancestral_sampling_with_S_equal_T_is_plain_ancestral_sampling():
-    T = 300
-    d = linear(T)
-    den = Denoiser(TinyNet(d), d)
-    ours = Sampler("ddpm", T, "trailing", clip_x0=False)(den, d, x_T(), generator=gen())  # goes through respace()
-    plain = reference_ancestral(den, d.beta64, x_T(), gen())
-    assert torch.allclose(ours, plain, atol=1e-5, rtol=1e-5), (ours - plain).abs().max()
-
-
-@pytest.mark.parametrize("spacing", ["leading", "trailing", "quadratic"])
-def test_respaced_ancestral_sampling_uses_the_betas_rebuilt_from_the_kept_alpha_bar(spacing):
-    T = 1000
-    d = linear(T)
-    den = Denoiser(TinyNet(d), d)
-    grid = make_timesteps(T, 25, spacing)
-    ours = Sampler("ddpm", 25, spacing, clip_x0=False)(den, d, x_T(), generator=gen())
-    ref = reference_ancestral(den, d.beta64, x_T(), gen(), respaced_grid=grid.tolist())
-    assert torch.allclose(ours, ref, atol=1e-5, rtol=1e-5), (ours - ref).abs().max()
-
-
-def test_dpm_solver_first_step_is_a_ddim_step_and_one_step_returns_x0_hat():
-    """DPM-Solver++(1) is DDIM (Lu et al. 2022, Sec. 4); with one step the solver jumps straight to x0_hat."""
-    d = linear(1000)
-    den = Denoiser(TinyNet(d), d)
-    grid = make_timesteps(1000, 10, "linspace")
-    first_dpm = next(iter(dpm_solver_sample_progressive(den, d, x_T(), grid)))
-    first_ddim = next(iter(ddim_sample_progressive(den, d, x_T(), grid)))
-    assert torch.allclose(first_dpm.x, first_ddim.x, atol=1e-5)
-    one = list(dpm_solver_sample_progressive(den, d, x_T(), [500]))
-    assert len(one) == 1 and torch.allclose(one[0].x, one[0].x0_hat, atol=1e-6)
-
-
 def test_deterministic_samplers_ignore_the_generator_and_ancestral_ones_use_it():
     d = linear(100)
     den = Denoiser(TinyNet(d), d)
@@ -252,16 +120,6 @@ def test_clipping_keeps_x0_hat_in_the_data_range_and_eps_consistent_with_it(algo
 
 
 # ------------------------------------------------------------------------------------------------ the Gaussian oracle
-M, SD = 0.1, 0.3
-
-
-@pytest.fixture(scope="module")
-def oracle():
-    d = linear(1000)
-    net = GaussianOracle(d, M, SD)
-    return d, net, Denoiser(net, d), x_T(4000, seed=3, shape=(1, 2, 2))
-
-
 @pytest.mark.parametrize(
     "sampler,tol_std",
     [
@@ -285,36 +143,6 @@ def test_samplers_recover_the_mean_and_variance_of_gaussian_data(oracle, sampler
     x0 = sampler(den, d, x, generator=gen())
     assert x0.mean().item() == pytest.approx(M, abs=0.012)
     assert x0.std().item() == pytest.approx(SD, rel=tol_std)
-
-
-def test_dpm_solver_follows_the_exact_probability_flow_better_than_ddim(oracle):
-    """For Gaussian data the probability-flow ODE has a closed-form solution. DDIM is a first-order solver of it (the
-    error halves with the step), DPM-Solver++(2M) second order (the error falls at least fourfold once the steps are
-    fine; the final first-order jump to sigma = 0 costs little). The logsnr grid is what makes 2M accurate at 20 steps:
-    on the time-uniform linspace grid its extrapolation overshoots (the dpm_solver config's choice)."""
-    d, net, den, x = oracle
-
-    def rms_error(algorithm, S, spacing="logsnr"):
-        grid = make_timesteps(1000, S, spacing, alpha_bar=net.alpha_bar)
-        *_, last = ALGORITHMS[algorithm](den, d, x, grid, clip_x0=False)
-        return (last.x.double() - net.flow_map(x.double(), int(grid[0]))).pow(2).mean().sqrt().item() / SD
-
-    ddim = {S: rms_error("ddim", S) for S in (20, 40)}
-    dpm = {S: rms_error("dpm_solver", S) for S in (20, 40, 80)}
-    assert 1.7 < ddim[20] / ddim[40] < 2.3  # first order
-    assert dpm[40] / dpm[80] > 3.5 and dpm[20] / dpm[40] > 3.5  # second order (or better)
-    assert dpm[20] < 0.03 and dpm[20] * 5 < ddim[20]
-    assert dpm[20] * 5 < rms_error("dpm_solver", 20, "linspace")
-
-
-def test_dpm_solver_recovers_the_flow_map_on_a_cosine_schedule_too():
-    d = GaussianDiffusion(cosine_betas(1000))
-    net = GaussianOracle(d, M, SD)
-    x = x_T(1000, seed=4, shape=(1, 2, 2))
-    grid = make_timesteps(1000, 20, "quadratic")
-    out = dpm_solver_sample(Denoiser(net, d), d, x, grid, clip_x0=False)
-    err = (out.double() - net.flow_map(x.double(), int(grid[0]))).pow(2).mean().sqrt().item() / SD
-    assert err < 0.05
 
 
 # ------------------------------------------------------------------------------------------------ golden values
