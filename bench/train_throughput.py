@@ -4,8 +4,9 @@
            a Lightning Trainer from the trainer config (``gpu_fast`` on CUDA) with the EMA callback, batches
            from the data module's GPU-resident ``DeviceLoader`` over synthetic uint8 images (``--data config``:
            the configured data module instead);
-  bare     a plain PyTorch loop over the same denoiser, objective, optimizer, clipping and EMA update:
-           the difference to ``trainer`` is Lightning's overhead;
+  bare     a plain PyTorch loop that calls the module's own ``training_step`` (t / eps draw, objective), its
+           optimizer, clipping and the EMA callback's own update: the difference to ``trainer`` is Lightning's
+           overhead;
   peer     the same bare loop over diffusers' ``UNet2DModel`` in DDPM's CIFAR-10 configuration, with the
            same levers (when diffusers is installed).
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -30,7 +32,6 @@ import common as C  # noqa: E402
 from ddpmlab.api import build_module  # noqa: E402
 from ddpmlab.data.device_loader import DeviceLoader  # noqa: E402
 from ddpmlab.diffusion import Denoiser, GaussianDiffusion  # noqa: E402
-from ddpmlab.lit.ema import ema_multi_avg_fn  # noqa: E402
 from ddpmlab.lit.module import DiffusionModule  # noqa: E402
 from ddpmlab.perf import apply_perf, autocast  # noqa: E402
 
@@ -110,44 +111,46 @@ def trainer_path(args, cfg, device, precision, flops, peak) -> tuple[dict, dict]
 
 
 def bare_loop(args, module: DiffusionModule, cfg, device, precision, flops, peak) -> dict:
-    """The training step without Lightning: same objective, optimizer, clipping, EMA update and data path."""
-    denoiser, diffusion = module.denoiser.to(device).train(), module.diffusion
-    params = list(denoiser.parameters())
-    optimizer = module.optimizer_factory(params)
+    """The training step without Lightning's loop: the module's own ``training_step`` (its t / eps draw, labels and
+    objective), its optimizer, clipping, and the EMA callback's own update, over the same data path."""
+    module = module.to(device).train()
+    module.on_train_start()  # the module's noise generator, as at the start of fit
+    optimizer = module.configure_optimizers()
+    optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+    params = [p for p in module.denoiser.parameters() if p.requires_grad]
     clip = cfg.trainer.gradient_clip_val
-    averaged = [p.detach().clone() for p in params]
-    current = [p.detach() for p in params]
-    n_averaged = torch.zeros((), dtype=torch.long, device=device)
-    ema_update = ema_multi_avg_fn(cfg.ema.decay, cfg.ema.warmup) if cfg.get("ema") else None
+    ema = instantiate(cfg.ema) if cfg.get("ema") else None
+    if ema is not None:
+        ema.setup(None, module, "fit")  # the averaged copy, as the Trainer path's callback makes it
     batches = forever(synthetic_loader(args, device))
-    g = torch.Generator(device).manual_seed(0)
+    steps_done = 0
 
     def step() -> None:
-        x0, _ = next(batches)
-        t = torch.randint(0, diffusion.T, (x0.shape[0],), device=device, generator=g)
-        eps = torch.randn(x0.shape, device=device, generator=g)
+        nonlocal steps_done
         with autocast(device, precision):
-            loss = module.objective(denoiser, diffusion, x0, t, eps).mean()
+            loss = module.training_step(next(batches), steps_done)["loss"]
         loss.backward()
         if clip:
             torch.nn.utils.clip_grad_norm_(params, clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if ema_update is not None:
-            ema_update(averaged, current, n_averaged)
-            n_averaged.add_(1)
+        if ema is not None and ema.should_update(step_idx=steps_done):
+            ema._update(module)
+        steps_done += 1
 
-    for _ in range(args.warmup):
-        step()
-    watch = C.Stopwatch(device)
-    watch.begin()
-    for _ in range(args.steps):
-        step()
-    seconds = watch.end()
-    out = C.rate(args.batch_size * args.steps, seconds, args.steps, flops, peak, device)
-    out["ema"] = ema_update is not None
-    if args.profile_steps:
-        out["profile"] = C.profile(step, args.profile_steps, device)
+    with warnings.catch_warnings():  # training_step's self.log has no Trainer to log to here: it says so
+        warnings.filterwarnings("ignore", message=".*self.log.*")
+        for _ in range(args.warmup):
+            step()
+        watch = C.Stopwatch(device)
+        watch.begin()
+        for _ in range(args.steps):
+            step()
+        seconds = watch.end()
+        out = C.rate(args.batch_size * args.steps, seconds, args.steps, flops, peak, device)
+        out["ema"] = ema is not None
+        if args.profile_steps:
+            out["profile"] = C.profile(step, args.profile_steps, device)
     return out
 
 
