@@ -18,19 +18,11 @@ from conftest import REPO, TINY, compose_cfg
 from ddpmlab.api import build_module
 from ddpmlab.errors import ConfigError
 from ddpmlab.lit.ema import ema_multi_avg_fn
-from ddpmlab.perf import apply_perf, autocast, prepare_sampling, resolve, with_fused
+from ddpmlab.perf import apply_perf, autocast, prepare_sampling, resolve, sampling_precision, with_fused
+from ddpmlab.samplers import Sampler, generate
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 ALL_ON = {"compile": True, "compile_backend": "eager", "channels_last": True, "fused_optimizer": True, "sync_free_logging": True}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two OpenMP threads on two shared cores spin against each other: tiny convolutions run 40x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture
@@ -62,6 +54,28 @@ def test_cpu_default_is_the_plain_fp32_eager_path(tiny_cfg):
     assert net._compiled_call_impl is None and all(w.is_contiguous() for w in conv_weights(net))
     assert module.optimizer_factory is factory and module.loss_in_progress_bar
     assert not module.configure_optimizers().param_groups[0]["fused"]
+
+
+def test_sampling_levers_are_shared_and_the_cpu_sampling_path_is_fp32_eager(tiny_cfg):
+    module = build_module(tiny_cfg)
+    apply_perf(module, "cpu", tiny_cfg.perf)
+    assert module.sampling_perf == dict(tiny_cfg.perf.sampling)  # what the grid / chain / FID callbacks use
+    assert compose_cfg("sample", ["ckpt_path=x"], None).perf.sampling == tiny_cfg.perf.sampling  # one config
+    den = module.denoiser.eval()
+    sampler = Sampler("ddim", 5, eta=0.5)
+    plain = generate(den, sampler, 3, seed=1, batch_size=2)
+    levered = generate(den, sampler, 3, seed=1, batch_size=2, perf=module.sampling_perf)
+    assert torch.equal(plain, levered)  # auto: nothing on for the CPU, fp32
+    assert den.net._compiled_call_impl is None and all(w.is_contiguous() for w in conv_weights(den.net))
+    assert sampling_precision("auto", "cpu") == "fp32" and sampling_precision("auto", "cuda") == "bf16"
+    with pytest.raises(ConfigError, match="precision='fp16'"):
+        sampling_precision("fp16", "cpu")
+    with pytest.raises(ConfigError, match=r"unknown perf setting\(s\) \['fused_optimizer'\]"):
+        prepare_sampling(den.net, "cpu", {"fused_optimizer": True})
+    prepare_sampling(den.net, "cpu", {"compile": True, "compile_backend": "eager"})
+    compiled = den.net._compiled_call_impl
+    prepare_sampling(den.net, "cpu", {"compile": True, "compile_backend": "eager"})  # again: nothing recompiles
+    assert compiled is not None and den.net._compiled_call_impl is compiled
 
 
 def test_levers_keep_checkpoint_keys_outputs_and_ema_copies_honest(tiny_cfg):
@@ -229,11 +243,12 @@ def test_gpu_auto_turns_every_lever_on_and_compiled_sampling_matches_eager(tiny_
 
     eager = build_denoiser(tiny_cfg).cuda().eval()
     fast = copy.deepcopy(eager)
-    prepare_sampling(fast.net, "cuda")  # channels_last + reduce-overhead (CUDA graphs)
     sampler = instantiate(tiny_cfg.sampler).with_steps(10)
-    x_T = torch.randn(16, 1, 8, 8, device="cuda")
-    with torch.no_grad():
-        expected = sampler(eager, eager.diffusion, x_T)
-        for _ in range(2):  # the second call replays the captured graphs
-            got = sampler(fast, fast.diffusion, x_T)
+    expected = generate(eager, sampler, 16, seed=0)
+    perf = {**tiny_cfg.perf.sampling, "precision": "fp32"}  # channels_last + reduce-overhead (CUDA graphs), TF32
+    for _ in range(2):  # the second call replays the captured graphs
+        got = generate(fast, sampler, 16, seed=0, perf=perf)
+    assert fast.net._compiled_call_impl is not None
+    bf16 = generate(copy.deepcopy(eager), sampler, 16, seed=0, perf=dict(tiny_cfg.perf.sampling))  # auto: bf16
+    assert torch.isfinite(bf16).all() and (bf16 - expected).abs().mean() < 0.05
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
