@@ -14,7 +14,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler 
 from ddpmlab.diffusion import Denoiser, make_timesteps  # noqa: E402
 from ddpmlab.diffusion.parameterization import Prediction  # noqa: E402
 from ddpmlab.samplers import Sampler, ddim_step, ddpm_step  # noqa: E402
-from test_samplers import TinyNet  # noqa: E402
+from sampler_helpers import TinyNet  # noqa: E402
 
 T = 1000
 LINEAR = dict(num_train_timesteps=T, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)

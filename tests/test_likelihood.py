@@ -11,7 +11,7 @@ from ddpmlab.diffusion import Denoiser
 from ddpmlab.errors import ConfigError
 from ddpmlab.metrics.nll import bits_per_dim, evaluate_bpd, mean_stderr, strata
 from ddpmlab.objectives.likelihood import discretized_gaussian_log_likelihood, normal_kl, prior_bpd, vb_terms_bpd
-from test_samplers import GaussianOracle, TinyNet
+from sampler_helpers import GaussianOracle, TinyNet
 
 LEVELS = torch.linspace(-1, 1, 256, dtype=torch.float64)  # the 256 data values of [-1, 1]
 
