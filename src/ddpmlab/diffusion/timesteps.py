@@ -73,7 +73,10 @@ def make_timesteps(T: int, num_steps: int | None = None, spacing: str = "leading
     if isinstance(S, float) and S.is_integer():
         S = int(S)
     if not isinstance(S, int) or isinstance(S, bool) or not 1 <= S <= T:
-        raise ConfigError(f"sampler.num_steps={num_steps!r} must be an integer between 1 and the schedule's T={T}")
+        raise ConfigError(
+            f"num_steps={num_steps!r} (sampler.num_steps, inpaint.num_steps) must be an integer between 1 and the "
+            f"schedule's T={T}"
+        )
     if spacing == "leading":
         ts = [i * (T // S) for i in range(S)]
     elif spacing == "trailing":
