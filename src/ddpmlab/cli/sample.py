@@ -22,10 +22,12 @@ from ddpmlab.samplers import Sampler, generate, generate_chain, with_guidance
 from ddpmlab.samplers.masks import make_mask
 
 
-def given(node: DictConfig | None) -> dict:
+def given(node: DictConfig | dict | None) -> dict:
     """The keys of a config section that are set (not ``???``), as primitives."""
     if node is None:
         return {}
+    if not isinstance(node, DictConfig):
+        return dict(node)
     return {k: OmegaConf.to_container(node, resolve=True)[k] for k in node if not OmegaConf.is_missing(node, k)}
 
 
