@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from ddpmlab.api import rebuild
 from ddpmlab.data.datasets import to_model_range, to_uint8
 from ddpmlab.diffusion.timesteps import make_timesteps
 from ddpmlab.errors import ConfigError
@@ -57,7 +57,7 @@ def load_image(path: str | Path, channels: int, size: int) -> torch.Tensor:
 
 def dataset_image(data_cfg: DictConfig, index: int, split: str = "val") -> tuple[torch.Tensor, int]:
     """Image ``index`` of the checkpoint's dataset split ('val' or 'train') as [1,C,H,W] in [-1, 1], and its label."""
-    datamodule = instantiate(data_cfg)
+    datamodule = rebuild(data_cfg, "data")  # the checkpoint's data config: only ddpmlab's own targets
     datamodule.setup("fit")
     ds = {"val": datamodule.val_set, "train": datamodule.train_set}.get(split)
     if ds is None or not 0 <= index < len(ds):

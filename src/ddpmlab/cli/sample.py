@@ -18,8 +18,8 @@ from ddpmlab.cli.common import friendly_errors
 from ddpmlab.cli.conditioning import conditioning, inpaint, wants_inpainting
 from ddpmlab.data.datasets import to_uint8
 from ddpmlab.images import save_grid
-from ddpmlab.errors import ConfigError
 from ddpmlab.samplers import Sampler
+from ddpmlab.validate import check_sample_config, check_sampler_steps
 
 
 @torch.no_grad()
@@ -52,10 +52,10 @@ def save_chain(denoiser, sampler: Sampler, num_samples: int, num_frames: int, se
 
 
 def sample(cfg: DictConfig, output_dir: str | Path) -> Path:
-    if cfg.num_samples < 1 or cfg.batch_size < 1:
-        raise ConfigError(f"num_samples ({cfg.num_samples}) and batch_size ({cfg.batch_size}) must be >= 1")
+    check_sample_config(cfg)
     device = pick_device(cfg.device)
-    denoiser, ckpt_cfg = denoiser_from_checkpoint(load_checkpoint(cfg.ckpt_path), ema=cfg.use_ema)
+    denoiser, ckpt_cfg = denoiser_from_checkpoint(load_checkpoint(cfg.ckpt_path), ema=cfg.use_ema, where=str(cfg.ckpt_path))
+    check_sampler_steps(cfg, denoiser.diffusion.T)
     denoiser.to(device)
     if wants_inpainting(cfg):
         return inpaint(cfg, denoiser, ckpt_cfg, device, Path(output_dir))

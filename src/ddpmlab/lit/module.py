@@ -114,13 +114,21 @@ class DiffusionModule(pl.LightningModule):
         check_compatible(checkpoint.get("ddpmlab_config"), self.config)
 
 
+def _differences(saved: Any, current: Any, key: str) -> list[str]:
+    if isinstance(saved, dict) and isinstance(current, dict):
+        keys = sorted(set(saved) | set(current), key=str)
+        return [d for k in keys for d in _differences(saved.get(k), current.get(k), f"{key}.{k}")]
+    return [] if saved == current else [f"{key}: checkpoint {saved!r}, this run {current!r}"]
+
+
 def check_compatible(saved: dict | None, current: dict) -> None:
     """Refuse a checkpoint whose network or schedule differs from the run's config (before weights load)."""
     if not saved or not current:
         return
     for key in ARCH_KEYS:
         if key in saved and key in current and saved[key] != current[key]:
+            diff = _differences(saved[key], current[key], key)
             raise CheckpointError(
-                f"the checkpoint was trained with a different '{key}' config:\n  checkpoint: {saved[key]}\n"
-                f"  this run:   {current[key]}\nuse the same {key} settings as the run that wrote it, or start afresh"
+                f"the checkpoint was trained with a different '{key}' config ({'; '.join(diff[:4])}); use the same "
+                f"{key} settings as the run that wrote it, or start afresh in a new run directory"
             )
