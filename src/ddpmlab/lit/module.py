@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from typing import Any
 
@@ -48,11 +49,14 @@ class DiffusionModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ training
     def on_train_start(self) -> None:
-        # Every rank draws its own t and eps (seed_everything alone gives all ranks the same noise); a resumed
-        # run continues with fresh noise rather than replaying the first steps'.
-        self._noise = torch.Generator(self.device).manual_seed(
-            self.seed * 1_000_003 + self.global_rank * 7919 + self.global_step
-        )
+        self._noise = torch.Generator(self.device)
+
+    def _seed_noise(self) -> None:
+        # The t, eps (and label dropout) of a step come from a generator seeded with (seed, rank, step): every rank
+        # draws its own noise (seed_everything alone gives all ranks the same), and a run resumed at step k draws
+        # exactly what the uninterrupted run drew at k -- the generator's state is a function of the global step,
+        # which every checkpoint holds.
+        self._noise.manual_seed(noise_seed(self.seed, self.global_rank, self.global_step))
 
     def _draw(self, x0: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         t = torch.randint(0, self.diffusion.T, (x0.shape[0],), device=x0.device, generator=generator)
@@ -70,6 +74,7 @@ class DiffusionModule(pl.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x0, y = batch
+        self._seed_noise()
         t, eps = self._draw(x0, self._noise)
         loss_per_sample = self.objective(self.denoiser, self.diffusion, x0, t, eps, self._labels(y, self._noise))
         loss = loss_per_sample.mean()
@@ -112,6 +117,12 @@ class DiffusionModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_compatible(checkpoint.get("ddpmlab_config"), self.config)
+
+
+def noise_seed(seed: int, rank: int, step: int) -> int:
+    """A 64-bit seed for (seed, rank, step), distinct for every triple in practice."""
+    digest = hashlib.blake2b(f"{seed}/{rank}/{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
 
 
 def _differences(saved: Any, current: Any, key: str) -> list[str]:
