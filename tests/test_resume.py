@@ -113,3 +113,23 @@ def test_a_failure_before_the_first_step_writes_no_checkpoint(train_cfg, tmp_pat
     with pytest.raises(RuntimeError, match="boom"):
         train(train_cfg())
     assert not list((tmp_path / "run" / "checkpoints").glob("*.ckpt")) if (tmp_path / "run" / "checkpoints").exists() else True
+
+
+def test_tensorboard_and_wandb_keep_the_history_across_resume(train_cfg, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CONSOLE", "off")
+    loggers = ["logger=[csv,tensorboard,wandb]"]
+    run = tmp_path / "run"
+    train(train_cfg(*loggers))
+    train(train_cfg(*loggers, "trainer.max_steps=9"))
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(9))  # both segments' events are read
+    import wandb
+
+    wandb.teardown()
+    run_id = (run / "wandb_run_id").read_text()
+    assert len(list((run / "wandb").glob(f"offline-run-*-{run_id}"))) == 2  # both segments log to one W&B run
