@@ -37,9 +37,10 @@ def assert_same_training_state(a, b):
     assert torch.equal(a["averaging_state"]["n_averaged"], b["averaging_state"]["n_averaged"])
 
 
-@pytest.mark.parametrize("on_device", [False, True], ids=["dataloader", "device_loader"])
-def test_stopping_and_resuming_gives_the_straight_run_bit_for_bit(train_cfg, tmp_path, on_device):
-    extra = [*EXACT, f"data.on_device={on_device}"]
+@pytest.mark.parametrize("on_device,dropout", [(False, 0.0), (True, 0.0), (False, 0.3)],
+                         ids=["dataloader", "device_loader", "dropout"])
+def test_stopping_and_resuming_gives_the_straight_run_bit_for_bit(train_cfg, tmp_path, on_device, dropout):
+    extra = [*EXACT, f"data.on_device={on_device}", f"model.dropout={dropout}"]
     train(train_cfg(*extra, "trainer.max_steps=9", run_dir=tmp_path / "a"))
     train(train_cfg(*extra, "trainer.max_steps=18", "ckpt_path=last", run_dir=tmp_path / "a"))
     train(train_cfg(*extra, "trainer.max_steps=18", run_dir=tmp_path / "b"))

@@ -55,8 +55,10 @@ class DiffusionModule(pl.LightningModule):
         # The t, eps (and label dropout) of a step come from a generator seeded with (seed, rank, step): every rank
         # draws its own noise (seed_everything alone gives all ranks the same), and a run resumed at step k draws
         # exactly what the uninterrupted run drew at k -- the generator's state is a function of the global step,
-        # which every checkpoint holds.
-        self._noise.manual_seed(noise_seed(self.seed, self.global_rank, self.global_step))
+        # which every checkpoint holds. Dropout draws from torch's global generator: seeded the same way, per step.
+        seed = noise_seed(self.seed, self.global_rank, self.global_step)
+        self._noise.manual_seed(seed)
+        torch.manual_seed(seed >> 1)  # a different stream; host-side on CUDA (no sync)
 
     def _draw(self, x0: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         t = torch.randint(0, self.diffusion.T, (x0.shape[0],), device=x0.device, generator=generator)
