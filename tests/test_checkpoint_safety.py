@@ -78,6 +78,13 @@ def test_nested_targets_are_checked_too(trained, tmp_path):
         denoiser_from_checkpoint(ckpt)
 
 
+def test_an_escaped_interpolation_cannot_smuggle_a_target_in(trained, tmp_path):
+    ckpt = load_checkpoint(trained)
+    ckpt["ddpmlab_config"]["model"]["base_channels"] = "\\${oc.create:{_target_: builtins.print, _args_: [pwned]}}"
+    with pytest.raises(CheckpointError, match=r"model.base_channels=.* is an interpolation"):
+        denoiser_from_checkpoint(ckpt)
+
+
 def test_ddpmlabs_own_targets_rebuild_and_trusted_ones_can_be_named(trained, tmp_path):
     denoiser, cfg = load(trained)
     assert cfg.model._target_ == "ddpmlab.networks.UNet"

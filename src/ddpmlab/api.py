@@ -20,10 +20,10 @@ __all__ = [
     "REBUILDABLE",
     "build_denoiser",
     "build_module",
+    "check_targets",
     "denoiser_from_checkpoint",
     "load",
     "load_checkpoint",
-    "check_targets",
     "pick_device",
     "rebuild",
     "register_resolvers",
@@ -85,6 +85,9 @@ def check_targets(cfg: Any, section: str, trusted_targets=(), where: str = "chec
         elif isinstance(node, list):
             for i, v in enumerate(node):
                 walk(v, f"{key}[{i}]")
+        elif isinstance(node, str) and "${" in node:  # stored configs are resolved: an interpolation is smuggled in
+            raise CheckpointError(f"{where}: refused to build {section}: {key}={node[:100]!r} is an interpolation, "
+                                  f"which a stored config never holds")
 
     walk(plain, section)
     return plain
