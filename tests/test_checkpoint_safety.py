@@ -13,7 +13,7 @@ from conftest import TINY, compose_cfg, run_cli
 from ddpmlab.api import denoiser_from_checkpoint, load, load_checkpoint
 from ddpmlab.callbacks import checkpoint as ckpt_io
 from ddpmlab.cli.train import resume_path, train
-from ddpmlab.errors import CheckpointError, ConfigError, DiskFullError
+from ddpmlab.errors import CheckpointError, ConfigError
 from fixtures_data import datamodule, make_cifar10
 
 
@@ -146,6 +146,8 @@ def full_disk_after(monkeypatch, limit):
 
 
 def test_a_full_disk_keeps_the_earlier_checkpoint_and_says_which_directory(train_cfg, tmp_path, monkeypatch):
+    from ddpmlab.errors import DiskFullError
+
     run = tmp_path / "run"
     train(train_cfg())
     ckpts = run / "checkpoints"
