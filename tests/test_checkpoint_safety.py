@@ -61,7 +61,8 @@ def test_sample_py_refuses_a_crafted_checkpoint_in_one_line(trained, tmp_path):
     r = run_cli("sample.py", f"ckpt_path={path}", "num_samples=2", f"hydra.run.dir={tmp_path / 'o'}", cwd=tmp_path)
     assert r.returncode == 2, r.stderr[-2000:]
     assert not marker.exists()
-    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "refused to build model._target_='torch.load'" in r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()]  # one line
+    assert "refused to build model._target_='torch.load'" in r.stderr
 
 
 def test_evaluate_rebuilds_the_stored_data_config_only_through_the_allow_list(trained, tmp_path):

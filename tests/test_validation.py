@@ -58,5 +58,6 @@ def test_a_truncated_image_in_a_worker_is_one_line(tmp_path):
     assert r.returncode == 2, r.stderr[-2000:]
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"ddpmlab: error: cannot read image {victim} (") and last.endswith("replace or remove that file")
+    assert last.startswith(f"ddpmlab: error: cannot read image {victim} (")
+    assert last.endswith("replace or remove that file")
     assert not list((tmp_path / "run").glob("checkpoints/*.ckpt"))  # failed at step 0: nothing to keep

@@ -69,7 +69,8 @@ def check_targets(cfg: Any, section: str, trusted_targets=(), where: str = "chec
     allowed = REBUILDABLE.get(section, frozenset()) | frozenset(trusted_targets)
     plain = _plain(cfg)
     if not isinstance(plain, dict) or "_target_" not in plain:
-        raise CheckpointError(f"{where}: the stored config has no {section} section to rebuild (got {str(plain)[:80]!r})")
+        raise CheckpointError(f"{where}: the stored config has no {section} section to rebuild "
+                              f"(got {str(plain)[:80]!r})")
 
     def walk(node: Any, key: str) -> None:
         if isinstance(node, dict):

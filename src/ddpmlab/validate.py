@@ -34,7 +34,9 @@ def need_int(cfg: DictConfig, key: str, minimum: int, fix: str = "", allow: tupl
 def need_number(cfg: DictConfig, key: str, low: float, high: float = math.inf, low_open: bool = False,
                 high_open: bool = True, fix: str = "") -> None:
     value = OmegaConf.select(cfg, key, default=None)
-    if _is_num(value) and (value > low if low_open else value >= low) and (value < high if high_open else value <= high):
+    if _is_num(value) and (value > low if low_open else value >= low) and (
+        value < high if high_open else value <= high
+    ):
         return
     interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
     what = "is outside" if _is_num(value) else "must be a number in"
@@ -106,7 +108,8 @@ def check_train_config(cfg: DictConfig) -> None:
     if has(cfg, "optimizer.weight_decay"):
         need_number(cfg, "optimizer.weight_decay", 0.0)
     betas = OmegaConf.select(cfg, "optimizer.betas")
-    if betas is not None and not (OmegaConf.is_list(betas) and len(betas) == 2 and all(_is_num(b) and 0 <= b < 1 for b in betas)):
+    good = OmegaConf.is_list(betas) and len(betas) == 2 and all(_is_num(b) and 0 <= b < 1 for b in betas)
+    if betas is not None and not good:
         raise ConfigError(f"optimizer.betas={betas!r} must be two numbers in [0, 1), e.g. [0.9,0.999]")
     if has(cfg, "ema.decay"):
         need_number(cfg, "ema.decay", 0.0, 1.0, fix="e.g. 0.9999 (DDPM)")
@@ -117,7 +120,8 @@ def check_train_config(cfg: DictConfig) -> None:
         if has(cfg, key):
             need_int(cfg, key, 1)
     interval = OmegaConf.select(cfg, "trainer.val_check_interval")
-    if interval is not None and not ((_is_int(interval) and interval >= 1) or (_is_num(interval) and 0 < interval <= 1)):
+    steps_or_share = (_is_int(interval) and interval >= 1) or (_is_num(interval) and 0 < interval <= 1)
+    if interval is not None and not steps_or_share:
         raise ConfigError(f"trainer.val_check_interval={interval!r} must be a number of steps >= 1 or a share of an "
                           f"epoch in (0, 1]")
     if has(cfg, "trainer.gradient_clip_val"):

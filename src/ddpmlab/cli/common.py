@@ -19,7 +19,8 @@ def user_error(exc: BaseException) -> ConfigError | None:
         if isinstance(exc, ConfigError):
             return exc
         if isinstance(exc, MissingMandatoryValue):
-            return ConfigError(f"{exc.full_key} is required (it is ??? in the config): set it as {exc.full_key}=<value>")
+            key = exc.full_key
+            return ConfigError(f"{key} is required (it is ??? in the config): set it as {key}=<value>")
         exc = exc.__cause__ or (exc.__context__ if isinstance(exc, InstantiationException) else None)
     return None
 

@@ -54,7 +54,8 @@ def save_chain(denoiser, sampler: Sampler, num_samples: int, num_frames: int, se
 def sample(cfg: DictConfig, output_dir: str | Path) -> Path:
     check_sample_config(cfg)
     device = pick_device(cfg.device)
-    denoiser, ckpt_cfg = denoiser_from_checkpoint(load_checkpoint(cfg.ckpt_path), ema=cfg.use_ema, where=str(cfg.ckpt_path))
+    ckpt = load_checkpoint(cfg.ckpt_path)
+    denoiser, ckpt_cfg = denoiser_from_checkpoint(ckpt, ema=cfg.use_ema, where=str(cfg.ckpt_path))
     check_sampler_steps(cfg, denoiser.diffusion.T)
     denoiser.to(device)
     if wants_inpainting(cfg):

@@ -16,7 +16,9 @@ from torch.utils.data import Dataset, DistributedSampler
 from ddpmlab.data.datasets import random_flip_mask
 
 
-def epoch_order(n: int, seed: int, epoch: int, shuffle: bool, random_flip: bool, device=None) -> tuple[Tensor, Tensor | None]:
+def epoch_order(
+    n: int, seed: int, epoch: int, shuffle: bool, random_flip: bool, device=None
+) -> tuple[Tensor, Tensor | None]:
     """(order [n], flip [n] bool or None) of epoch ``epoch``."""
     g = torch.Generator(device).manual_seed(seed + epoch)
     order = torch.randperm(n, generator=g, device=device) if shuffle else torch.arange(n, device=device)
