@@ -52,28 +52,31 @@ def test_sigterm_leaves_a_checkpoint_that_ckpt_path_last_resumes(train_cfg, tmp_
 
     # resume: the same run directory, ckpt_path=last, three more steps
     assert resume_path(train_cfg("ckpt_path=last", run_dir=run), run) == str(saved)
+    before = logged_steps(run)
     train(train_cfg("ckpt_path=last", f"trainer.max_steps={k + 3}", "callbacks.checkpoint.every_n_train_steps=1", run_dir=run))
     last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == k + 3
     assert int(next(iter(last["optimizer_states"][0]["state"].values()))["step"]) == k + 3  # Adam went on counting
-    assert min(logged_steps(run)) >= k  # the resumed segment logged from the saved step on
+    after = logged_steps(run)
+    assert after[: len(before)] == before  # metrics.csv kept the first segment's rows
+    assert min(after[len(before):]) >= k  # the resumed segment logged from the saved step on
     assert not saved.exists()  # a finished run removes its on_exception.ckpt
 
 
 def test_ckpt_path_last_without_a_checkpoint_says_where_it_looked(train_cfg, tmp_path):
     cfg = train_cfg("ckpt_path=last")
-    with pytest.raises(CheckpointError, match=r"ckpt_path=last: no last.ckpt or on_exception.ckpt in .*run/checkpoints"):
+    with pytest.raises(CheckpointError, match=r"ckpt_path=last: no complete checkpoint .* in .*run/checkpoints"):
         resume_path(cfg, tmp_path / "run")
     assert resume_path(train_cfg(), tmp_path / "run") is None  # null: a fresh start
 
 
-def test_resume_takes_the_newest_of_last_and_on_exception(train_cfg, tmp_path):
+def test_resume_skips_unreadable_checkpoints_and_takes_a_given_path_as_is(train_cfg, tmp_path):
     ckpts = tmp_path / "run" / "checkpoints"
     ckpts.mkdir(parents=True)
-    (ckpts / "on_exception.ckpt").write_bytes(b"x")
+    (ckpts / "on_exception.ckpt").write_bytes(b"")  # what a full disk used to leave
     (ckpts / "last.ckpt").write_bytes(b"x")
-    os.utime(ckpts / "on_exception.ckpt", (time.time() + 5, time.time() + 5))
-    assert resume_path(train_cfg(), tmp_path / "run") == str(ckpts / "on_exception.ckpt")
+    with pytest.warns(UserWarning, match="skipping .*last.ckpt"):
+        assert resume_path(train_cfg(), tmp_path / "run") is None  # nothing complete: a fresh start
     assert resume_path(train_cfg("ckpt_path=/some/file.ckpt"), tmp_path / "run") == "/some/file.ckpt"
 
 

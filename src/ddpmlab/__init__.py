@@ -6,8 +6,8 @@
 __version__ = "0.1.0"
 
 
-def load(path, ema: bool = True, device="cpu"):
+def load(path, ema: bool = True, device="cpu", trusted_targets=()):
     """See :func:`ddpmlab.api.load`."""
     from ddpmlab.api import load as _load
 
-    return _load(path, ema=ema, device=device)
+    return _load(path, ema=ema, device=device, trusted_targets=trusted_targets)

@@ -17,21 +17,100 @@ from ddpmlab.errors import CheckpointError
 
 __all__ = [
     "CONFIG_DIR",
+    "REBUILDABLE",
     "build_denoiser",
     "build_module",
+    "check_targets",
     "denoiser_from_checkpoint",
     "load",
     "load_checkpoint",
     "pick_device",
+    "rebuild",
     "register_resolvers",
 ]
 
 
-def build_denoiser(cfg: DictConfig) -> Denoiser:
-    """The network, the diffusion process and their contract, from the model / schedule / prediction config."""
-    net = instantiate(cfg.model)
-    diffusion = GaussianDiffusion(instantiate(cfg.schedule))
-    return Denoiser(net, diffusion, cfg.prediction)
+def _rebuildable() -> dict[str, frozenset[str]]:
+    """The ``_target_`` names a checkpoint's config may use, per config section: ddpmlab's own networks,
+    schedules, samplers and data modules, each by its public and its defining-module path."""
+    import inspect
+
+    from ddpmlab import networks, samplers
+    from ddpmlab.data import DiffusionDataModule
+    from ddpmlab.diffusion import schedules
+
+    def names(public: str, obj) -> set[str]:
+        return {f"{public}.{obj.__name__}", f"{obj.__module__}.{obj.__qualname__}"}
+
+    nets = [getattr(networks, n) for n in networks.__all__]
+    nets = [c for c in nets if inspect.isclass(c) and issubclass(c, torch.nn.Module)]
+    betas = [f for n, f in vars(schedules).items() if n.endswith("_betas") and inspect.isfunction(f)]
+    sets = {
+        "model": set().union(*(names("ddpmlab.networks", c) for c in nets)),
+        "schedule": set().union(*(names("ddpmlab.diffusion.schedules", f) for f in betas)),
+        "sampler": names("ddpmlab.samplers", samplers.Sampler),
+        "data": names("ddpmlab.data", DiffusionDataModule),
+    }
+    return {k: frozenset(v) for k, v in sets.items()}
+
+
+REBUILDABLE: dict[str, frozenset[str]] = {}  # section -> allowed targets, filled on first use
+
+
+def _plain(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+def check_targets(cfg: Any, section: str, trusted_targets=(), where: str = "checkpoint") -> dict:
+    """``cfg`` (the ``section`` of a config read from a file) as a plain dict, if every ``_target_`` in it, at any
+    depth, is one of ddpmlab's own for that section (or in ``trusted_targets``); else a CheckpointError naming it."""
+    if not REBUILDABLE:
+        REBUILDABLE.update(_rebuildable())
+    allowed = REBUILDABLE.get(section, frozenset()) | frozenset(trusted_targets)
+    plain = _plain(cfg)
+    if not isinstance(plain, dict) or "_target_" not in plain:
+        raise CheckpointError(f"{where}: the stored config has no {section} section to rebuild "
+                              f"(got {str(plain)[:80]!r})")
+
+    def walk(node: Any, key: str) -> None:
+        if isinstance(node, dict):
+            target = node.get("_target_")
+            if target is not None and target not in allowed:
+                raise CheckpointError(
+                    f"{where}: refused to build {key}._target_={str(target)[:100]!r}: a stored config may only name "
+                    f"ddpmlab's own {section} targets ({', '.join(sorted(allowed))}); do not use checkpoints from "
+                    f"sources you do not trust (a config of your own: ddpmlab.load(path, trusted_targets=[...]))"
+                )
+            for k, v in node.items():
+                walk(v, f"{key}.{k}")
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{key}[{i}]")
+        elif isinstance(node, str) and "${" in node:  # stored configs are resolved: an interpolation is smuggled in
+            raise CheckpointError(f"{where}: refused to build {section}: {key}={node[:100]!r} is an interpolation, "
+                                  f"which a stored config never holds")
+
+    walk(plain, section)
+    return plain
+
+
+def rebuild(cfg: Any, section: str, trusted_targets=(), where: str = "checkpoint", **kwargs: Any) -> Any:
+    """Instantiate ``cfg``, the ``section`` (model, schedule, sampler or data) of a config read from a file, after
+    :func:`check_targets` has admitted every ``_target_`` in it. Nothing else named in a file is ever called."""
+    return instantiate(check_targets(cfg, section, trusted_targets, where), **kwargs)
+
+
+def build_denoiser(cfg: DictConfig, trusted: bool = True, trusted_targets=(), where: str = "checkpoint") -> Denoiser:
+    """The network, the diffusion process and their contract, from the model / schedule / prediction config.
+
+    ``trusted=False`` (a config read from a checkpoint): the model and schedule sections are both checked against
+    ddpmlab's own targets (:func:`check_targets`) before either is built."""
+    if trusted:
+        net, betas = instantiate(cfg.model), instantiate(cfg.schedule)
+    else:
+        model, schedule = (check_targets(cfg.get(s), s, trusted_targets, where) for s in ("model", "schedule"))
+        net, betas = instantiate(model), instantiate(schedule)
+    return Denoiser(net, GaussianDiffusion(betas), cfg.prediction)
 
 
 def build_module(cfg: DictConfig):
@@ -50,13 +129,14 @@ def build_module(cfg: DictConfig):
     )
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a ddpmlab checkpoint safely (weights_only) with a clear error for a missing or corrupt file."""
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """Read a ddpmlab checkpoint safely (weights_only) with a clear error for a missing or corrupt file.
+    ``mmap``: map the tensors instead of reading them (to inspect a large checkpoint)."""
     p = Path(str(path)).expanduser()
     if not p.is_file():
         raise CheckpointError(f"no checkpoint at {p}; pass ckpt_path=<run dir>/checkpoints/last.ckpt")
     try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+        ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # truncated file, not a torch file, unpickling refused
         first = (str(e).splitlines() or [""])[0][:200]
         raise CheckpointError(f"{p} is not a readable checkpoint ({type(e).__name__}: {first})") from e
@@ -65,13 +145,27 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def denoiser_from_checkpoint(ckpt: dict[str, Any], ema: bool = True) -> tuple[Denoiser, DictConfig]:
+def denoiser_from_checkpoint(
+    ckpt: dict[str, Any], ema: bool = True, trusted_targets=(), where: str = "checkpoint"
+) -> tuple[Denoiser, DictConfig]:
     """Rebuild the denoiser from the config stored in the checkpoint and load its (EMA by default) weights.
 
-    With EMA on, Lightning's WeightAveraging stores the average in ``state_dict`` and the raw weights in
-    ``current_model_state``."""
-    cfg = OmegaConf.create(ckpt["ddpmlab_config"])
-    denoiser = build_denoiser(cfg)
+    The stored config is data, not code: its model, schedule, sampler and data sections may name only ddpmlab's
+    own targets (checked, all four, before anything is built: :func:`check_targets`). With EMA on, Lightning's
+    WeightAveraging stores the average in ``state_dict`` and the raw weights in ``current_model_state``."""
+    stored = ckpt.get("ddpmlab_config")
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"{where}: its ddpmlab_config is not a config (a {type(stored).__name__})")
+    try:
+        cfg = OmegaConf.create(stored)
+        for section in ("model", "schedule", "sampler", "data"):
+            if section in cfg or section in ("model", "schedule"):
+                check_targets(cfg.get(section), section, trusted_targets, where)
+    except CheckpointError:
+        raise
+    except Exception as e:  # an interpolation that does not resolve, a value OmegaConf cannot hold
+        raise CheckpointError(f"{where}: its stored config is broken ({type(e).__name__}: {str(e)[:200]})") from e
+    denoiser = build_denoiser(cfg, trusted=False, trusted_targets=trusted_targets, where=where)
     key = "state_dict" if ema or "current_model_state" not in ckpt else "current_model_state"
     prefix = "denoiser."
     state = {k[len(prefix):]: v for k, v in ckpt[key].items() if k.startswith(prefix)}
@@ -84,10 +178,14 @@ def denoiser_from_checkpoint(ckpt: dict[str, Any], ema: bool = True) -> tuple[De
     return denoiser.eval(), cfg
 
 
-def load(path: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> tuple[Denoiser, DictConfig]:
+def load(
+    path: str | Path, ema: bool = True, device: str | torch.device = "cpu", trusted_targets=()
+) -> tuple[Denoiser, DictConfig]:
     """``denoiser, cfg = ddpmlab.load("outputs/.../checkpoints/last.ckpt")``: the (EMA) denoiser in eval mode
-    on ``device``, and the config it was trained with."""
-    denoiser, cfg = denoiser_from_checkpoint(load_checkpoint(path), ema=ema)
+    on ``device``, and the config it was trained with. ``trusted_targets``: your own classes or functions that
+    the stored config may name besides ddpmlab's (for a network you trained yourself)."""
+    ckpt = load_checkpoint(path)
+    denoiser, cfg = denoiser_from_checkpoint(ckpt, ema=ema, trusted_targets=trusted_targets, where=str(path))
     return denoiser.to(device), cfg
 
 

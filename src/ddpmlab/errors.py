@@ -11,3 +11,7 @@ class DatasetNotFoundError(ConfigError, FileNotFoundError):
 
 class CheckpointError(ConfigError):
     """A checkpoint that is missing, unreadable or from an incompatible config."""
+
+
+class DiskFullError(CheckpointError):
+    """No room left to write a checkpoint; the checkpoints already there are intact."""

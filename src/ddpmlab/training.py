@@ -1,8 +1,8 @@
 """Training: ``train(cfg)`` builds the objects a composed ``train`` config describes and fits them.
 
 ``python train.py`` (``ddpmlab.cli.train``) is this function behind Hydra; tests and notebooks call it with a
-config composed by ``hydra.compose``. Resuming (``resume_path``, ``wandb_resume``) and the submitit requeue hand-off
-(``defer_submitit_requeue``) live here too."""
+config composed by ``hydra.compose``. Resuming (``resume_path``, ``check_resume``, ``wandb_resume``) and the
+submitit requeue hand-off (``defer_submitit_requeue``) live here too."""
 
 from __future__ import annotations
 
@@ -14,20 +14,32 @@ import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from omegaconf import DictConfig
+from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
+from omegaconf import DictConfig, OmegaConf
 
-from ddpmlab.api import build_module
+from ddpmlab.api import build_module, load_checkpoint
+from ddpmlab.callbacks.checkpoint import AtomicCheckpointIO
 from ddpmlab.errors import CheckpointError
+from ddpmlab.lit.module import check_compatible
 from ddpmlab.perf import apply_perf
+from ddpmlab.validate import check_train_config
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit a model as ``cfg`` describes; return the final metrics. The CLI and the tests both call this."""
+    """Fit a model as ``cfg`` describes; return the final metrics. The CLI and the tests both call this.
+
+    Everything that can fail on bad input fails before ``trainer.fit`` and writes nothing: the config values, the
+    data files, the checkpoint to resume from (it exists, loads safely and fits the config)."""
+    check_train_config(cfg)
+    run_dir = Path(cfg.trainer.get("default_root_dir") or cfg.paths.output_dir)
+    ckpt_path = resume_path(cfg, run_dir)
+    if ckpt_path is not None:
+        check_resume(ckpt_path, cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     if not cfg.data.get("download"):  # fail on missing or corrupt data now, before any callback writes a checkpoint
@@ -36,12 +48,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     if cfg.get("ema"):
         callbacks.append(instantiate(cfg.ema))
-    run_dir = Path(cfg.trainer.get("default_root_dir") or cfg.paths.output_dir)
-    ckpt_path = resume_path(cfg, run_dir)
     loggers = [instantiate(c, **wandb_resume(c, run_dir, ckpt_path)) for c in (cfg.get("logger") or {}).values()]
     if not loggers:  # LearningRateMonitor refuses a trainer with no logger; nothing to monitor into anyway
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    plugins = [AtomicCheckpointIO()]  # checkpoints written atomically in their own directory
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
     apply_perf(module, trainer.strategy.root_device, cfg.get("perf"))  # GPU levers; each off on the CPU by default
     for logger in trainer.loggers:
         logger.log_hyperparams(module.config)
@@ -85,24 +96,59 @@ def defer_submitit_requeue():
     return lambda: submitit_handler(received[0], None) if received else None
 
 
+def checkpoint_step(path: Path) -> int | None:
+    """The global step of a complete checkpoint file (read safely, tensors memory-mapped, not loaded); None for a
+    file that is truncated, empty or not a Lightning checkpoint."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    step = ckpt.get("global_step") if isinstance(ckpt, dict) else None
+    return step if isinstance(step, int) and "state_dict" in ckpt else None
+
+
 def resume_path(cfg: DictConfig, run_dir: str | Path) -> str | None:
-    """``ckpt_path`` as given. ``last`` or null: the newest of the run directory's ``last.ckpt`` and
-    ``on_exception.ckpt`` (what a SIGTERM or a crash left), so a requeued or restarted job that reuses its run
-    directory continues where it stopped; ``last`` where there is none is an error, null starts afresh."""
+    """``ckpt_path`` as given. ``last`` or null: of every checkpoint in the run directory (``last.ckpt``,
+    ``on_exception.ckpt``, ``step_*.ckpt``), the complete one with the highest global step -- so a requeued or
+    restarted job that reuses its run directory continues from its furthest point, whichever file holds it.
+    Unreadable files are skipped with a warning. ``last`` with no checkpoint is an error; null starts afresh."""
     if cfg.get("ckpt_path") and cfg.ckpt_path != "last":
         return str(cfg.ckpt_path)
     # Lightning itself falls back to "last" when OnExceptionCheckpoint is present, and says so loudly.
     warnings.filterwarnings("ignore", message=r".*ckpt_path=None.*was called without a model")
     warnings.filterwarnings("ignore", message=r".*there is no last checkpoint available")
-    found = [p for p in (Path(run_dir) / "checkpoints" / n for n in ("last.ckpt", "on_exception.ckpt")) if p.is_file()]
+    # Our loaders resume mid-epoch from the global step (data/order.py), which Lightning cannot see.
+    warnings.filterwarnings("ignore", message=r".*ended before the epoch ended and your dataloader is not resumable")
+    folder = Path(run_dir) / "checkpoints"
+    found = []
+    for p in sorted(folder.glob("*.ckpt")) if folder.is_dir() else []:
+        step = checkpoint_step(p)
+        if step is None:
+            rank_zero_warn(f"ddpmlab: skipping {p} when choosing where to resume: not a complete checkpoint")
+            continue
+        found.append((step, p.stat().st_mtime, p))
     if found:
-        return str(max(found, key=lambda p: p.stat().st_mtime))
+        return str(max(found)[2])  # the highest step; of equal steps, the newest file
     if cfg.get("ckpt_path") == "last":
         raise CheckpointError(
-            f"ckpt_path=last: no last.ckpt or on_exception.ckpt in {Path(run_dir) / 'checkpoints'}; pass the run "
-            "directory to continue as hydra.run.dir=<run dir>, or a file as ckpt_path=<path>"
+            f"ckpt_path=last: no complete checkpoint (last.ckpt, on_exception.ckpt, step_*.ckpt) in {folder}; pass "
+            "the run directory to continue as hydra.run.dir=<run dir>, or a file as ckpt_path=<path>"
         )
     return None
+
+
+def check_resume(ckpt_path: str, cfg: DictConfig) -> None:
+    """Refuse, before anything is built or written, a checkpoint that is missing, unreadable, not a training
+    checkpoint or trained with another network or schedule."""
+    ckpt = load_checkpoint(ckpt_path, mmap=True)
+    missing = [k for k in ("global_step", "optimizer_states", "loops") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{ckpt_path} cannot resume a training: it has no {', '.join(missing)} (a weights-only "
+                              f"export?); train afresh, or pass the run's last.ckpt")
+    try:
+        check_compatible(ckpt["ddpmlab_config"], OmegaConf.to_container(cfg, resolve=True))
+    except CheckpointError as e:
+        raise CheckpointError(f"{ckpt_path}: {e}") from None
 
 
 def wandb_resume(logger_cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> dict:

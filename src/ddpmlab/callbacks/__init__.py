@@ -1,4 +1,4 @@
-from ddpmlab.callbacks.checkpoint import Checkpoint
+from ddpmlab.callbacks.checkpoint import AtomicCheckpointIO, Checkpoint, OnExceptionCheckpoint
 from ddpmlab.callbacks.sample_grid import SampleGrid
 
-__all__ = ["Checkpoint", "SampleGrid"]
+__all__ = ["AtomicCheckpointIO", "Checkpoint", "OnExceptionCheckpoint", "SampleGrid"]

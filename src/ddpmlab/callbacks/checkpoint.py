@@ -1,11 +1,71 @@
-"""ModelCheckpoint that also saves the final step: a run that stops at max_steps between two scheduled
-saves otherwise loses its last steps (Lightning saves only on its schedule or at validation)."""
+"""Checkpoints that never lose work.
+
+- :class:`AtomicCheckpointIO` writes each checkpoint to a temporary file in the checkpoint's own directory,
+  fsyncs it and renames it over the target (``os.replace``, atomic on one filesystem): a kill or a full disk
+  leaves the previous file intact and no partial one that a resume could pick. (Lightning's own writer stages
+  the file in the system temporary directory and moves it: a copy, not a rename, when that is another
+  filesystem.) A full disk is a one-line error naming the directory.
+- :class:`Checkpoint`: ModelCheckpoint that also saves the final step: a run that stops at max_steps between two
+  scheduled saves otherwise loses its last steps (Lightning saves only on its schedule or at validation).
+- :class:`OnExceptionCheckpoint`: saves where a crash or a SIGTERM stopped training, but only when this run has
+  trained at least one step since it started (or resumed): a failure before the first optimizer step writes
+  nothing, so it cannot shadow the checkpoint it was resuming from with an untrained one.
+"""
 
 from __future__ import annotations
 
+import errno
+import io
+import os
+import tempfile
 from pathlib import Path
+from typing import Any
 
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import OnExceptionCheckpoint as _OnExceptionCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from ddpmlab.errors import DiskFullError
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def atomic_write(data: bytes, path: str | Path) -> None:
+    """Write ``data`` to ``path`` so that ``path`` holds either its old content or all of ``data``, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the rename itself survives a power cut
+        finally:
+            os.close(dir_fd)
+    except OSError as e:
+        if e.errno in DISK_FULL:
+            raise DiskFullError(
+                f"no space left in {path.parent} to write {path.name} ({len(data) / 1e6:.1f} MB); the checkpoints "
+                f"already there are intact: free space, then continue with ckpt_path=last"
+            ) from e
+        raise
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        atomic_write(buffer.getbuffer(), path)
 
 
 class Checkpoint(ModelCheckpoint):
@@ -14,3 +74,19 @@ class Checkpoint(ModelCheckpoint):
         if self.save_last and self.dirpath and trainer.global_step != self._last_global_step_saved:
             trainer.save_checkpoint(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
             self._last_global_step_saved = trainer.global_step
+
+
+class OnExceptionCheckpoint(_OnExceptionCheckpoint):
+    def __init__(self, dirpath, filename: str = "on_exception") -> None:
+        super().__init__(dirpath, filename)
+        self._start_step: int | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._start_step = trainer.global_step  # after a resume: the step it resumed at
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if self._start_step is None or trainer.global_step <= self._start_step:
+            return  # nothing trained since the start or the resume: nothing to keep
+        if isinstance(exception, DiskFullError):
+            return  # the disk is full: a second write would fail the same way
+        super().on_exception(trainer, pl_module, exception)

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from hydra.errors import InstantiationException
+from omegaconf.errors import MissingMandatoryValue
 
 from ddpmlab.errors import ConfigError
 
@@ -17,8 +18,21 @@ def user_error(exc: BaseException) -> ConfigError | None:
     while exc is not None:
         if isinstance(exc, ConfigError):
             return exc
+        if isinstance(exc, MissingMandatoryValue):
+            key = exc.full_key
+            return ConfigError(f"{key} is required (it is ??? in the config): set it as {key}=<value>")
         exc = exc.__cause__ or (exc.__context__ if isinstance(exc, InstantiationException) else None)
     return None
+
+
+def one_line(err: ConfigError) -> str:
+    """The message of ``err``; for one re-raised from a DataLoader worker (whose message carries the worker's
+    traceback), the original message alone."""
+    text = str(err)
+    if text.startswith("Caught ") and "Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
 
 
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -32,7 +46,7 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             err = user_error(e)
             if err is None:
                 raise
-            print(f"ddpmlab: error: {err}", file=sys.stderr)
+            print(f"ddpmlab: error: {one_line(err)}", file=sys.stderr)
             sys.exit(2)
 
     return wrapper

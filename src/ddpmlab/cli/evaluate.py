@@ -20,13 +20,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ddpmlab.api import CONFIG_DIR, denoiser_from_checkpoint, load_checkpoint, pick_device
+from ddpmlab.api import CONFIG_DIR, denoiser_from_checkpoint, load_checkpoint, pick_device, rebuild
 from ddpmlab.cli.common import friendly_errors
 from ddpmlab.cli.sample import given
 from ddpmlab.diffusion import Denoiser
 from ddpmlab.errors import ConfigError
 from ddpmlab.metrics.nll import evaluate_bpd
 from ddpmlab.samplers import Sampler
+from ddpmlab.validate import check_evaluate_config
 
 
 @dataclass
@@ -42,7 +43,7 @@ class EvalContext:
     def datamodule(self):
         """The checkpoint's data module (its data config, ``cfg.data`` merged over it, batches of ``cfg.batch_size``)."""
         data_cfg = OmegaConf.merge(self.train_cfg.data, self.cfg.get("data") or {})
-        datamodule = instantiate(data_cfg, batch_size=self.cfg.batch_size)
+        datamodule = rebuild(data_cfg, "data", batch_size=self.cfg.batch_size)  # the checkpoint's: checked targets
         datamodule.prepare_data()
         datamodule.setup("fit")
         return datamodule
@@ -119,6 +120,7 @@ METRICS: dict[str, Callable[[EvalContext, DictConfig], dict[str, Any]]] = {"bpd"
 
 def evaluate(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     """Compute every metric in ``cfg.metrics`` for the checkpoint and write them to ``<output_dir>/metrics.json``."""
+    check_evaluate_config(cfg)
     unknown = [m for m in cfg.metrics if m not in METRICS]
     if unknown:
         raise ConfigError(f"unknown metric(s) {unknown}; choose from {sorted(METRICS)}")
@@ -126,7 +128,7 @@ def evaluate(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         raise ConfigError(f"batch_size={cfg.batch_size} must be >= 1")
     device = pick_device(cfg.device)
     ckpt = load_checkpoint(cfg.ckpt_path)
-    denoiser, train_cfg = denoiser_from_checkpoint(ckpt, ema=cfg.use_ema)
+    denoiser, train_cfg = denoiser_from_checkpoint(ckpt, ema=cfg.use_ema, where=str(cfg.ckpt_path))
     ctx = EvalContext(denoiser.to(device), train_cfg, cfg, device)
     results: dict[str, Any] = {
         "checkpoint": {"path": str(cfg.ckpt_path), "global_step": ckpt.get("global_step"), "ema": cfg.use_ema}

@@ -11,15 +11,15 @@ import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ddpmlab.api import CONFIG_DIR, denoiser_from_checkpoint, load_checkpoint, pick_device
+from ddpmlab.api import CONFIG_DIR, denoiser_from_checkpoint, load_checkpoint, pick_device, rebuild
 from ddpmlab.cli.common import friendly_errors
 from ddpmlab.errors import ConfigError
 from ddpmlab.images import load_image, save_grid, side_by_side, to_hwc_uint8, to_unit
 from ddpmlab.samplers import Sampler, generate, generate_chain, with_guidance
 from ddpmlab.samplers.masks import make_mask
+from ddpmlab.validate import check_sample_config, check_sampler_steps
 
 
 def given(node: DictConfig | dict | None) -> dict:
@@ -44,10 +44,11 @@ def write_outputs(out: Path, images: torch.Tensor, sampler: Sampler, labels: tor
 
 
 def sample(cfg: DictConfig, output_dir: str | Path) -> Path:
-    if cfg.num_samples < 1 or cfg.batch_size < 1:
-        raise ConfigError(f"num_samples ({cfg.num_samples}) and batch_size ({cfg.batch_size}) must be >= 1")
+    check_sample_config(cfg)
     device = pick_device(cfg.device)
-    denoiser, ckpt_cfg = denoiser_from_checkpoint(load_checkpoint(cfg.ckpt_path), ema=cfg.use_ema)
+    ckpt = load_checkpoint(cfg.ckpt_path)
+    denoiser, ckpt_cfg = denoiser_from_checkpoint(ckpt, ema=cfg.use_ema, where=str(cfg.ckpt_path))
+    check_sampler_steps(cfg, denoiser.diffusion.T)
     denoiser.to(device)
     perf = (cfg.get("perf") or {}).get("sampling")
     if wants_inpainting(cfg):
@@ -77,7 +78,7 @@ def wants_inpainting(cfg: DictConfig) -> bool:
 
 def dataset_image(data_cfg: DictConfig, index: int, split: str = "val") -> tuple[torch.Tensor, int]:
     """Image ``index`` of the checkpoint's dataset split ('val' or 'train') as [1,C,H,W] in [-1, 1], and its label."""
-    datamodule = instantiate(data_cfg)
+    datamodule = rebuild(data_cfg, "data")  # the checkpoint's data config: only ddpmlab's own targets
     datamodule.setup("fit")
     ds = {"val": datamodule.val_set, "train": datamodule.train_set}.get(split)
     if ds is None or not 0 <= index < len(ds):

@@ -3,8 +3,10 @@
 Two loader paths give batches of the same distribution:
 - in-memory datasets (digits, MNIST, Fashion-MNIST, CIFAR-10) on an accelerator: ``DeviceLoader``, the whole
   split as one uint8 tensor on the training device (``on_device: auto``; ``true`` forces it, on CPU too);
-- otherwise a DataLoader over the Dataset (items already in [-1, 1]) whose collate flips the batch; workers
-  from the CPU count for datasets read from files (CelebA, folders), pinned memory on GPU.
+- otherwise a DataLoader over the Dataset (items already in [-1, 1]); workers from the CPU count for datasets
+  read from files (CelebA, folders), pinned memory on GPU.
+Both draw the training order and flips of epoch e from ``seed + e`` alone (data/order.py), so a run resumed
+mid-epoch continues with exactly the batches the uninterrupted run would have seen.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from ddpmlab.data import datasets as D
 from ddpmlab.data.device_loader import DeviceLoader
 from ddpmlab.data.files import ImageFileDataset, celeba_files, folder_files
+from ddpmlab.data.order import EpochSampler, Flipped, position
 from ddpmlab.errors import ConfigError
 
 IN_MEMORY = ("digits", "mnist", "fashion_mnist", "cifar10")
@@ -40,7 +43,7 @@ class DiffusionDataModule(pl.LightningDataModule):
         num_workers: int | str = "auto",
         on_device: bool | str = "auto",
         crop: int | None = None,  # centre crop (pixels) before resizing, e.g. 140 for CelebA 64x64
-        seed: int = 0,  # shuffling and flips of the on-device path (the DataLoader path follows seed_everything)
+        seed: int = 0,  # the training order and flips of every epoch (data/order.py)
     ):
         super().__init__()
         if name not in DATASETS:
@@ -133,23 +136,30 @@ class DiffusionDataModule(pl.LightningDataModule):
         return max(1, min(16, cpus // self._rank()[1] - 1))  # one core per rank for its main process
 
     def _loader(self, ds: Dataset, train: bool):
+        # Training order and flips: a function of (seed, epoch) (data/order.py), so that a resumed run skips the
+        # batches it already trained on and then sees what the uninterrupted run saw.
+        where = (lambda batches: position(self.trainer, batches)) if train and self.trainer is not None else None
+        rank, world_size = self._rank()
         if self.uses_device_loader():
-            rank, world_size = self._rank()
             return DeviceLoader(
                 ds.images, ds.labels, self.batch_size, shuffle=train, random_flip=train and self.random_flip,
                 drop_last=train, seed=self.seed, rank=rank, world_size=world_size, device=self._device(),
-                epoch=(lambda: self.trainer.current_epoch) if self.trainer is not None else None,
+                position=where,
             )
         workers = self._num_workers()
+        common = dict(num_workers=workers, persistent_workers=workers > 0, pin_memory=self._device().type == "cuda")
+        if not train:
+            return DataLoader(ds, batch_size=self.batch_size, collate_fn=D.CollateX0(False), **common)
+        sampler = EpochSampler(len(ds), self.batch_size, seed=self.seed, random_flip=self.random_flip, rank=rank,
+                               world_size=world_size, position=where)
         return DataLoader(
-            ds,
+            Flipped(ds),
             batch_size=self.batch_size,
-            shuffle=train,
-            drop_last=train and len(ds) >= self.batch_size,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            pin_memory=self._device().type == "cuda",
-            collate_fn=D.CollateX0(train and self.random_flip),
+            sampler=sampler,
+            drop_last=sampler.num_samples >= self.batch_size,
+            collate_fn=D.CollateX0(False),
+            generator=torch.Generator().manual_seed(self.seed),  # worker seeds: not from torch's global generator
+            **common,
         )
 
     def train_dataloader(self):

@@ -164,6 +164,33 @@ CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_FILES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "val": ("test_batch",)}
 
 
+class RefusedGlobal(pickle.UnpicklingError):
+    """A pickle naming a callable outside the allow-list."""
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what a CIFAR-10 batch holds -- dicts, lists, strings, numbers and one numpy uint8 array --
+    so a crafted batch cannot call anything else (plain ``pickle.load`` would run whatever it names)."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),  # how protocol-2 pickles hold bytes
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise RefusedGlobal(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+def read_cifar_batch(path: Path) -> dict:
+    with open(path, "rb") as fh:
+        batch = CifarUnpickler(fh, encoding="latin1").load()  # the batches were pickled by Python 2
+    if not isinstance(batch, dict):
+        raise ValueError(f"a {type(batch).__name__}, not a dict of data and labels")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
+
+
 def load_cifar10(root: str | Path, split: str) -> tuple[Tensor, Tensor]:
     """CIFAR-10 ``split`` ('train' | 'val' = the official test batch) as uint8 [N,3,32,32] + labels."""
     folder = Path(root).expanduser() / CIFAR10_DIR
@@ -177,13 +204,15 @@ def load_cifar10(root: str | Path, split: str) -> tuple[Tensor, Tensor]:
     for f in CIFAR10_FILES[split]:
         path = folder / f
         try:
-            with open(path, "rb") as fh:
-                batch = pickle.load(fh, encoding="latin1")  # the batches were pickled by Python 2
+            batch = read_cifar_batch(path)
             x = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
             y = np.asarray(batch["labels"], dtype=np.int64)
             if len(x) != len(y):
                 raise ValueError(f"{len(x)} images but {len(y)} labels")
-        except Exception as e:  # any unpickling or layout failure means the same thing: a broken file
+        except RefusedGlobal as e:
+            raise ConfigError(f"{path} is not a CIFAR-10 batch: it asks to call {e}, which was refused (a batch "
+                              f"holds only arrays and lists); extract the batches again from {CIFAR10_URL}") from e
+        except Exception as e:  # any other unpickling or layout failure means the same thing: a broken file
             raise ConfigError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}); extract it again from "
                               f"{CIFAR10_URL}") from e
         images.append(torch.from_numpy(x))

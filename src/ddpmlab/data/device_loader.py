@@ -13,7 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ddpmlab.data.datasets import ImageTensorDataset, mirror, random_flip_mask, to_model_range
+from ddpmlab.data.datasets import ImageTensorDataset, mirror, to_model_range
+from ddpmlab.data.order import epoch_order
 
 
 class DeviceLoader:
@@ -33,7 +34,9 @@ class DeviceLoader:
         rank: int = 0,
         world_size: int = 1,
         device: torch.device | str | None = None,
-        epoch: Callable[[], int] | None = None,  # the trainer's epoch counter; None: count passes here
+        # batches per epoch -> (epoch, batches of it already trained on) where the trainer stands (data/order.py);
+        # None, or a None answer: count passes here (set_epoch sets the count)
+        position: Callable[[int], tuple[int, int] | None] | None = None,
     ):
         assert images.dtype == torch.uint8 and images.ndim == 4 and labels.shape == images.shape[:1]
         assert 0 <= rank < world_size
@@ -46,7 +49,7 @@ class DeviceLoader:
         # Training shards are cut to equal length so that every rank runs the same number of steps.
         self.shard_size = n // world_size if drop_last else len(range(rank, n, world_size))
         self.drop_last = drop_last and self.shard_size >= batch_size
-        self.epoch, self.epoch_fn = 0, epoch
+        self.epoch, self.position = 0, position
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -58,14 +61,13 @@ class DeviceLoader:
 
     def __iter__(self):
         n = self.images.shape[0]
-        if self.epoch_fn is not None:  # a resumed run continues with the permutation of the epoch it stopped in
-            self.epoch = self.epoch_fn()
-        g = torch.Generator(self.device).manual_seed(self.seed + self.epoch)
-        order = torch.randperm(n, generator=g, device=self.device) if self.shuffle else torch.arange(n, device=self.device)
-        flip = random_flip_mask(n, g, self.device) if self.random_flip else None
+        # a resumed run continues with the permutation of the epoch it stopped in, from the batch it stopped at
+        where = self.position(len(self)) if self.position is not None else None
+        self.epoch, skip = where if where is not None else (self.epoch, 0)
+        order, flip = epoch_order(n, self.seed, self.epoch, self.shuffle, self.random_flip, self.device)
         shard = order[self.rank :: self.world_size][: self.shard_size]
         self.epoch += 1  # plain iteration (no Lightning) also gets a fresh order every epoch
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
+        for start in range(skip * self.batch_size, len(self) * self.batch_size, self.batch_size):
             i = shard[start : start + self.batch_size]
             images = self.images[i] if flip is None else mirror(self.images[i], flip[i])  # flipped while uint8
             yield to_model_range(images), self.labels[i]

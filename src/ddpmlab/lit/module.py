@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from typing import Any
 
@@ -48,11 +49,16 @@ class DiffusionModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ training
     def on_train_start(self) -> None:
-        # Every rank draws its own t and eps (seed_everything alone gives all ranks the same noise); a resumed
-        # run continues with fresh noise rather than replaying the first steps'.
-        self._noise = torch.Generator(self.device).manual_seed(
-            self.seed * 1_000_003 + self.global_rank * 7919 + self.global_step
-        )
+        self._noise = torch.Generator(self.device)
+
+    def _seed_noise(self) -> None:
+        # The t, eps (and label dropout) of a step come from a generator seeded with (seed, rank, step): every rank
+        # draws its own noise (seed_everything alone gives all ranks the same), and a run resumed at step k draws
+        # exactly what the uninterrupted run drew at k -- the generator's state is a function of the global step,
+        # which every checkpoint holds. Dropout draws from torch's global generator: seeded the same way, per step.
+        seed = noise_seed(self.seed, self.global_rank, self.global_step)
+        self._noise.manual_seed(seed)
+        torch.manual_seed(seed >> 1)  # a different stream; host-side on CUDA (no sync)
 
     def _draw(self, x0: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         t = torch.randint(0, self.diffusion.T, (x0.shape[0],), device=x0.device, generator=generator)
@@ -70,6 +76,7 @@ class DiffusionModule(pl.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x0, y = batch
+        self._seed_noise()
         t, eps = self._draw(x0, self._noise)
         loss_per_sample = self.objective(self.denoiser, self.diffusion, x0, t, eps, self._labels(y, self._noise))
         loss = loss_per_sample.mean()
@@ -114,13 +121,27 @@ class DiffusionModule(pl.LightningModule):
         check_compatible(checkpoint.get("ddpmlab_config"), self.config)
 
 
+def noise_seed(seed: int, rank: int, step: int) -> int:
+    """A 64-bit seed for (seed, rank, step), distinct for every triple in practice."""
+    digest = hashlib.blake2b(f"{seed}/{rank}/{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def _differences(saved: Any, current: Any, key: str) -> list[str]:
+    if isinstance(saved, dict) and isinstance(current, dict):
+        keys = sorted(set(saved) | set(current), key=str)
+        return [d for k in keys for d in _differences(saved.get(k), current.get(k), f"{key}.{k}")]
+    return [] if saved == current else [f"{key}: checkpoint {saved!r}, this run {current!r}"]
+
+
 def check_compatible(saved: dict | None, current: dict) -> None:
     """Refuse a checkpoint whose network or schedule differs from the run's config (before weights load)."""
     if not saved or not current:
         return
     for key in ARCH_KEYS:
         if key in saved and key in current and saved[key] != current[key]:
+            diff = _differences(saved[key], current[key], key)
             raise CheckpointError(
-                f"the checkpoint was trained with a different '{key}' config:\n  checkpoint: {saved[key]}\n"
-                f"  this run:   {current[key]}\nuse the same {key} settings as the run that wrote it, or start afresh"
+                f"the checkpoint was trained with a different '{key}' config ({'; '.join(diff[:4])}); use the same "
+                f"{key} settings as the run that wrote it, or start afresh in a new run directory"
             )

@@ -1,0 +1,83 @@
+"""The order of a training epoch as a function of (seed, epoch) alone, and where a resumed run stands in it.
+
+Epoch ``e`` visits the items in the permutation drawn from a generator seeded with ``seed + e`` and flips those
+that the same generator's flip mask marks, on every rank alike (each rank takes every ``world_size``-th item).
+Nothing depends on what ran before, so a run resumed from a checkpoint written in the middle of an epoch skips
+the batches the trainer has already stepped through and sees exactly the batches the uninterrupted run saw."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, DistributedSampler
+
+from ddpmlab.data.datasets import random_flip_mask
+
+
+def epoch_order(
+    n: int, seed: int, epoch: int, shuffle: bool, random_flip: bool, device=None
+) -> tuple[Tensor, Tensor | None]:
+    """(order [n], flip [n] bool or None) of epoch ``epoch``."""
+    g = torch.Generator(device).manual_seed(seed + epoch)
+    order = torch.randperm(n, generator=g, device=device) if shuffle else torch.arange(n, device=device)
+    flip = random_flip_mask(n, g, device) if random_flip else None
+    return order, flip
+
+
+def position(trainer, batches_per_epoch: int) -> tuple[int, int] | None:
+    """(epoch, batches of it already trained on) where the trainer stands, from its global step alone (one step per
+    batch of ``batches_per_epoch``, gradient accumulation counted); None where there is no trainer to ask.
+
+    Lightning's own epoch counter is not used: a checkpoint written when max_steps ends a run mid-epoch records
+    that epoch as completed, and a run resumed from it would start the next permutation too early."""
+    step = getattr(trainer, "global_step", None)
+    if not isinstance(step, int) or batches_per_epoch < 1:
+        return None
+    limit = getattr(trainer, "limit_train_batches", None)
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        batches_per_epoch = min(batches_per_epoch, limit)
+    elif isinstance(limit, float) and limit < 1:
+        batches_per_epoch = max(1, int(batches_per_epoch * limit))
+    return divmod(step * getattr(trainer, "accumulate_grad_batches", 1), batches_per_epoch)
+
+
+class EpochSampler(DistributedSampler):
+    """The DataLoader path's sampler: yields ``(index, flip)`` of this rank's share of :func:`epoch_order`, from
+    the first batch not yet trained on. A DistributedSampler, so that Lightning does not replace it under DDP."""
+
+    def __init__(self, n: int, batch_size: int, *, seed: int, random_flip: bool, rank: int = 0, world_size: int = 1,
+                 position: Callable[[int], tuple[int, int] | None] | None = None):
+        self.n, self.batch_size, self.seed, self.random_flip = n, batch_size, seed, random_flip
+        self.rank, self.num_replicas, self.shuffle, self.drop_last = rank, world_size, True, True
+        self.num_samples = n // world_size  # equal shards: every rank runs the same number of steps
+        self.epoch, self.position = 0, position
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[tuple[int, bool]]:
+        batches = max(1, self.num_samples // self.batch_size)
+        where = self.position(batches) if self.position is not None else None
+        self.epoch, skip = where if where is not None else (self.epoch, 0)
+        order, flip = epoch_order(self.n, self.seed, self.epoch, True, self.random_flip)
+        shard = order[self.rank :: self.num_replicas][: self.num_samples].tolist()
+        flips = [False] * self.n if flip is None else flip.tolist()
+        self.epoch += 1  # plain iteration (no Lightning) gets a fresh order every pass
+        return iter([(i, flips[i]) for i in shard[skip * self.batch_size :]])
+
+
+class Flipped(Dataset):
+    """``dataset`` indexed by ``(index, flip)``: the item, mirrored left-right where ``flip``."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, bool]) -> tuple[Tensor, Tensor]:
+        i, flip = key
+        x0, label = self.dataset[i]
+        return (x0.flip(-1) if flip else x0), label

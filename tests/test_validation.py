@@ -1,0 +1,63 @@
+"""Every config value that can be checked is checked before training starts: one line naming the key and the fix,
+exit status 2 from the CLI, and nothing written."""
+
+import pytest
+
+from conftest import TINY, run_cli
+from ddpmlab.cli.sample import sample
+from ddpmlab.training import train
+from ddpmlab.errors import ConfigError
+from fixtures_data import make_folder
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["schedule.beta_start=0.03"], "schedule.beta_start=0.03 must be below schedule.beta_end=0.02"),
+        (["model.channel_mult=[]"], "model.channel_mult=[] must be a non-empty list of positive integers"),
+        (["sampler.num_steps=100"], "sampler.num_steps=100 is more than the schedule's T=50 steps"),
+        (["sampler=ddim", "sampler.eta=-1"], "sampler.eta=-1 is outside [0, inf)"),
+        (["schedule.num_timesteps=1"], "schedule.num_timesteps=1 must be an integer >= 2"),
+        (["trainer.max_steps=abc"], "trainer.max_steps='abc' must be an integer >= 1 or -1"),
+        (["prediction=foo"], "prediction='foo' is not a parameterization; choose one of eps, x0, v"),
+        (["optimizer.lr=-1"], "optimizer.lr=-1 is outside (0, inf)"),
+        (["p_uncond=1.5"], "p_uncond=1.5 is outside [0, 1)"),
+    ],
+)
+def test_bad_values_are_refused_before_training(train_cfg, tmp_path, args, expected):
+    with pytest.raises(ConfigError) as e:
+        train(train_cfg(*args))
+    assert expected in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "run").exists()  # nothing written: no checkpoint, no metrics
+
+
+def test_sample_py_without_ckpt_path_is_one_line(tmp_path):
+    r = run_cli("sample.py", f"hydra.run.dir={tmp_path / 'o'}", cwd=tmp_path, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip() == "ddpmlab: error: ckpt_path is required: python sample.py " \
+                               "ckpt_path=<run dir>/checkpoints/last.ckpt"
+
+
+def test_sample_steps_above_the_checkpoints_T_are_refused(tmp_path):
+    from conftest import compose_cfg
+
+    run = tmp_path / "trained"
+    train(compose_cfg("train", TINY + ["trainer.max_steps=1"], run))
+    cfg = compose_cfg("sample", [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "sampler.num_steps=51"], tmp_path)
+    with pytest.raises(ConfigError, match=r"sampler.num_steps=51 is more than the schedule's T=50"):
+        sample(cfg, tmp_path / "o")
+
+
+def test_a_truncated_image_in_a_worker_is_one_line(tmp_path):
+    make_folder(tmp_path / "images", classes=("a",), per_class=8)
+    victim = tmp_path / "images" / "a" / "img_0.jpg"
+    victim.write_bytes(victim.read_bytes()[:100])
+    r = run_cli("train.py", *TINY, "data=folder", f"data.root={tmp_path / 'images'}", "data.image_size=8",
+                "data.batch_size=8", "data.val_fraction=0", "data.num_workers=1", "trainer.max_steps=2",
+                f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=180)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"ddpmlab: error: cannot read image {victim} (")
+    assert last.endswith("replace or remove that file")
+    assert not list((tmp_path / "run").glob("checkpoints/*.ckpt"))  # failed at step 0: nothing to keep
