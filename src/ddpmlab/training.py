@@ -111,7 +111,8 @@ def resume_path(cfg: DictConfig, run_dir: str | Path) -> str | None:
     """``ckpt_path`` as given. ``last`` or null: of every checkpoint in the run directory (``last.ckpt``,
     ``on_exception.ckpt``, ``step_*.ckpt``), the complete one with the highest global step -- so a requeued or
     restarted job that reuses its run directory continues from its furthest point, whichever file holds it.
-    Unreadable files are skipped with a warning. ``last`` with no checkpoint is an error; null starts afresh."""
+    Of equal steps, last.ckpt, else the newest. Unreadable files are skipped with a warning. ``last`` with no
+    checkpoint is an error; null starts afresh."""
     if cfg.get("ckpt_path") and cfg.ckpt_path != "last":
         return str(cfg.ckpt_path)
     # Lightning itself falls back to "last" when OnExceptionCheckpoint is present, and says so loudly.
@@ -126,9 +127,9 @@ def resume_path(cfg: DictConfig, run_dir: str | Path) -> str | None:
         if step is None:
             rank_zero_warn(f"ddpmlab: skipping {p} when choosing where to resume: not a complete checkpoint")
             continue
-        found.append((step, p.stat().st_mtime, p))
+        found.append((step, p.name == "last.ckpt", p.stat().st_mtime, p))
     if found:
-        return str(max(found)[2])  # the highest step; of equal steps, the newest file
+        return str(max(found)[-1])  # the highest step; of equal steps last.ckpt, else the newest file
     if cfg.get("ckpt_path") == "last":
         raise CheckpointError(
             f"ckpt_path=last: no complete checkpoint (last.ckpt, on_exception.ckpt, step_*.ckpt) in {folder}; pass "
