@@ -21,7 +21,8 @@
 #
 #   bash bench/gpu_check.sh                   # on the GPU machine (see bench/README.md for the device call)
 #   bash bench/gpu_check.sh --cpu             # dry run at tiny sizes on a CPU (tests/test_gpu_check.py)
-#   bash bench/gpu_check.sh --only train_throughput,sample_throughput     # rerun some steps
+#   bash bench/gpu_check.sh --only train_throughput,sample_throughput     # rerun some steps (setup and env
+#                                             always run; a step whose prerequisite is not selected is skipped)
 #
 # Options: --cpu; --only STEP[,STEP]; --budget SECONDS (the whole run, default 530 on a GPU, 400 on a CPU);
 # --data-root DIR (holds MNIST/raw/; default .gpu_check/data on a GPU, scikit-learn's digits on a CPU).
@@ -37,7 +38,7 @@ while [ $# -gt 0 ]; do
     --only) only=",$2,"; shift 2 ;;
     --budget) budget="$2"; shift 2 ;;
     --data-root) data_root="$2"; shift 2 ;;
-    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -77,8 +78,6 @@ run_step() {
     return
   fi
   for p in $prereqs; do
-    # With --only, a step needs only the selected steps (and setup and env, which always run).
-    if [ -n "$only" ] && [[ "$only" != *",$p,"* ]] && [ "$p" != setup ] && [ "$p" != env ]; then continue; fi
     if [ "${STATUS[$p]:-}" != ok ]; then
       STATUS[$name]=skipped
       steps record "$SUMMARY" --name "$name" --status skipped --reason "needs $p, which is ${STATUS[$p]:-not run}"

@@ -89,7 +89,7 @@ def cmd_init(a) -> int:
         "commit": commit_of(Path(a.repo)),
         "budget_s": a.budget,
         "command": a.command,
-        "complete": False,
+        "finished": False,
         "steps": {name: {"status": "pending"} for name in STEPS},
     }
     summary["result_name"] = result_name(summary)
@@ -121,7 +121,8 @@ def cmd_finish(a) -> int:
     summary = read_json(a.summary)
     steps = summary["steps"]
     summary["elapsed_s"] = round(a.elapsed, 1)
-    summary["complete"] = all(s["status"] in ("ok", "skipped") for s in steps.values())
+    summary["finished"] = True  # the run reached its end (a run cut off keeps False)
+    summary["failed_steps"] = [name for name, s in steps.items() if s["status"] not in ("ok", "skipped")]
     if summary["mode"] == "cuda":
         targets = {}
         for key, (step, path, target, what) in TARGETS.items():
@@ -141,7 +142,8 @@ def cmd_finish(a) -> int:
 
 def show(summary: dict) -> str:
     lines = [f"gpu_check ({summary['mode']}) {summary['date']} commit {summary['commit']}: "
-             f"{'complete' if summary.get('complete') else 'INCOMPLETE'} in {summary.get('elapsed_s')} s"]
+             f"{'finished' if summary.get('finished') else 'CUT OFF'} in {summary.get('elapsed_s')} s, "
+             f"failed: {summary.get('failed_steps')}"]
     for name, s in summary["steps"].items():
         extra = s.get("reason") or s.get("headline") or ""
         lines.append(f"  {name:<18} {s['status']:<8} {str(s.get('seconds', '')):>7}  {extra}")

@@ -18,7 +18,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --mnist-root) mnist_root="$2"; shift 2 ;;
     --python-version) python_version="$2"; shift 2 ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
     *) echo "prepare_device.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
