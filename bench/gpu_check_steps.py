@@ -203,7 +203,10 @@ def cmd_levers(a) -> int:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from ddpmlab.api import CONFIG_DIR
+    try:
+        from ddpmlab.config import CONFIG_DIR  # without torch: this runs between steps
+    except ImportError:
+        from ddpmlab.api import CONFIG_DIR
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):

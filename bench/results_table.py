@@ -44,7 +44,8 @@ def row(summary: dict) -> str:
     steps = summary["steps"]
     train, sample = dig(steps, "train_throughput", "result") or {}, dig(steps, "sample_throughput", "result") or {}
     ok = [n for n, s in steps.items() if s["status"] == "ok"]
-    failed = summary.get("failed_steps") or [n for n, s in steps.items() if s["status"] not in ("ok", "skipped")]
+    skipped = [n for n, s in steps.items() if s["status"] == "skipped"]
+    failed = [n for n, s in steps.items() if s["status"] not in ("ok", "skipped")]
     diff = dig(steps, "sample_cli", "max_abs_diff")
     cells = [
         summary["date"][:10],
@@ -56,7 +57,8 @@ def row(summary: dict) -> str:
         fmt(dig(sample, "ratio", "ddpmlab_vs_peer"), 2),
         " / ".join(fmt(dig(part, p, "peak_mem_GiB"), 2) for part, p in ((train, "trainer"), (sample, "ddpmlab"))),
         " / ".join(fmt(dig(part, p, "mfu"), 3) for part, p in ((train, "trainer"), (sample, "ddpmlab"))),
-        f"{len(ok)}/{len(steps)} ok" + (f"; failed: {', '.join(failed)}" if failed else "")
+        f"{len(ok)}/{len(steps)} ok" + (f"; skipped: {', '.join(skipped)}" if skipped else "")
+        + (f"; failed: {', '.join(failed)}" if failed else "")
         + (f"; samples fast vs fp32 max diff {diff}" if diff is not None else ""),
     ]
     return "| " + " | ".join(cells) + " |"
