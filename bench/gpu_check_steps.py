@@ -180,7 +180,8 @@ def cmd_env(a) -> int:
             env[package] = None
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        env.update(gpu=props.name, capability=f"{props.major}.{props.minor}", multiprocessors=props.multi_processor_count,
+        env.update(gpu=props.name, capability=f"{props.major}.{props.minor}",
+                   multiprocessors=props.multi_processor_count,
                    memory_GiB=round(props.total_memory / 2**30, 1))
         query = "driver_version,clocks.max.sm,clocks.sm,temperature.gpu,power.limit"
         smi = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"], capture_output=True,
@@ -255,7 +256,8 @@ def cmd_train_cli(a) -> int:
     }
     detail["headline"] = f"{detail['steps']} steps, val/loss {detail['val_loss']}, {detail['img_per_s_logged']} img/s"
     write_json(a.out, detail)
-    good = detail["steps"] == a.max_steps and detail["last_checkpoint"] and math.isfinite(detail["val_loss"] or math.nan)
+    finite = math.isfinite(detail["val_loss"] if detail["val_loss"] is not None else math.nan)
+    good = detail["steps"] == a.max_steps and detail["last_checkpoint"] and finite
     return OK if good else FAILED
 
 

@@ -51,7 +51,8 @@ def test_cpu_dry_run_runs_every_step(tmp_path):
         assert steps["pytest_gpu"]["skipped"] >= 1 and steps["pytest_gpu"]["passed"] == 0
     assert steps["train_cli"]["steps"] == steps["train_cli"]["expected_steps"] == 20
     assert steps["train_cli"]["last_checkpoint"]
-    assert steps["loss_curve"]["falls"] and steps["loss_curve"]["last_third_mean"] < steps["loss_curve"]["first_third_mean"]
+    curve = steps["loss_curve"]
+    assert curve["falls"] and curve["last_third_mean"] < curve["first_third_mean"]
     # On a CPU both sample.py runs are fp32 eager: the same seed gives exactly the same samples.
     assert steps["sample_cli"]["num_samples"] == 16 and steps["sample_cli"]["shape"] == [28, 28, 1]
     assert steps["sample_cli"]["max_abs_diff"] == 0.0
@@ -72,7 +73,8 @@ def test_cpu_dry_run_runs_every_step(tmp_path):
     added = results_table("--results", str(tmp_path / "results"), "--add", str(tmp_path / "gpu.json"),
                           "--grid", str(tmp_path / "out" / "sample_grid.png"))
     assert added.returncode == 0, added.stderr
-    assert sorted(os.listdir(tmp_path / "results")) == [summary["result_name"] + ".json", summary["result_name"] + ".png"]
+    name = summary["result_name"]
+    assert sorted(os.listdir(tmp_path / "results")) == [name + ".json", name + ".png"]
     rows = [line for line in added.stdout.splitlines() if line.startswith(f"| {summary['date'][:10]}")]
     assert len(rows) == 1 and "NVIDIA H100 80GB HBM3" in rows[0] and summary["commit"][:10] in rows[0]
     assert f"{train['trainer']['img_per_s']:,.0f}" in rows[0]
