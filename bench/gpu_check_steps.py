@@ -121,6 +121,7 @@ def cmd_finish(a) -> int:
     summary = read_json(a.summary)
     steps = summary["steps"]
     summary["elapsed_s"] = round(a.elapsed, 1)
+    summary["result_name"] = result_name(summary)
     summary["finished"] = True  # the run reached its end (a run cut off keeps False)
     summary["failed_steps"] = [name for name, s in steps.items() if s["status"] not in ("ok", "skipped")]
     if summary["mode"] == "cuda":

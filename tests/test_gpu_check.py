@@ -119,3 +119,24 @@ def test_results_table_without_results_gives_the_call(tmp_path):
 def test_readme_performance_table_is_current():
     proc = results_table("--readme", str(REPO / "README.md"), "--check")
     assert proc.returncode == 0, proc.stdout
+
+
+def test_finish_judges_the_speed_targets_of_a_gpu_run(tmp_path):
+    steps = {name: {"status": "skipped", "reason": "not in --only"} for name in STEPS}
+    steps["env"] = {"status": "ok", "gpu": "NVIDIA H100 80GB HBM3"}
+    steps["train_throughput"] = {"status": "ok", "result": {"trainer": {"img_per_s": 6000.0},
+                                                            "ratio": {"trainer_vs_peer": 1.5}}}
+    steps["sample_throughput"] = {"status": "timeout"}
+    summary = {"check": "gpu_check", "mode": "cuda", "date": "2026-01-02T03:04:05Z", "commit": "0" * 40,
+               "steps": steps}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check_steps.py"), "finish",
+                           str(tmp_path / "summary.json"), "--elapsed", "500"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    done = json.loads((tmp_path / "summary.json").read_text())
+    targets = done["targets"]
+    assert targets["train_img_per_s"] == {**targets["train_img_per_s"], "measured": 6000.0, "met": True}
+    assert targets["train_vs_peer"]["met"] is False and targets["train_vs_peer"]["target"] == 2.0
+    assert targets["sample_img_per_s"]["measured"] is None and targets["sample_img_per_s"]["met"] is None
+    assert done["failed_steps"] == ["sample_throughput"] and done["finished"]
+    assert "NVIDIA H100 80GB HBM3" in done["targets_note"]
