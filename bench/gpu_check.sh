@@ -6,19 +6,19 @@
 #   setup              install the carried wheels (.gpu_check/wheels); ddpmlab from src/ unless installed
 #   env                GPU, driver, torch / CUDA / cuDNN and package versions
 #   pytest_gpu         python -m pytest -m gpu (the tests that need CUDA), in the background beside the
-#                      next three steps (none of them is timed), joined before the benchmarks
+#                      next steps (none of them is timed), joined before the benchmarks
 #   train_cli          python train.py: trainer=gpu_fast, every perf lever forced on, the GPU-resident data path,
 #                      unet_small on the real MNIST files (.gpu_check/data), a few hundred steps
 #   loss_curve         train/loss falls over that run (metrics.csv)
 #   sample_cli         python sample.py on its checkpoint: DDIM-50 with the fast sampling path, and the same
 #                      samples in fp32 eager (every lever off): max and mean |difference|
-#   evaluate_bpd       python evaluate.py: bits/dim on a few held-out images
+#   evaluate_bpd       python evaluate.py: bits/dim on a few held-out images (in the background beside sample_cli)
 #   train_throughput   bench/train_throughput.py: Trainer path, bare loop, diffusers peer (35.7M U-Net, batch 128)
 #   sample_throughput  bench/sample_throughput.py: DDIM-50 at batch 256, ddpmlab and the diffusers peer
 #
 # Everything goes to $OUT (a temporary folder when OUT is unset) as it happens: summary.json (rewritten after
 # every step, so a run cut off by its time limit keeps every finished step), gpu_check.log (all output),
-# pytest_gpu.log, sample_grid.png, train_grid.png, metrics.csv. A summary line per step goes to stdout.
+# sample_grid.png, train_grid.png, metrics.csv. A summary line per step goes to stdout.
 #
 #   bash bench/gpu_check.sh                   # on the GPU machine (see bench/README.md for the device call)
 #   bash bench/gpu_check.sh --cpu             # dry run at tiny sizes on a CPU (tests/test_gpu_check.py)
@@ -127,24 +127,26 @@ run_step() {
   finish_step "$name" "$STEP_LIMIT" $? "$t0" "$LOG" "$offset"
 }
 
-# start_step ... / join_step NAME: the same, in the background (output to $OUT/NAME.log), for a correctness
-# step that may overlap others; joined before anything is timed.
+# start_step ... / join_step NAME: the same in the background, for a correctness step that may overlap others
+# (none of them is timed); its output goes to the log when it is joined, before anything is timed.
 declare -A BG_PID BG_T0 BG_LIMIT
 start_step() {
   local name=$1 fn=$5
   may_run "$1" "$2" "$3" "$4" || return 0
-  printf '\n===== %s (limit %ss): in the background, output in %s.log =====\n' "$name" "$STEP_LIMIT" "$name" >> "$LOG"
   BG_T0[$name]=$EPOCHREALTIME
   BG_LIMIT[$name]=$STEP_LIMIT
-  { "$fn"; local rc=$?; echo "$EPOCHREALTIME" > "$WORK/$name.end"; exit $rc; } > "$OUT/$name.log" 2>&1 &
+  { "$fn"; local rc=$?; echo "$EPOCHREALTIME" > "$WORK/$name.end"; exit $rc; } > "$WORK/$name.log" 2>&1 &
   BG_PID[$name]=$!
 }
 join_step() {
-  local name=$1 rc
+  local name=$1 rc offset
   [ -n "${BG_PID[$name]:-}" ] || return 0
   wait "${BG_PID[$name]}"
   rc=$?
-  finish_step "$name" "${BG_LIMIT[$name]}" "$rc" "${BG_T0[$name]}" "$OUT/$name.log" 0 "$(cat "$WORK/$name.end")"
+  offset=$(stat -c %s "$LOG")
+  printf '\n===== %s (limit %ss, in the background) =====\n' "$name" "${BG_LIMIT[$name]}" >> "$LOG"
+  cat "$WORK/$name.log" >> "$LOG"
+  finish_step "$name" "${BG_LIMIT[$name]}" "$rc" "${BG_T0[$name]}" "$LOG" "$offset" "$(cat "$WORK/$name.end")"
   unset "BG_PID[$name]"
 }
 
@@ -282,17 +284,18 @@ if ! steps init "$SUMMARY" --mode "$mode" --repo "$REPO" --budget "$budget" --co
   exit 2
 fi
 echo "gpu_check ($mode): writing to $OUT, budget ${budget}s"
-#        name               limit  min  needs                       function
-run_step setup                120   20  ""                          step_setup
-run_step env                   60   10  "setup"                     step_env
-start_step pytest_gpu         150   30  "setup env"                 step_pytest_gpu   # beside the next steps
-run_step train_cli            160   60  "setup env"                 step_train_cli
-run_step loss_curve            20    5  "train_cli"                 step_loss_curve
-run_step sample_cli           130   40  "train_cli"                 step_sample_cli
-run_step evaluate_bpd          60   20  "train_cli"                 step_evaluate_bpd
-join_step pytest_gpu
-run_step train_throughput     240   60  "setup env"                 step_train_throughput
-run_step sample_throughput    150   40  "setup env"                 step_sample_throughput
+#          name               limit  min  needs          function
+run_step   setup                120   20  ""             step_setup
+run_step   env                   60   10  "setup"        step_env
+start_step pytest_gpu           150   30  "setup env"    step_pytest_gpu        # in the background
+run_step   train_cli            160   60  "setup env"    step_train_cli
+run_step   loss_curve            20    5  "train_cli"    step_loss_curve
+start_step evaluate_bpd          60   20  "train_cli"    step_evaluate_bpd      # in the background
+run_step   sample_cli           130   40  "train_cli"    step_sample_cli
+join_step  pytest_gpu
+join_step  evaluate_bpd
+run_step   train_throughput     240   60  "setup env"    step_train_throughput
+run_step   sample_throughput    150   40  "setup env"    step_sample_throughput
 steps finish "$SUMMARY" --elapsed $((SECONDS - START))
 echo "summary: $SUMMARY"
 rm -rf "$WORK"
