@@ -249,12 +249,21 @@ def peer_factory(args: argparse.Namespace) -> Callable[[], PeerUNet]:
     return lambda: PeerUNet(args.image_size, args.channels, channels, args.peer_groups)
 
 
+def ddpmlab_version() -> str:
+    try:
+        return importlib.metadata.version("ddpmlab")
+    except importlib.metadata.PackageNotFoundError:  # on PYTHONPATH, not installed
+        import ddpmlab
+
+        return ddpmlab.__version__
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     env = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "ddpmlab": importlib.metadata.version("ddpmlab"),
+        "ddpmlab": ddpmlab_version(),
         "cpu_threads": torch.get_num_threads(),
     }
     if diffusers_available():
