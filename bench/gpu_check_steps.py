@@ -214,11 +214,17 @@ def cmd_levers(a) -> int:
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name=a.config)
     overrides = []
-    for key, value in (cfg.get("perf") or {}).items():
-        if key == "precision":
-            overrides.append(f"perf.precision={'bf16' if a.state == 'on' else 'fp32'}")
-        elif value in ("auto", True, False):
-            overrides.append(f"perf.{key}={'true' if a.state == 'on' else 'false'}")
+
+    def force(section, prefix: str) -> None:  # perf and its nested sections (perf.sampling)
+        for key, value in (section or {}).items():
+            if key == "precision":
+                overrides.append(f"{prefix}.precision={'bf16' if a.state == 'on' else 'fp32'}")
+            elif hasattr(value, "items"):
+                force(value, f"{prefix}.{key}")
+            elif value in ("auto", True, False):
+                overrides.append(f"{prefix}.{key}={'true' if a.state == 'on' else 'false'}")
+
+    force(cfg.get("perf"), "perf")
     if "precision" in cfg and a.config != "train":  # a sampling precision outside perf
         overrides.append(f"precision={'bf16' if a.state == 'on' else 'fp32'}")
     print("\n".join(overrides))
