@@ -27,7 +27,9 @@
 #
 # Options: --cpu; --only STEP[,STEP]; --budget SECONDS (the whole run, default 530 on a GPU, 400 on a CPU);
 # --data-root DIR (holds MNIST/raw/; default .gpu_check/data on a GPU, scikit-learn's digits on a CPU).
+# Exit status: 0 when no step failed or timed out, else 1.
 set -uo pipefail
+CALLER_DIR=$PWD
 cd "$(dirname "$0")/.."
 REPO=$PWD
 PY=${PYTHON:-python3}
@@ -38,7 +40,7 @@ while [ $# -gt 0 ]; do
     --cpu) mode=cpu; shift ;;
     --only) only=",$2,"; shift 2 ;;
     --budget) budget="$2"; shift 2 ;;
-    --data-root) data_root="$2"; shift 2 ;;
+    --data-root) data_root=$(cd "$CALLER_DIR" && realpath -m "$2"); shift 2 ;;
     -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -297,5 +299,7 @@ join_step  evaluate_bpd
 run_step   train_throughput     240   60  "setup env"    step_train_throughput
 run_step   sample_throughput    150   40  "setup env"    step_sample_throughput
 steps finish "$SUMMARY" --elapsed $((SECONDS - START))
+rc=$?  # 1 when a step failed or timed out
 echo "summary: $SUMMARY"
 rm -rf "$WORK"
+exit $rc

@@ -138,7 +138,7 @@ def cmd_finish(a) -> int:
         summary["targets_note"] = "CPU dry run: tiny sizes, the speed targets do not apply"
     write_json(a.summary, summary)
     print(show(summary))
-    return OK
+    return FAILED if summary["failed_steps"] else OK
 
 
 def show(summary: dict) -> str:
