@@ -120,6 +120,9 @@ def test_checkpoints_are_written_in_their_own_directory(tmp_path, monkeypatch):
     ckpt_io.atomic_write(b"abc", tmp_path / "sub" / "x.ckpt")
     assert (tmp_path / "sub" / "x.ckpt").read_bytes() == b"abc"
     assert seen == [(str(tmp_path / "sub"), str(tmp_path / "sub"))]  # a rename, never a copy across filesystems
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "sub" / "x.ckpt").stat().st_mode & 0o777 == 0o666 & ~umask  # as any file the user writes
 
 
 def full_disk_after(monkeypatch, limit):

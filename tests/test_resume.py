@@ -80,6 +80,15 @@ def test_resume_picks_the_highest_step_not_the_newest_file(train_cfg, tmp_path):
     assert not list(ckpts.glob("last-v*.ckpt"))
 
 
+def test_a_moved_run_directory_resumes_into_its_own_last_ckpt(train_cfg, tmp_path):
+    train(train_cfg())
+    moved = tmp_path / "moved"
+    shutil.copytree(tmp_path / "run", moved)  # the checkpoints' callback state names the old directory
+    train(train_cfg("trainer.max_steps=9", run_dir=moved))
+    assert load(moved / "checkpoints" / "last.ckpt")["global_step"] == 9
+    assert not list((moved / "checkpoints").glob("last-v*.ckpt"))
+
+
 @pytest.mark.parametrize("bad", ["missing", "empty", "truncated", "other_model"])
 def test_a_bad_ckpt_path_is_refused_before_anything_is_written(train_cfg, tmp_path, bad):
     run = tmp_path / "run"

@@ -138,7 +138,7 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # truncated file, not a torch file, unpickling refused
-        first = (str(e).splitlines() or [""])[0][:200]
+        first = (str(e).splitlines() or [""])[0].split(". ")[0][:200]  # torch's first sentence says what broke
         raise CheckpointError(f"{p} is not a readable checkpoint ({type(e).__name__}: {first})") from e
     if not isinstance(ckpt, dict) or "ddpmlab_config" not in ckpt or "state_dict" not in ckpt:
         raise CheckpointError(f"{p} is not a ddpmlab training checkpoint (no ddpmlab_config / state_dict in it)")

@@ -29,6 +29,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from ddpmlab.errors import DiskFullError
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+UMASK = os.umask(0o022)
+os.umask(UMASK)  # read back: the process's umask, unchanged
 
 
 def atomic_write(data: bytes, path: str | Path) -> None:
@@ -38,6 +40,7 @@ def atomic_write(data: bytes, path: str | Path) -> None:
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp makes 0600 files; a checkpoint gets what any new file gets
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
