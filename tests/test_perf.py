@@ -60,6 +60,11 @@ def test_sampling_levers_are_shared_and_the_cpu_sampling_path_is_fp32_eager(tiny
     module = build_module(tiny_cfg)
     apply_perf(module, "cpu", tiny_cfg.perf)
     assert module.sampling_perf == dict(tiny_cfg.perf.sampling)  # what the grid / chain / FID callbacks use
+    from ddpmlab.callbacks.utils import sampling_perf
+
+    ema_copy = copy.deepcopy(module.denoiser)
+    assert sampling_perf(module, ema_copy) == module.sampling_perf
+    assert sampling_perf(module, module.denoiser) == {**module.sampling_perf, "compile": False}  # never the trained net
     assert compose_cfg("sample", ["ckpt_path=x"], None).perf.sampling == tiny_cfg.perf.sampling  # one config
     den = module.denoiser.eval()
     sampler = Sampler("ddim", 5, eta=0.5)

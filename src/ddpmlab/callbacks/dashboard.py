@@ -72,7 +72,8 @@ class DenoisingChain(pl.Callback):
     def draw(self, trainer: pl.Trainer, pl_module) -> Path:
         self._last_step = trainer.global_step
         sampler = pl_module.sampler if self.num_steps is None else pl_module.sampler.with_steps(self.num_steps)
-        chain = self.chain(ema_denoiser(trainer, pl_module), sampler, sampling_perf(pl_module))
+        denoiser = ema_denoiser(trainer, pl_module)
+        chain = self.chain(denoiser, sampler, sampling_perf(pl_module, denoiser))
         grid = make_grid(chain, nrow=chain.shape[0] // self.num_images, padding=1, pad_value=1.0)
         return save_and_log(trainer, "samples/denoising_chain", "chains", grid)
 

@@ -128,7 +128,7 @@ class FID(pl.Callback):
         denoiser = ema_denoiser(trainer, pl_module)
         self.generated = share(self.num_samples, self.batch_size, trainer.global_rank, trainer.world_size)
         for chunk in self.generated:  # this rank's share, one chunk of images at a time
-            x0 = generate_chunks(denoiser, sampler, [chunk], self.seed, sampling_perf(pl_module))
+            x0 = generate_chunks(denoiser, sampler, [chunk], self.seed, sampling_perf(pl_module, denoiser))
             with torch.no_grad():
                 self.metrics.update(self.net(to_inception_input(x0)).float(), real=False)
         values = self.metrics.compute(self.seed)  # synced: the same on every rank

@@ -52,6 +52,7 @@ class SampleGrid(pl.Callback):
     def draw(self, trainer: pl.Trainer, pl_module) -> Path:
         self._last_step = step = trainer.global_step
         denoiser = ema_denoiser(trainer, pl_module)
+        perf = sampling_perf(pl_module, denoiser)
         sampler = pl_module.sampler if self.num_steps is None else pl_module.sampler.with_steps(self.num_steps)
         num_classes = denoiser.num_classes
         cond, nrow = None, None
@@ -60,7 +61,7 @@ class SampleGrid(pl.Callback):
             cond = torch.arange(num_classes).repeat_interleave(nrow)
             denoiser = GuidedDenoiser(denoiser, self.guidance)
         n = self.num_samples if cond is None else len(cond)
-        x0 = generate(denoiser, sampler, n, seed=self.seed, batch_size=n, labels=cond, perf=sampling_perf(pl_module))
+        x0 = generate(denoiser, sampler, n, seed=self.seed, batch_size=n, labels=cond, perf=perf)
         images = to_unit(x0)  # [N,C,H,W] in [0,1]
         path = Path(trainer.default_root_dir) / self.dirname / f"step_{step:07d}.png"
         grid = save_grid(images, path, nrow=nrow)

@@ -16,9 +16,14 @@ def ema_denoiser(trainer, pl_module):
     return pl_module.denoiser
 
 
-def sampling_perf(pl_module):
-    """The ``perf.sampling`` config the run was given (``ddpmlab.perf.apply_perf`` keeps it), or None."""
-    return getattr(pl_module, "sampling_perf", None)
+def sampling_perf(pl_module, denoiser=None):
+    """The ``perf.sampling`` config the run was given (``ddpmlab.perf.apply_perf`` keeps it), or None. When the
+    callback samples with the training network itself (no EMA), it is not compiled for sampling: training would
+    then run through the sampling graphs (its own ``perf.compile`` decides)."""
+    perf = getattr(pl_module, "sampling_perf", None)
+    if perf is not None and denoiser is pl_module.denoiser:
+        perf = {**perf, "compile": False}
+    return perf
 
 
 def log_image(trainer, key: str, image: torch.Tensor, step: int) -> None:
