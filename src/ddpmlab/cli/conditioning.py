@@ -35,6 +35,25 @@ def conditioning(cfg: DictConfig, denoiser, n: int):
     return cycle_labels(labels, num_classes, n), GuidedDenoiser(denoiser, w)
 
 
+def classifier_guidance(cfg: DictConfig, denoiser, ckpt_cfg: DictConfig, n: int, device: torch.device):
+    """(labels [n], the classifier-guided denoiser) when ``classifier.ckpt_path`` is set, else None: a noisy
+    classifier trained for this model's image size and schedule (refused otherwise, both shown) guides towards
+    ``cfg.labels`` cycled over the n samples with scale ``classifier.scale`` (Dhariwal & Nichol 2021)."""
+    from ddpmlab.api import classifier_from_checkpoint, load_checkpoint
+    from ddpmlab.samplers.classifier_guidance import ClassifierGuidedDenoiser, check_classifier_fits
+
+    spec = cfg.get("classifier") or {}
+    if not spec.get("ckpt_path"):
+        return None
+    classifier, classifier_diffusion, classifier_cfg = classifier_from_checkpoint(load_checkpoint(spec.ckpt_path))
+    check_classifier_fits(classifier, classifier_diffusion, classifier_cfg.schedule, denoiser, ckpt_cfg.schedule)
+    if getattr(denoiser.net, "num_classes", None):  # a conditional model: its labels (and guidance=) as well
+        labels, denoiser = conditioning(cfg, denoiser, n)
+    else:
+        labels = cycle_labels(cfg.get("labels"), classifier.num_classes, n)
+    return labels, ClassifierGuidedDenoiser(denoiser, classifier.to(device), float(spec.get("scale", 1.0)))
+
+
 def wants_inpainting(cfg: DictConfig) -> bool:
     spec = cfg.get("inpaint") or {}
     return spec.get("image") is not None or spec.get("index") is not None

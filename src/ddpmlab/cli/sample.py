@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from ddpmlab.api import CONFIG_DIR, denoiser_from_checkpoint, load_checkpoint, pick_device
 from ddpmlab.cli.common import friendly_errors
-from ddpmlab.cli.conditioning import conditioning, inpaint, wants_inpainting
+from ddpmlab.cli.conditioning import classifier_guidance, conditioning, inpaint, wants_inpainting
 from ddpmlab.data.datasets import to_uint8
 from ddpmlab.images import save_grid
 from ddpmlab.errors import ConfigError
@@ -59,7 +59,8 @@ def sample(cfg: DictConfig, output_dir: str | Path) -> Path:
     denoiser.to(device)
     if wants_inpainting(cfg):
         return inpaint(cfg, denoiser, ckpt_cfg, device, Path(output_dir))
-    labels, denoiser = conditioning(cfg, denoiser, cfg.num_samples)  # guided for a class-conditional model
+    guided = classifier_guidance(cfg, denoiser, ckpt_cfg, cfg.num_samples, device)  # with classifier.ckpt_path
+    labels, denoiser = guided or conditioning(cfg, denoiser, cfg.num_samples)  # guided for a class-conditional model
     sampler = instantiate(cfg.sampler)
     start = time.perf_counter()
     images = generate(denoiser, sampler, cfg.num_samples, cfg.batch_size, cfg.seed, device, labels)
