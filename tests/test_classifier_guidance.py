@@ -107,7 +107,8 @@ def test_guided_sampling_moves_mass_to_the_requested_class(toy, algorithm, steps
     share = {}
     for s in (0.0, 4.0):
         sampler = Sampler(algorithm, steps, clip_x0=False)
-        x0 = sampler(ClassifierGuidedDenoiser(den, clf, s), diffusion, x_T, generator=torch.Generator().manual_seed(5), cond=y)
+        guided = ClassifierGuidedDenoiser(den, clf, s)
+        x0 = sampler(guided, diffusion, x_T, generator=torch.Generator().manual_seed(5), cond=y)
         share[s] = float((x0.flatten(1).mean(1) < 0).float().mean())
     assert 0.35 < share[0.0] < 0.65  # unguided: the mixture, half and half
     assert share[4.0] > 0.95

@@ -67,7 +67,8 @@ def test_learned_p_mean_variance_matches_the_closed_form_also_after_respacing(di
     torch.testing.assert_close(p.mean.double(), c_x0 * x0_hat.double() + c_xt * x_t.double(), rtol=1e-5, atol=1e-5)
     # v = 0 and v = 1 are the fixed variances of the same process.
     small = process.p_mean_variance(x0_hat, x_t, j, "learned", var_interp=torch.zeros_like(v))
-    torch.testing.assert_close(small.log_variance, process.p_mean_variance(x0_hat, x_t, j, "small").log_variance.expand_as(v))
+    fixed = process.p_mean_variance(x0_hat, x_t, j, "small").log_variance
+    torch.testing.assert_close(small.log_variance, fixed.expand_as(v))
 
 
 def test_denoiser_splits_the_variance_channels_and_ancestral_sampling_uses_the_respaced_bounds(diffusion):
@@ -81,7 +82,8 @@ def test_denoiser_splits_the_variance_channels_and_ancestral_sampling_uses_the_r
     torch.testing.assert_close(pred.eps_hat, eps_out)
     torch.testing.assert_close(pred.var_interp, (r + 1) / 2)
     # One ancestral step on a 5-step grid, by hand: mean from x0_hat, variance between the respaced bounds.
-    step = next(ddpm_sample_progressive(den, diffusion, x_T, ts, generator=torch.Generator().manual_seed(7), clip_x0=False))
+    g7 = torch.Generator().manual_seed(7)
+    step = next(ddpm_sample_progressive(den, diffusion, x_T, ts, generator=g7, clip_x0=False))
     process = diffusion.respace(ts)
     j = torch.full((4,), 4)
     p = process.p_mean_variance(pred.x0_hat, x_T, j, "learned", var_interp=pred.var_interp)
@@ -102,7 +104,8 @@ def test_learn_sigma_false_samples_as_before(diffusion):
     x_T = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(2))
     ts = make_timesteps(T, None)
     auto = ddpm_sample(den, diffusion, x_T, ts, generator=torch.Generator().manual_seed(3), clip_x0=False)
-    small = ddpm_sample(den, diffusion, x_T, ts, generator=torch.Generator().manual_seed(3), clip_x0=False, variance="small")
+    g3 = torch.Generator().manual_seed(3)
+    small = ddpm_sample(den, diffusion, x_T, ts, generator=g3, clip_x0=False, variance="small")
     assert torch.equal(auto, small)
     beta = linear_betas(T).double()
     alpha_bar, _, _, log_beta_tilde = tables64(beta)
@@ -234,7 +237,8 @@ def test_importance_sampler_state_round_trips_and_checks_its_shape():
     r = ImportanceSampler(5, history_per_term=2)
     r.load_state_dict(s.state_dict())
     torch.testing.assert_close(r.probabilities(), s.probabilities())
-    assert torch.equal(r.sample(6, 5, "cpu", torch.Generator().manual_seed(0))[0], s.sample(6, 5, "cpu", torch.Generator().manual_seed(0))[0])
+    draw = lambda sampler: sampler.sample(6, 5, "cpu", torch.Generator().manual_seed(0))[0]  # noqa: E731
+    assert torch.equal(draw(r), draw(s))
     with pytest.raises(ConfigError, match="same schedule"):
         ImportanceSampler(6, history_per_term=2).load_state_dict(s.state_dict())
 

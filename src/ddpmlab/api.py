@@ -142,5 +142,7 @@ def classifier_from_checkpoint(ckpt: dict[str, Any]):
     try:
         net.load_state_dict(state)
     except RuntimeError as e:
-        raise CheckpointError(f"the classifier's weights do not fit the network its config describes: {str(e)[:300]}") from e
+        raise CheckpointError(
+            f"the classifier's weights do not fit the network its config describes: {str(e)[:300]}"
+        ) from e
     return net.eval(), diffusion, cfg

@@ -41,7 +41,10 @@ class HybridLoss:
     def check(self, denoiser: Denoiser) -> None:
         _needs_learned_sigma(denoiser, self.name)
 
-    def __call__(self, denoiser: Denoiser, diffusion: GaussianDiffusion, x0: Tensor, t: Tensor, eps: Tensor, cond: Tensor | None = None) -> Tensor:
+    def __call__(
+        self, denoiser: Denoiser, diffusion: GaussianDiffusion, x0: Tensor, t: Tensor, eps: Tensor,
+        cond: Tensor | None = None,
+    ) -> Tensor:  # fmt: skip
         x_t = diffusion.q_sample(x0, t, eps)
         pred = denoiser(x_t, t, cond)
         simple = mean_flat((denoiser.output_of(pred, x_t, t) - denoiser.target(x0, t, eps)) ** 2)  # DDPM eq. (14)
@@ -62,7 +65,10 @@ class VLBLoss:
     def check(self, denoiser: Denoiser) -> None:
         _needs_learned_sigma(denoiser, self.name)
 
-    def __call__(self, denoiser: Denoiser, diffusion: GaussianDiffusion, x0: Tensor, t: Tensor, eps: Tensor, cond: Tensor | None = None) -> Tensor:
+    def __call__(
+        self, denoiser: Denoiser, diffusion: GaussianDiffusion, x0: Tensor, t: Tensor, eps: Tensor,
+        cond: Tensor | None = None,
+    ) -> Tensor:  # fmt: skip
         x_t = diffusion.q_sample(x0, t, eps)
         pred = denoiser(x_t, t, cond)
         return diffusion.T * vb_term_of(pred, diffusion, x0, x_t, t, variance="learned")  # T L_t ~ L_vlb

@@ -78,7 +78,9 @@ def vb_terms_bpd(
     return vb_term_of(pred, diffusion, x0, x_t, t, variance=variance)
 
 
-def vb_term_of(pred: Prediction, diffusion: GaussianDiffusion, x0: Tensor, x_t: Tensor, t: Tensor, *, variance: str = "auto") -> Tensor:
+def vb_term_of(
+    pred: Prediction, diffusion: GaussianDiffusion, x0: Tensor, x_t: Tensor, t: Tensor, *, variance: str = "auto"
+) -> Tensor:
     """The bound's term at (x_t, t) for a given Prediction, bits/dim [B] (see :func:`vb_terms_bpd`)."""
     if variance == "auto":
         variance = "learned" if pred.var_interp is not None else "large"

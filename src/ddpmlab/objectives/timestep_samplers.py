@@ -16,7 +16,9 @@ from ddpmlab.errors import ConfigError
 
 
 class TimestepSampler:
-    def sample(self, batch_size: int, T: int, device, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def sample(
+        self, batch_size: int, T: int, device, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
     def update(self, t: Tensor, losses: Tensor) -> None:

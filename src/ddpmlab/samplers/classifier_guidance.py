@@ -62,7 +62,9 @@ class ClassifierGuidedDenoiser(nn.Module):
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Tensor | None = None) -> Prediction:
         if cond is None or cond.shape != (x_t.shape[0],):
-            raise ConfigError(f"classifier guidance needs one class label per sample, [{x_t.shape[0]}], e.g. labels=[0,1,2]")
+            raise ConfigError(
+                f"classifier guidance needs one class label per sample, [{x_t.shape[0]}], e.g. labels=[0,1,2]"
+            )
         pred = self.denoiser(x_t, t, cond if self.conditional_model else None)
         if self.scale == 0:
             return pred
@@ -87,9 +89,12 @@ def check_classifier_fits(
         problems.append(f"classes: classifier {classifier.num_classes}, class-conditional model {model_classes}")
     a, b = classifier_diffusion.beta64, denoiser.diffusion.beta64
     if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-6, atol=1e-12):
-        problems.append(f"schedule: classifier {classifier_schedule} (T={a.numel()}), diffusion model {model_schedule} (T={b.numel()})")
+        problems.append(
+            f"schedule: classifier {classifier_schedule} (T={a.numel()}), diffusion model {model_schedule} (T={b.numel()})"
+        )
     if problems:
         raise ConfigError(
             "this classifier was trained for another diffusion process or data: " + "; ".join(problems)
-            + ". Train one for this model: python train.py experiment=classifier_digits (with the model's data and schedule)"
+            + ". Train one for this model: python train.py experiment=classifier_digits "
+            "(with the model's data and schedule)"
         )

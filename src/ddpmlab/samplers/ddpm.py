@@ -15,7 +15,9 @@ from ddpmlab.samplers.base import SamplerStep, as_grid, batch_t, final, predict,
 VARIANCES = ("auto", "small", "large", "learned")
 
 
-def ddpm_step(pred: Prediction, process: GaussianDiffusion, x_t: Tensor, j: Tensor, noise: Tensor | None, variance: str = "auto") -> Tensor:
+def ddpm_step(
+    pred: Prediction, process: GaussianDiffusion, x_t: Tensor, j: Tensor, noise: Tensor | None, variance: str = "auto"
+) -> Tensor:
     """One draw x_{t-1} ~ p_theta(x_{t-1} | x_t) of ``process`` at its index ``j`` [B]; ``noise=None`` returns the mean.
 
     The mean is mu_tilde(x_t, x0_hat), DDPM eq. (7), which equals eq. (11) for an eps prediction;
