@@ -69,8 +69,9 @@ def bpd(out: Path, stride: int) -> dict:
     result = {}
     for name in RUNS:
         ev = out / "eval" / name
-        run("evaluate.py", f"ckpt_path={out / name / 'checkpoints' / 'last.ckpt'}", f"bpd.stride={stride}",
-            f"hydra.run.dir={ev}")
+        if not (ev / "metrics.json").is_file():  # reused when present, as the checkpoints are
+            run("evaluate.py", f"ckpt_path={out / name / 'checkpoints' / 'last.ckpt'}", f"bpd.stride={stride}",
+                f"hydra.run.dir={ev}")
         m = json.loads((ev / "metrics.json").read_text())["bpd"]
         result[name] = {"bpd": round(m["value"], 4), "stderr": round(m["stderr"], 4), "terms": m["terms"],
                         "variance": m["protocol"]["variance"], "n": m["n"]}
@@ -105,13 +106,12 @@ def draw(denoiser, sampler: Sampler, n: int, seed: int, labels: torch.Tensor | N
     return torch.cat(out)
 
 
-def fd_table(out: Path, real: np.ndarray, n: int, steps_list: list[int]) -> dict:
+def fd_table(out: Path, real: np.ndarray, n: int, steps_list: list[int], cases: list[str]) -> dict:
     rng = np.random.default_rng(0)
     floor = [frechet(real[rng.integers(0, len(real), n)], real) for _ in range(5)]
     result = {"real_vs_real_floor": round(float(np.mean(floor)), 3), "num_samples": n,
               "reference": f"all {len(real)} digits"}  # fmt: skip
-    cases = [("simple", "small"), ("simple", "large"), ("hybrid", "learned"), ("hybrid", "small"), ("vlb", "learned")]
-    for name, variance in cases:
+    for name, variance in (case.split("/") for case in cases):
         denoiser, _ = load(out / name / "checkpoints" / "last.ckpt")
         for steps in steps_list:
             start = time.perf_counter()
@@ -124,7 +124,7 @@ def fd_table(out: Path, real: np.ndarray, n: int, steps_list: list[int]) -> dict
     return result
 
 
-def guidance_table(out: Path, n: int, scales: list[float], steps: int) -> dict:
+def guidance_table(out: Path, n: int, scales: list[float], steps: int, algorithms: list[str]) -> dict:
     from sklearn.svm import SVC
 
     images, labels = load_digits()  # uint8 [N,1,8,8], as the data module holds them
@@ -138,7 +138,7 @@ def guidance_table(out: Path, n: int, scales: list[float], steps: int) -> dict:
     denoiser, _ = load(out / "simple" / "checkpoints" / "last.ckpt")
     classifier, _, ccfg = classifier_from_checkpoint(load_checkpoint(out / "classifier" / "checkpoints" / "last.ckpt"))
     want = torch.arange(10).repeat(n // 10 + 1)[:n]
-    for algorithm in ("ddpm", "ddim"):
+    for algorithm in algorithms:
         for s in scales:
             start = time.perf_counter()
             guided = ClassifierGuidedDenoiser(denoiser, classifier, s)
@@ -166,6 +166,9 @@ def main() -> None:
     p.add_argument("--num-samples", type=int, default=1000)
     p.add_argument("--bpd-stride", type=int, default=10)
     p.add_argument("--fd-steps", type=int, nargs="+", default=[25, 50, 100])
+    p.add_argument("--fd-cases", nargs="+", default=["simple/small", "simple/large", "hybrid/learned", "hybrid/small",
+                   "vlb/learned"], help="model/variance pairs")  # fmt: skip
+    p.add_argument("--guidance-algorithms", nargs="+", default=["ddpm", "ddim"])
     p.add_argument("--scales", type=float, nargs="+", default=[0.0, 1.0, 3.0, 10.0])
     p.add_argument("--guidance-steps", type=int, default=50)
     p.add_argument("--parts", default="train,bpd,fd,guidance")
@@ -181,14 +184,20 @@ def main() -> None:
         result["bpd"] = bpd(args.out, args.bpd_stride)
     if "fd" in parts:
         real = pixels(load_digits()[0].float() / 127.5 - 1)
-        result["frechet_pixels"] = fd_table(args.out, real, args.num_samples, args.fd_steps)
+        result["frechet_pixels"] = fd_table(args.out, real, args.num_samples, args.fd_steps, args.fd_cases)
     if "guidance" in parts:
-        result["classifier_guidance"] = guidance_table(args.out, args.num_samples, args.scales, args.guidance_steps)
-    line = json.dumps(result)
-    print(line)
-    if args.json:
+        result["classifier_guidance"] = guidance_table(
+            args.out, args.num_samples, args.scales, args.guidance_steps, args.guidance_algorithms
+        )
+    print(json.dumps(result))
+    if args.json:  # parts run one after another accumulate in one file
+        merged = json.loads(args.json.read_text()) if args.json.is_file() else {}
+        for key, value in result.items():
+            merged[key] = {**merged[key], **value} if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        merged["command"] = [*([merged["command"]] if isinstance(merged.get("command"), str) else merged.get("command", [])),
+                             result["command"]]  # fmt: skip
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        args.json.write_text(json.dumps(merged, indent=2) + "\n")
 
 
 if __name__ == "__main__":

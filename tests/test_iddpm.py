@@ -279,3 +279,23 @@ def test_scale_shift_norm_is_groupnorm_times_one_plus_scale_plus_shift():
     net = UNet(in_channels=1, image_size=8, base_channels=8, channel_mult=[1, 2], num_res_blocks=1, attn_resolutions=[],
                num_groups=4, learn_sigma=True, use_scale_shift_norm=True)  # fmt: skip
     assert net(torch.randn(2, 1, 8, 8), torch.tensor([0, 5])).shape == (2, 2, 8, 8)
+
+
+def test_ddim_and_dpm_solver_ignore_the_variance_and_bits_per_dim_uses_it(diffusion):
+    from ddpmlab.metrics.nll import bits_per_dim
+    from ddpmlab.samplers import Sampler
+
+    g = torch.Generator().manual_seed(6)
+    eps_out = torch.randn(3, 1, 2, 2, generator=g) * 0.1
+    a = Denoiser(FixedOutput(torch.cat([eps_out, -torch.ones_like(eps_out)], 1)), diffusion)  # v = 0
+    b = Denoiser(FixedOutput(torch.cat([eps_out, torch.ones_like(eps_out)], 1)), diffusion)  # v = 1
+    x_T = torch.randn(3, 1, 2, 2, generator=g)
+    for name in ("ddim", "dpm_solver"):
+        sampler = Sampler(name, 10)
+        torch.testing.assert_close(sampler(a, diffusion, x_T), sampler(b, diffusion, x_T))
+    x0 = torch.rand(3, 1, 2, 2, generator=g) * 2 - 1
+    bpd = {v: bits_per_dim(a, x0, stride=20, variance=v, generator=torch.Generator().manual_seed(0)).total
+           for v in ("auto", "learned", "small", "large")}  # fmt: skip
+    torch.testing.assert_close(bpd["auto"], bpd["learned"])
+    torch.testing.assert_close(bpd["learned"], bpd["small"])  # v = 0 is beta_tilde
+    assert not torch.allclose(bpd["learned"], bpd["large"])
