@@ -192,10 +192,11 @@ def main() -> None:
     print(json.dumps(result))
     if args.json:  # parts run one after another accumulate in one file
         merged = json.loads(args.json.read_text()) if args.json.is_file() else {}
+        commands = merged.get("command", [])
         for key, value in result.items():
-            merged[key] = {**merged[key], **value} if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
-        merged["command"] = [*([merged["command"]] if isinstance(merged.get("command"), str) else merged.get("command", [])),
-                             result["command"]]  # fmt: skip
+            both = isinstance(value, dict) and isinstance(merged.get(key), dict)
+            merged[key] = {**merged[key], **value} if both else value
+        merged["command"] = [*([commands] if isinstance(commands, str) else commands), result["command"]]
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(merged, indent=2) + "\n")
 

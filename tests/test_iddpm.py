@@ -299,3 +299,21 @@ def test_ddim_and_dpm_solver_ignore_the_variance_and_bits_per_dim_uses_it(diffus
     torch.testing.assert_close(bpd["auto"], bpd["learned"])
     torch.testing.assert_close(bpd["learned"], bpd["small"])  # v = 0 is beta_tilde
     assert not torch.allclose(bpd["learned"], bpd["large"])
+
+
+def test_importance_history_is_gathered_from_every_ddp_rank(tmp_path):
+    """Two CPU processes: each rank's history holds both ranks' losses (all-gathered), so they sample alike."""
+    from conftest import TINY, run_cli
+
+    run = tmp_path / "run"
+    replaced = ("trainer.max_steps", "callbacks.checkpoint", "callbacks.sample_grid.every")
+    overrides = [o for o in TINY if not o.startswith(replaced)]
+    res = run_cli(
+        "train.py", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", *overrides, "objective=vlb",
+        "model.learn_sigma=true", "objective.timestep_sampler.history_per_term=100", "trainer.max_steps=2",
+        "callbacks.checkpoint.every_n_train_steps=2", "callbacks.sample_grid.every_n_steps=2",
+        "callbacks.denoising_chain.num_images=2", f"hydra.run.dir={run}", cwd=tmp_path,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["timestep_sampler"]
+    assert int(state["count"].sum()) == 2 * 2 * 32  # 2 steps x 2 ranks x 32 samples, none dropped (history 100)

@@ -90,7 +90,8 @@ def check_classifier_fits(
     a, b = classifier_diffusion.beta64, denoiser.diffusion.beta64
     if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-6, atol=1e-12):
         problems.append(
-            f"schedule: classifier {classifier_schedule} (T={a.numel()}), diffusion model {model_schedule} (T={b.numel()})"
+            f"schedule: classifier {classifier_schedule} (T={a.numel()}), "
+            f"diffusion model {model_schedule} (T={b.numel()})"
         )
     if problems:
         raise ConfigError(
