@@ -18,9 +18,11 @@ from ddpmlab.errors import CheckpointError
 __all__ = [
     "CONFIG_DIR",
     "REBUILDABLE",
+    "build_classifier",
     "build_denoiser",
     "build_module",
     "check_targets",
+    "classifier_from_checkpoint",
     "denoiser_from_checkpoint",
     "load",
     "load_checkpoint",
@@ -117,6 +119,8 @@ def build_module(cfg: DictConfig):
     """The training LightningModule for ``cfg`` (the composed ``train`` config)."""
     from ddpmlab.lit.module import DiffusionModule
 
+    if is_classifier_config(cfg):  # experiment=classifier_digits: the noisy classifier of classifier guidance
+        return build_classifier_module(cfg)
     return DiffusionModule(
         denoiser=build_denoiser(cfg),
         objective=instantiate(cfg.objective),
@@ -193,3 +197,52 @@ def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+# ---------------------------------------------------------------- noisy classifiers (classifier guidance)
+CLASSIFIER_TARGETS = ("ddpmlab.networks.NoisyClassifier", "ddpmlab.networks.classifier.NoisyClassifier")
+
+
+def is_classifier_config(cfg: DictConfig) -> bool:
+    return cfg.get("model", {}).get("_target_") in CLASSIFIER_TARGETS
+
+
+def build_classifier(cfg: DictConfig, trusted: bool = True):
+    """(NoisyClassifier, GaussianDiffusion) from a classifier training config. The network is built by its own
+    class from the config's keys, never by instantiating whatever target a file names; ``trusted=False`` (a config
+    read from a checkpoint) checks the schedule's target against ddpmlab's own first."""
+    from ddpmlab.networks.classifier import NoisyClassifier
+
+    if not is_classifier_config(cfg):
+        raise CheckpointError(f"not a noisy-classifier config: model._target_ = {cfg.get('model', {}).get('_target_')}")
+    kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "_target_"}
+    schedule = cfg.schedule if trusted else check_targets(cfg.get("schedule"), "schedule", where="classifier checkpoint")
+    return NoisyClassifier(**kwargs), GaussianDiffusion(instantiate(schedule))
+
+
+def build_classifier_module(cfg: DictConfig):
+    from ddpmlab.lit.classifier import ClassifierModule
+
+    net, diffusion = build_classifier(cfg)
+    return ClassifierModule(
+        net, diffusion, instantiate(cfg.optimizer), seed=cfg.seed, config=OmegaConf.to_container(cfg, resolve=True)
+    )
+
+
+def classifier_from_checkpoint(ckpt: dict[str, Any]):
+    """(classifier in eval mode, its diffusion, its config) from a checkpoint of ``experiment=classifier_*``."""
+    cfg = OmegaConf.create(ckpt["ddpmlab_config"])
+    if not is_classifier_config(cfg):
+        raise CheckpointError(
+            "classifier.ckpt_path is not a noisy-classifier checkpoint (train one with experiment=classifier_digits); "
+            f"its model is {cfg.get('model', {}).get('_target_')}"
+        )
+    net, diffusion = build_classifier(cfg, trusted=False)
+    state = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"the classifier's weights do not fit the network its config describes: {str(e)[:300]}"
+        ) from e
+    return net.eval(), diffusion, cfg

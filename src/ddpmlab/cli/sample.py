@@ -13,11 +13,20 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from ddpmlab.api import CONFIG_DIR, denoiser_from_checkpoint, load_checkpoint, pick_device, rebuild
+from ddpmlab.api import (
+    CONFIG_DIR,
+    classifier_from_checkpoint,
+    denoiser_from_checkpoint,
+    load_checkpoint,
+    pick_device,
+    rebuild,
+)
 from ddpmlab.cli.common import friendly_errors
 from ddpmlab.errors import ConfigError
 from ddpmlab.images import load_image, save_grid, side_by_side, to_hwc_uint8, to_unit
 from ddpmlab.samplers import Sampler, generate, generate_chain, with_guidance
+from ddpmlab.samplers.classifier_guidance import ClassifierGuidedDenoiser, check_classifier_fits
+from ddpmlab.samplers.guidance import cycle_labels
 from ddpmlab.samplers.masks import make_mask
 from ddpmlab.validate import check_sample_config, check_sampler_steps
 
@@ -53,7 +62,8 @@ def sample(cfg: DictConfig, output_dir: str | Path) -> Path:
     perf = (cfg.get("perf") or {}).get("sampling")
     if wants_inpainting(cfg):
         return inpaint(cfg, denoiser, ckpt_cfg, Path(output_dir), perf)
-    labels, denoiser = with_guidance(denoiser, cfg.get("labels"), cfg.get("guidance"), cfg.num_samples)
+    guided = classifier_guidance(cfg, denoiser, ckpt_cfg, cfg.num_samples, device)  # with classifier.ckpt_path
+    labels, denoiser = guided or with_guidance(denoiser, cfg.get("labels"), cfg.get("guidance"), cfg.num_samples)
     sampler = chosen_sampler(cfg, ckpt_cfg)
     print(f"sampler: {sampler}")
     start = time.perf_counter()
@@ -69,6 +79,22 @@ def sample(cfg: DictConfig, output_dir: str | Path) -> Path:
         frames = generate_chain(denoiser, sampler, cfg.chain_samples, cfg.chain_frames, seed=cfg.seed, perf=perf)
         save_grid(to_unit(frames.flatten(0, 1)), out / "chain.png", nrow=frames.shape[1])
     return out
+
+
+def classifier_guidance(cfg: DictConfig, denoiser, ckpt_cfg: DictConfig, n: int, device: torch.device):
+    """(labels [n], the classifier-guided denoiser) when ``classifier.ckpt_path`` is set, else None: a noisy
+    classifier trained for this model's image size and schedule (refused otherwise, both shown) guides towards
+    ``cfg.labels`` cycled over the n samples with scale ``classifier.scale`` (Dhariwal & Nichol 2021)."""
+    spec = cfg.get("classifier") or {}
+    if not spec.get("ckpt_path"):
+        return None
+    classifier, classifier_diffusion, classifier_cfg = classifier_from_checkpoint(load_checkpoint(spec.ckpt_path))
+    check_classifier_fits(classifier, classifier_diffusion, classifier_cfg.schedule, denoiser, ckpt_cfg.schedule)
+    if denoiser.num_classes:  # a conditional model: its labels (and guidance=) as well
+        labels, denoiser = with_guidance(denoiser, cfg.get("labels"), cfg.get("guidance"), n)
+    else:
+        labels = cycle_labels(cfg.get("labels"), classifier.num_classes, n)
+    return labels, ClassifierGuidedDenoiser(denoiser, classifier.to(device), float(spec.get("scale", 1.0)))
 
 
 def wants_inpainting(cfg: DictConfig) -> bool:

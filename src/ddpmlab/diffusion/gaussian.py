@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ddpmlab.diffusion.schedules import validate_betas
 
-Variance = Literal["small", "large"]
+Variance = Literal["small", "large", "learned"]
 
 
 def extract(table: Tensor, t: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
@@ -59,6 +59,7 @@ class GaussianDiffusion(nn.Module):
             "beta_tilde": beta_tilde,
             "log_beta_tilde": log_beta_tilde,
             "log_beta_large": log_beta_large,
+            "log_beta": torch.log(beta),  # the upper bound of a learned variance, iDDPM eq. (15)
             # DDPM eq. (7): mu_tilde = coef_x0 * x0 + coef_xt * x_t
             "mu_tilde_coef_x0": beta * alpha_bar_prev.sqrt() / (1.0 - alpha_bar),
             "mu_tilde_coef_xt": (1.0 - alpha_bar_prev) * alpha.sqrt() / (1.0 - alpha_bar),
@@ -120,19 +121,28 @@ class GaussianDiffusion(nn.Module):
         return extract(self.sqrt_one_minus_alpha_bar, t, x_t.shape) * x_t + extract(self.sqrt_alpha_bar, t, x_t.shape) * v
 
     # ---------------------------------------------------------------- reverse process
-    def p_mean_variance(self, x0_hat: Tensor, x_t: Tensor, t: Tensor, variance: Variance = "small") -> Posterior:
+    def p_mean_variance(
+        self, x0_hat: Tensor, x_t: Tensor, t: Tensor, variance: Variance = "small", var_interp: Tensor | None = None
+    ) -> Posterior:
         """p_theta(x_{t-1} | x_t) = N(mu_tilde_t(x_t, x0_hat), sigma_t^2 I).
 
         The mean is the posterior mean at the predicted x0, which equals DDPM eq. (11) for an eps
-        prediction. sigma_t^2 is beta_tilde_t ("small") or beta_t ("large"), DDPM Sec. 3.2.
+        prediction. sigma_t^2 is beta_tilde_t ("small") or beta_t ("large"), DDPM Sec. 3.2, or ("learned")
+        the network's interpolation ``var_interp`` = v in [0, 1] between the two, iDDPM eq. (15), per element.
+        The bounds are this process's own, so a respaced process interpolates between its own beta and beta_tilde.
         """
         mean = self.q_posterior(x0_hat, x_t, t).mean
         if variance == "small":
             log_var = extract(self.log_beta_tilde, t, x_t.shape)
         elif variance == "large":
             log_var = extract(self.log_beta_large, t, x_t.shape)
+        elif variance == "learned":
+            if var_interp is None:
+                raise ValueError("variance='learned' needs var_interp: the network must predict a variance (learn_sigma)")
+            log_min, log_max = extract(self.log_beta_tilde, t, x_t.shape), extract(self.log_beta, t, x_t.shape)
+            log_var = var_interp * log_max + (1.0 - var_interp) * log_min  # iDDPM eq. (15)
         else:
-            raise ValueError(f"variance must be 'small' or 'large', got {variance!r}")
+            raise ValueError(f"variance must be 'small', 'large' or 'learned', got {variance!r}")
         return Posterior(mean, log_var.exp(), log_var)
 
     def respace(self, timesteps: Tensor | list[int]) -> "GaussianDiffusion":

@@ -1,4 +1,7 @@
-"""The Denoiser contract: one network output (eps, x0 or v) -> Prediction(eps_hat, x0_hat).
+"""The Denoiser contract: one network output (eps, x0 or v) -> Prediction(eps_hat, x0_hat[, var_interp]).
+
+A network built with ``learn_sigma`` outputs 2C channels: the prediction, then v (iDDPM eq. 15), so that
+Sigma_theta = exp(v log beta_t + (1 - v) log beta_tilde_t); the Prediction then carries v as ``var_interp``.
 
 Every loss and every sampler talks to the network only through this.
 """
@@ -10,7 +13,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ddpmlab.diffusion.gaussian import GaussianDiffusion
+from ddpmlab.diffusion.gaussian import GaussianDiffusion, extract
 
 PredictionType = Literal["eps", "x0", "v"]
 PREDICTIONS = ("eps", "x0", "v")
@@ -19,6 +22,12 @@ PREDICTIONS = ("eps", "x0", "v")
 class Prediction(NamedTuple):
     eps_hat: Tensor  # [B,C,H,W]
     x0_hat: Tensor  # [B,C,H,W]
+    # iDDPM eq. (15)'s v [B,C,H,W] for a learned variance (None: fixed variance). The network's raw output r lies
+    # roughly in [-1, 1] and v = (r + 1) / 2, as improved-diffusion parameterises it.
+    var_interp: Tensor | None = None
+    # s * grad_{x_t} log p_phi(y | x_t) from a noisy classifier (classifier guidance; None: unguided). Ancestral
+    # sampling shifts its mean by Sigma times it, other samplers shift eps_hat (Dhariwal & Nichol 2021, Alg. 1, 2).
+    guide_grad: Tensor | None = None
 
 
 class Denoiser(nn.Module):
@@ -42,6 +51,7 @@ class Denoiser(nn.Module):
         self.net = net
         self.diffusion = diffusion
         self.prediction = prediction
+        self.learn_sigma = bool(getattr(net, "learn_sigma", False))  # the net outputs 2C channels
         self._sample_shape = None if sample_shape is None else tuple(int(n) for n in sample_shape)
 
     @property
@@ -67,11 +77,15 @@ class Denoiser(nn.Module):
 
     def from_output(self, out: Tensor, x_t: Tensor, t: Tensor) -> Prediction:
         d = self.diffusion
+        var_interp = None
+        if self.learn_sigma:
+            out, r = out.chunk(2, dim=1)  # [B,2C,H,W] -> prediction [B,C,H,W], variance output [B,C,H,W]
+            var_interp = (r + 1.0) / 2.0  # iDDPM eq. (15)'s v
         if self.prediction == "eps":
-            return Prediction(out, d.x0_from_eps(x_t, t, out))
+            return Prediction(out, d.x0_from_eps(x_t, t, out), var_interp)
         if self.prediction == "x0":
-            return Prediction(d.eps_from_x0(x_t, t, out), out)
-        return Prediction(d.eps_from_v(x_t, t, out), d.x0_from_v(x_t, t, out))
+            return Prediction(d.eps_from_x0(x_t, t, out), out, var_interp)
+        return Prediction(d.eps_from_v(x_t, t, out), d.x0_from_v(x_t, t, out), var_interp)
 
     def output_of(self, pred: Prediction, x_t: Tensor, t: Tensor) -> Tensor:
         """The quantity the network predicts, read back from a Prediction (for losses in output space)."""
@@ -105,4 +119,13 @@ def check_same_diffusion(denoiser: nn.Module, diffusion: GaussianDiffusion) -> N
 def clip_x0(pred: Prediction, diffusion: GaussianDiffusion, x_t: Tensor, t: Tensor, lo: float = -1.0, hi: float = 1.0) -> Prediction:
     """Clip x0_hat to the data range and re-derive eps_hat from the clipped x0_hat (so both stay consistent)."""
     x0_hat = pred.x0_hat.clamp(lo, hi)
-    return Prediction(diffusion.eps_from_x0(x_t, t, x0_hat), x0_hat)
+    return pred._replace(eps_hat=diffusion.eps_from_x0(x_t, t, x0_hat), x0_hat=x0_hat)
+
+
+def shift_score(pred: Prediction, diffusion: GaussianDiffusion, x_t: Tensor, t: Tensor) -> Prediction:
+    """Apply the classifier's gradient to eps_hat: eps_hat - sqrt(1 - alpha_bar_t) * s grad log p(y | x_t)
+    (Dhariwal & Nichol 2021, Algorithm 2), x0_hat re-derived from it; the gradient is then used up (None)."""
+    if pred.guide_grad is None:
+        return pred
+    eps_hat = pred.eps_hat - extract(diffusion.sqrt_one_minus_alpha_bar, t, x_t.shape) * pred.guide_grad
+    return pred._replace(eps_hat=eps_hat, x0_hat=diffusion.x0_from_eps(x_t, t, eps_hat), guide_grad=None)

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ddpmlab.diffusion.parameterization import Denoiser
 from ddpmlab.errors import CheckpointError
+from ddpmlab.objectives.timestep_samplers import UniformSampler
 from ddpmlab.samplers import Sampler
 
 # Config sections that must match for a checkpoint to resume into this run.
@@ -33,6 +34,10 @@ class DiffusionModule(pl.LightningModule):
         super().__init__()
         self.denoiser = denoiser
         self.objective = objective
+        if hasattr(objective, "check"):  # e.g. a learned variance needs objective=hybrid or vlb
+            objective.check(denoiser)
+        # How training draws t: the objective's (iDDPM's importance sampler for vlb), else uniform (DDPM Alg. 1).
+        self.timestep_sampler = getattr(objective, "timestep_sampler", None) or UniformSampler()
         self.optimizer_factory = optimizer
         self.lr_warmup_steps = lr_warmup_steps
         self.sampler = sampler or Sampler("ddpm")  # for sample grids and FID during training
@@ -77,9 +82,13 @@ class DiffusionModule(pl.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x0, y = batch
         self._seed_noise()
-        t, eps = self._draw(x0, self._noise)
+        t, weight = self.timestep_sampler.sample(x0.shape[0], self.diffusion.T, x0.device, self._noise)
+        eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=self._noise)
         loss_per_sample = self.objective(self.denoiser, self.diffusion, x0, t, eps, self._labels(y, self._noise))
-        loss = loss_per_sample.mean()
+        loss = (loss_per_sample * weight).mean()  # weight = 1 / (T p_t): 1 for uniform t
+        if not isinstance(self.timestep_sampler, UniformSampler):  # every rank keeps the same loss history
+            gathered = self.all_gather(torch.stack([t.to(loss_per_sample.dtype), loss_per_sample.detach()]))
+            self.timestep_sampler.update(*gathered.reshape(-1, 2, t.shape[0]).transpose(0, 1).flatten(1))
         self.log("train/loss", loss, prog_bar=self.loss_in_progress_bar)
         # per-sample loss and t go to callbacks (loss by timestep quartile: callbacks.dashboard.LossByTimestep)
         return {"loss": loss, "loss_per_sample": loss_per_sample.detach(), "t": t}
@@ -116,9 +125,12 @@ class DiffusionModule(pl.LightningModule):
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["ddpmlab_config"] = self.config  # primitives only: loads with weights_only=True
+        checkpoint["timestep_sampler"] = self.timestep_sampler.state_dict()  # tensors: the importance history
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_compatible(checkpoint.get("ddpmlab_config"), self.config)
+        if checkpoint.get("timestep_sampler"):
+            self.timestep_sampler.load_state_dict(checkpoint["timestep_sampler"])
 
 
 def noise_seed(seed: int, rank: int, step: int) -> int:

@@ -11,7 +11,6 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ddpmlab.diffusion.gaussian import Variance
 from ddpmlab.diffusion.parameterization import Denoiser
 from ddpmlab.errors import ConfigError
 from ddpmlab.objectives.likelihood import prior_bpd, vb_terms_bpd
@@ -39,7 +38,7 @@ def bits_per_dim(
     x0: Tensor,
     *,
     stride: int = 1,
-    variance: Variance = "large",
+    variance: str = "large",
     clip_x0: bool = True,
     cond: Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -78,7 +77,7 @@ def evaluate_bpd(
     num_images: int | None = None,
     *,
     stride: int = 1,
-    variance: Variance = "large",
+    variance: str = "large",
     clip_x0: bool = True,
     conditional: bool = False,
     seed: int = 0,
@@ -91,8 +90,12 @@ def evaluate_bpd(
     and independent), the number of images, the wall time, the mean of each term, and how it was measured."""
     if num_images is not None and num_images < 1:
         raise ConfigError(f"num_images={num_images} must be >= 1 (or null for the whole split)")
-    if variance not in ("small", "large"):
-        raise ConfigError(f"variance={variance!r} must be 'small' (beta_tilde) or 'large' (beta)")
+    if variance not in ("auto", "small", "large", "learned"):
+        raise ConfigError(f"variance={variance!r} must be 'small' (beta_tilde), 'large' (beta), 'learned' or 'auto'")
+    if variance == "auto":  # the network's own variance where it predicts one (iDDPM eq. 15), else beta
+        variance = "learned" if denoiser.learn_sigma else "large"
+    if variance == "learned" and not denoiser.learn_sigma:
+        raise ConfigError("variance='learned' needs a model trained with model.learn_sigma=true; use small or large")
     device = torch.device(device)
     generator = torch.Generator(device).manual_seed(seed)
     parts: list[BitsPerDim] = []
@@ -123,7 +126,8 @@ def evaluate_bpd(
         "protocol": {
             "bound": "DDPM eq. (5): L_T + sum_t L_{t-1} + L_0, in bits/dim",
             "decoder": "discretised Gaussian, DDPM eq. (13): bins of half-width 1/255 on [-1, 1], edge bins to +-inf",
-            "variance": {"large": "sigma_t^2 = beta_t", "small": "sigma_t^2 = beta_tilde_t"}[variance],
+            "variance": {"large": "sigma_t^2 = beta_t", "small": "sigma_t^2 = beta_tilde_t",
+                         "learned": "Sigma_theta = exp(v log beta_t + (1 - v) log beta_tilde_t), iDDPM eq. (15)"}[variance],
             "clip_x0": clip_x0,
             "T": T,
             "stride": stride,

@@ -11,13 +11,20 @@ def group_norm(channels: int, num_groups: int = 32) -> nn.GroupNorm:
 
 
 class ResBlock(nn.Module):
-    """GroupNorm -> SiLU -> Conv, + projected time embedding, GroupNorm -> SiLU -> Dropout -> Conv, + skip."""
+    """GroupNorm -> SiLU -> Conv, + projected time embedding, GroupNorm -> SiLU -> Dropout -> Conv, + skip.
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float = 0.0, num_groups: int = 32):
+    ``use_scale_shift_norm`` (AdaGN, iDDPM / Dhariwal & Nichol 2021 Sec. 3): the embedding gives a scale and a
+    shift instead of an addition, GroupNorm(h) * (1 + scale) + shift."""
+
+    def __init__(
+        self, in_ch: int, out_ch: int, emb_dim: int, dropout: float = 0.0, num_groups: int = 32,
+        use_scale_shift_norm: bool = False,
+    ):  # fmt: skip
         super().__init__()
+        self.use_scale_shift_norm = use_scale_shift_norm
         self.norm1 = group_norm(in_ch, num_groups)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.emb_proj = nn.Linear(emb_dim, out_ch)
+        self.emb_proj = nn.Linear(emb_dim, 2 * out_ch if use_scale_shift_norm else out_ch)
         self.norm2 = group_norm(out_ch, num_groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
@@ -25,8 +32,13 @@ class ResBlock(nn.Module):
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.emb_proj(F.silu(emb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        e = self.emb_proj(F.silu(emb))[:, :, None, None]
+        if self.use_scale_shift_norm:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift  # AdaGN
+        else:
+            h = self.norm2(h + e)
+        h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
 

@@ -1,6 +1,7 @@
 """The noise-predicting U-Net of DDPM (Ho et al. 2020, Appendix B), PixelCNN++-style.
 
-Knows nothing of schedules: it maps (x_t [B,C,H,W], t [B], labels [B] or None) -> [B,C_out,H,W].
+Knows nothing of schedules: it maps (x_t [B,C,H,W], t [B], labels [B] or None) -> [B,C_out,H,W]; with
+``learn_sigma`` C_out doubles (the prediction, then iDDPM eq. 15's variance interpolation).
 """
 
 from __future__ import annotations
@@ -40,11 +41,14 @@ class UNet(nn.Module):
         num_heads: int = 1,
         num_groups: int = 32,
         num_classes: int | None = None,
+        learn_sigma: bool = False,
+        use_scale_shift_norm: bool = False,
     ):
         super().__init__()
         check_image_size(image_size, channel_mult)
         self.in_channels = in_channels
-        self.out_channels = out_channels or in_channels
+        self.learn_sigma = learn_sigma  # iDDPM eq. (15): a second set of C channels, the variance's v
+        self.out_channels = (out_channels or in_channels) * (2 if learn_sigma else 1)
         self.image_size = image_size
         self.num_classes = num_classes
         emb_dim = 4 * base_channels
@@ -53,7 +57,7 @@ class UNet(nn.Module):
         self.label_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
 
         def block(i: int, o: int) -> ResBlock:
-            return ResBlock(i, o, emb_dim, dropout, num_groups)
+            return ResBlock(i, o, emb_dim, dropout, num_groups, use_scale_shift_norm)
 
         def attn(ch: int) -> SelfAttention:
             return SelfAttention(ch, num_heads, num_groups)

@@ -18,8 +18,8 @@ import math
 import torch
 from torch import Tensor
 
-from ddpmlab.diffusion.gaussian import GaussianDiffusion, Variance
-from ddpmlab.diffusion.parameterization import Denoiser, check_same_diffusion
+from ddpmlab.diffusion.gaussian import GaussianDiffusion
+from ddpmlab.diffusion.parameterization import Denoiser, Prediction, check_same_diffusion
 from ddpmlab.diffusion.parameterization import clip_x0 as _clip
 from ddpmlab.objectives.losses import mean_flat
 
@@ -64,23 +64,32 @@ def vb_terms_bpd(
     t: Tensor,
     eps: Tensor,
     *,
-    variance: Variance = "large",
+    variance: str = "large",
     clip_x0: bool = True,
     cond: Tensor | None = None,
 ) -> Tensor:
     """One term of the bound per sample, bits/dim [B]: at x_t = q_sample(x0, t, eps), the KL L_t for index t >= 1
     and the decoder's -log p(x_0 | x_1) for index t = 0. p_theta has mean mu_tilde(x_t, x0_hat) and variance
-    beta ("large") or beta_tilde ("small"), DDPM Sec. 3.2; ``clip_x0`` clips x0_hat to [-1, 1] first."""
+    beta ("large") or beta_tilde ("small"), DDPM Sec. 3.2, or the network's own ("learned", iDDPM eq. 15; "auto":
+    learned where the network predicts a variance, else large); ``clip_x0`` clips x0_hat to [-1, 1] first."""
     check_same_diffusion(denoiser, diffusion)
     x_t = diffusion.q_sample(x0, t, eps)
     pred = denoiser(x_t, t, cond)
     if clip_x0:
         pred = _clip(pred, diffusion, x_t, t)
-    p = diffusion.p_mean_variance(pred.x0_hat, x_t, t, variance)
+    return vb_term_of(pred, diffusion, x0, x_t, t, variance=variance)
+
+
+def vb_term_of(
+    pred: Prediction, diffusion: GaussianDiffusion, x0: Tensor, x_t: Tensor, t: Tensor, *, variance: str = "auto"
+) -> Tensor:
+    """The bound's term at (x_t, t) for a given Prediction, bits/dim [B] (see :func:`vb_terms_bpd`)."""
+    if variance == "auto":
+        variance = "learned" if pred.var_interp is not None else "large"
+    p = diffusion.p_mean_variance(pred.x0_hat, x_t, t, variance, var_interp=pred.var_interp)
     q = diffusion.q_posterior(x0, x_t, t)
     kl = mean_flat(normal_kl(q.mean, q.log_variance, p.mean, p.log_variance)) / LN2  # DDPM eq. (5), L_{t-1}
     if not (t == 0).any():
         return kl
     decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(x0, p.mean, 0.5 * p.log_variance)).float() / LN2
     return torch.where(t == 0, decoder_nll, kl)
-

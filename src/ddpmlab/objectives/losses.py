@@ -8,6 +8,7 @@ from torch import Tensor
 
 from ddpmlab.diffusion.gaussian import GaussianDiffusion, extract
 from ddpmlab.diffusion.parameterization import Denoiser, check_same_diffusion
+from ddpmlab.errors import ConfigError
 
 
 def mean_flat(x: Tensor) -> Tensor:
@@ -17,6 +18,14 @@ def mean_flat(x: Tensor) -> Tensor:
 class SimpleLoss:
     """DDPM eq. (14): L_simple = E_{t, x0, eps} || target - net(x_t, t) ||^2, where the target is what the
     network predicts (eps for DDPM; x0 or v for the other parameterizations)."""
+
+    def check(self, denoiser: Denoiser) -> None:
+        """Refuse a network whose variance this loss would leave untrained."""
+        if denoiser.learn_sigma:
+            raise ConfigError(
+                "model.learn_sigma=true needs an objective that trains the variance: objective=hybrid "
+                "(L_simple + 0.001 L_vlb, iDDPM Sec. 3.1) or objective=vlb"
+            )
 
     def __call__(self, denoiser: Denoiser, diffusion: GaussianDiffusion, x0: Tensor, t: Tensor, eps: Tensor, cond: Tensor | None = None) -> Tensor:
         check_same_diffusion(denoiser, diffusion)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ddpmlab.diffusion.gaussian import GaussianDiffusion
-from ddpmlab.diffusion.parameterization import Denoiser, Prediction
+from ddpmlab.diffusion.parameterization import Denoiser, Prediction, shift_score
 from ddpmlab.diffusion.parameterization import clip_x0 as _clip
 from ddpmlab.errors import ConfigError
 
@@ -48,13 +48,24 @@ def grid_alpha_bar(diffusion: GaussianDiffusion, ts: Tensor) -> tuple[Tensor, Te
 
 
 def predict(
-    denoiser: Denoiser, diffusion: GaussianDiffusion, x_t: Tensor, t: int, cond: Tensor | None, clip_x0: bool
+    denoiser: Denoiser,
+    diffusion: GaussianDiffusion,
+    x_t: Tensor,
+    t: int,
+    cond: Tensor | None,
+    clip_x0: bool,
+    keep_guide_grad: bool = False,
 ) -> Prediction:
     """The network's Prediction(eps_hat, x0_hat) at code timestep ``t``; with ``clip_x0``, x0_hat is clipped to the
-    data range [-1, 1] and eps_hat re-derived from the clipped x0_hat (so the step stays consistent)."""
+    data range [-1, 1] and eps_hat re-derived from the clipped x0_hat (so the step stays consistent).
+
+    A classifier-guided prediction's gradient is applied to eps_hat here (Dhariwal & Nichol 2021, Algorithm 2), as
+    every eps-based sampler needs it, unless ``keep_guide_grad``: ancestral sampling shifts its mean instead
+    (Algorithm 1)."""
     t_batch = batch_t(t, x_t)
     pred = denoiser(x_t, t_batch, cond)
-    return _clip(pred, diffusion, x_t, t_batch) if clip_x0 else pred
+    pred = _clip(pred, diffusion, x_t, t_batch) if clip_x0 else pred
+    return pred if keep_guide_grad else shift_score(pred, diffusion, x_t, t_batch)
 
 
 def final(steps: Iterator[SamplerStep]) -> Tensor:

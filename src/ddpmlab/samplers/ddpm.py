@@ -7,23 +7,30 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from ddpmlab.diffusion.gaussian import GaussianDiffusion, Variance
+from ddpmlab.diffusion.gaussian import GaussianDiffusion
 from ddpmlab.diffusion.parameterization import Denoiser, Prediction, check_same_diffusion
 from ddpmlab.errors import ConfigError
 from ddpmlab.samplers.base import SamplerStep, as_grid, batch_t, final, predict, randn_like
 
-VARIANCES = ("small", "large")
+VARIANCES = ("auto", "small", "large", "learned")
 
 
-def ddpm_step(pred: Prediction, process: GaussianDiffusion, x_t: Tensor, j: Tensor, noise: Tensor | None, variance: Variance = "small") -> Tensor:
+def ddpm_step(
+    pred: Prediction, process: GaussianDiffusion, x_t: Tensor, j: Tensor, noise: Tensor | None, variance: str = "auto"
+) -> Tensor:
     """One draw x_{t-1} ~ p_theta(x_{t-1} | x_t) of ``process`` at its index ``j`` [B]; ``noise=None`` returns the mean.
 
     The mean is mu_tilde(x_t, x0_hat), DDPM eq. (7), which equals eq. (11) for an eps prediction;
-    sigma_t^2 is beta_tilde_t ("small") or beta_t ("large"), DDPM Sec. 3.2."""
-    p = process.p_mean_variance(pred.x0_hat, x_t, j, variance)
+    sigma_t^2 is beta_tilde_t ("small") or beta_t ("large"), DDPM Sec. 3.2, or the network's own ("learned", iDDPM
+    eq. 15, between ``process``'s bounds); "auto" is "learned" where the prediction carries a variance, else "small".
+    A classifier-guided prediction shifts the mean by Sigma * s grad log p(y | x_t) (Dhariwal & Nichol 2021, Alg. 1)."""
+    if variance == "auto":
+        variance = "learned" if pred.var_interp is not None else "small"
+    p = process.p_mean_variance(pred.x0_hat, x_t, j, variance, var_interp=pred.var_interp)
+    mean = p.mean if pred.guide_grad is None else p.mean + p.variance * pred.guide_grad  # Algorithm 1, line 4
     if noise is None:
-        return p.mean
-    return p.mean + (0.5 * p.log_variance).exp() * noise  # Algorithm 2, line 4
+        return mean
+    return mean + (0.5 * p.log_variance).exp() * noise  # DDPM Algorithm 2, line 4
 
 
 @torch.no_grad()
@@ -34,7 +41,7 @@ def ddpm_sample_progressive(
     timesteps: Tensor | list[int],
     *,
     generator: torch.Generator | None = None,
-    variance: Variance = "small",
+    variance: str = "auto",
     clip_x0: bool = True,
     cond: Tensor | None = None,
 ) -> Iterator[SamplerStep]:
@@ -42,7 +49,8 @@ def ddpm_sample_progressive(
 
     Any grid, the full one included, samples the respaced process (improved-diffusion, Sec. 4): its betas are
     rebuilt from the kept alpha_bar, 1 - alpha_bar_{t_i} / alpha_bar_{t_{i-1}}, which on the full grid are the
-    original betas again. The network still sees the original timestep.
+    original betas again. The network still sees the original timestep; a learned variance interpolates between
+    the respaced process's beta and beta_tilde (both recomputed there, as improved-diffusion does).
     """
     if variance not in VARIANCES:
         raise ConfigError(f"sampler.variance={variance!r} must be one of {list(VARIANCES)}")
@@ -52,7 +60,7 @@ def ddpm_sample_progressive(
     S = ts.numel()
     x = x_T
     for i, t in enumerate(ts.tolist()):
-        pred = predict(denoiser, diffusion, x, t, cond, clip_x0)
+        pred = predict(denoiser, diffusion, x, t, cond, clip_x0, keep_guide_grad=True)
         noise = randn_like(x, generator) if i < S - 1 else None
         x = ddpm_step(pred, process, x, batch_t(S - 1 - i, x), noise, variance)
         yield SamplerStep(t, x, pred.x0_hat)

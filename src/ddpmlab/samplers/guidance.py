@@ -60,6 +60,10 @@ class GuidedDenoiser(nn.Module):
     def num_classes(self) -> int:
         return self.denoiser.num_classes
 
+    @property
+    def learn_sigma(self) -> bool:
+        return getattr(self.denoiser, "learn_sigma", False)
+
     def extra_repr(self) -> str:
         return f"w={self.w}, null_label={self.null_label}"
 
@@ -74,7 +78,8 @@ class GuidedDenoiser(nn.Module):
         both = self.denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, null]))  # [2B,...]
         eps_cond, eps_uncond = both.eps_hat.chunk(2)
         eps_hat = (1 + self.w) * eps_cond - self.w * eps_uncond  # Ho & Salimans 2022, eq. (6)
-        return Prediction(eps_hat, self.diffusion.x0_from_eps(x_t, t, eps_hat))
+        var_interp = None if both.var_interp is None else both.var_interp.chunk(2)[0]  # the conditional variance
+        return Prediction(eps_hat, self.diffusion.x0_from_eps(x_t, t, eps_hat), var_interp)
 
 
 def check_labels(labels: Tensor, num_classes: int, batch_size: int) -> None:
