@@ -79,7 +79,7 @@ def test_a_missing_checkpoint_is_a_checkpoint_error(tmp_path):
 @pytest.mark.parametrize(
     "name,overrides,expected",
     [
-        ("ddpm", [], ("ddpm", None, "leading", {"variance": "small", "clip_x0": True})),
+        ("ddpm", [], ("ddpm", None, "leading", {"variance": "auto", "clip_x0": True})),
         ("ddim", ["sampler.num_steps=20", "sampler.eta=0.5"], ("ddim", 20, "leading", {"eta": 0.5, "clip_x0": True})),
         ("dpm_solver", [], ("dpm_solver", 20, "logsnr", {"clip_x0": True})),
     ],
