@@ -31,6 +31,10 @@ def build_denoiser(cfg: DictConfig) -> Denoiser:
     """The network, the diffusion process and their contract, from the model / schedule / prediction config."""
     net = instantiate(cfg.model)
     diffusion = GaussianDiffusion(instantiate(cfg.schedule))
+    if cfg.get("stage") == "latent_diffusion":  # the U-Net on latents of a frozen first stage (ddpmlab.latent)
+        from ddpmlab.latent import build_latent_denoiser
+
+        return build_latent_denoiser(cfg, net, diffusion)
     return Denoiser(net, diffusion, cfg.prediction)
 
 
@@ -38,6 +42,10 @@ def build_module(cfg: DictConfig):
     """The training LightningModule for ``cfg`` (the composed ``train`` config)."""
     from ddpmlab.lit.module import DiffusionModule
 
+    if cfg.get("stage") == "autoencoder":  # a latent-diffusion first stage
+        from ddpmlab.latent import build_autoencoder_module
+
+        return build_autoencoder_module(cfg)
     return DiffusionModule(
         denoiser=build_denoiser(cfg),
         objective=instantiate(cfg.objective),

@@ -86,7 +86,7 @@ def apply_perf(module, device: torch.device | str, perf: Mapping[str, Any] | Non
     _check_keys(perf, SWITCHES + OPTIONS)
     on_gpu = torch.device(device).type == "cuda"
     on = {name: resolve(name, perf.get(name, "auto"), on_gpu) for name in SWITCHES}
-    net = module.denoiser.net
+    net = module.denoiser.net if hasattr(module, "denoiser") else module.autoencoder  # (a first stage: autoencoder)
     if on["tf32"]:
         use_tf32()
     if on["channels_last"]:

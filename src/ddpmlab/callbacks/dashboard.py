@@ -71,8 +71,9 @@ class DenoisingChain(pl.Callback):
         was_training = denoiser.training
         denoiser.eval()
         chain = sampler.chain(denoiser, denoiser.diffusion, x_T, self.num_frames, generator=generator)  # [B,F,C,H,W]
+        frames = denoiser.decode(chain.flatten(0, 1))  # latent diffusion: each state as the decoder sees it
         denoiser.train(was_training)
-        return ((chain.flatten(0, 1).float().clamp(-1, 1) + 1) / 2).cpu()
+        return ((frames.float().clamp(-1, 1) + 1) / 2).cpu()
 
     @rank_zero_only
     def draw(self, trainer: pl.Trainer, pl_module) -> Path:

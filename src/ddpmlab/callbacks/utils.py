@@ -26,7 +26,7 @@ def sample_images(denoiser, sampler: Sampler, n: int, generator: torch.Generator
     device = next(denoiser.parameters()).device
     shape = (n, net.in_channels, net.image_size, net.image_size)
     x_T = torch.randn(shape, generator=generator, device=device)
-    x0 = sampler(denoiser, denoiser.diffusion, x_T, generator=generator, cond=cond)
+    x0 = denoiser.decode(sampler(denoiser, denoiser.diffusion, x_T, generator=generator, cond=cond))
     denoiser.train(was_training)
     return ((x0.float().clamp(-1, 1) + 1) / 2).cpu()
 

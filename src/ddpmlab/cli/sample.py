@@ -35,7 +35,7 @@ def generate(
         n = min(batch_size, num_samples - start)
         x_T = torch.randn((n, net.in_channels, net.image_size, net.image_size), generator=generator, device=device)
         cond = None if labels is None else labels[start : start + n].to(device)
-        out.append(sampler(denoiser, denoiser.diffusion, x_T, generator=generator, cond=cond).cpu())
+        out.append(denoiser.decode(sampler(denoiser, denoiser.diffusion, x_T, generator=generator, cond=cond)).cpu())
     return torch.cat(out)
 
 
@@ -46,7 +46,8 @@ def save_chain(denoiser, sampler: Sampler, num_samples: int, num_frames: int, se
     net = denoiser.net
     generator = torch.Generator(device).manual_seed(seed)
     x_T = torch.randn((num_samples, net.in_channels, net.image_size, net.image_size), generator=generator, device=device)
-    frames = sampler.chain(denoiser, denoiser.diffusion, x_T, num_frames, generator=generator).cpu()  # [n,F,C,H,W]
+    frames = sampler.chain(denoiser, denoiser.diffusion, x_T, num_frames, generator=generator)  # [n,F,C,H,W]
+    frames = denoiser.decode(frames.flatten(0, 1)).unflatten(0, frames.shape[:2]).cpu()  # latents: as pixels
     save_grid((frames.flatten(0, 1).clamp(-1, 1) + 1) / 2, path, nrow=frames.shape[1])
     return path
 

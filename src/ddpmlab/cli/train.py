@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from ddpmlab.api import CONFIG_DIR, build_module
 from ddpmlab.cli.common import friendly_errors
 from ddpmlab.errors import CheckpointError
+from ddpmlab.latent import prepare_latent_config, setup_latent_training
 from ddpmlab.perf import apply_perf
 
 
@@ -30,7 +31,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule = instantiate(cfg.data)
     if not cfg.data.get("download"):  # fail on missing or corrupt data now, before any callback writes a checkpoint
         datamodule.setup("fit")
+    first_stage = None
+    if cfg.get("stage") == "latent_diffusion":  # the first stage's checkpoint fixes the latent shape of the U-Net
+        cfg, first_stage = prepare_latent_config(cfg)
     module = build_module(cfg)
+    if first_stage is not None:
+        datamodule = setup_latent_training(cfg, module, datamodule, first_stage)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     if cfg.get("ema"):
         callbacks.append(instantiate(cfg.ema))

@@ -23,6 +23,8 @@ class Prediction(NamedTuple):
 class Denoiser(nn.Module):
     """Wraps ``net(x_t, t[, cond])`` whose output is ``prediction`` (eps: DDPM eq. 11; x0; v: Salimans & Ho 2022)."""
 
+    x0_range: tuple[float, float] | None = (-1.0, 1.0)  # where samplers may clip x0_hat (data in [-1, 1])
+
     def __init__(self, net: nn.Module, diffusion: GaussianDiffusion, prediction: PredictionType = "eps"):
         super().__init__()
         if prediction not in PREDICTIONS:
@@ -34,6 +36,10 @@ class Denoiser(nn.Module):
     def forward(self, x_t: Tensor, t: Tensor, cond: Tensor | None = None) -> Prediction:
         out = self.net(x_t, t) if cond is None else self.net(x_t, t, cond)
         return self.from_output(out.float(), x_t, t)
+
+    def decode(self, x0: Tensor) -> Tensor:
+        """A sample of the diffusion's space as an image: the identity here (a latent denoiser decodes)."""
+        return x0
 
     def from_output(self, out: Tensor, x_t: Tensor, t: Tensor) -> Prediction:
         d = self.diffusion

@@ -50,10 +50,12 @@ def predict(
     denoiser: Denoiser, diffusion: GaussianDiffusion, x_t: Tensor, t: int, cond: Tensor | None, clip_x0: bool
 ) -> Prediction:
     """The network's Prediction(eps_hat, x0_hat) at code timestep ``t``; with ``clip_x0``, x0_hat is clipped to the
-    data range [-1, 1] and eps_hat re-derived from the clipped x0_hat (so the step stays consistent)."""
+    data range (the denoiser's ``x0_range``, [-1, 1]; None for latents: no clipping) and eps_hat re-derived from the
+    clipped x0_hat (so the step stays consistent)."""
     t_batch = batch_t(t, x_t)
     pred = denoiser(x_t, t_batch, cond)
-    return _clip(pred, diffusion, x_t, t_batch) if clip_x0 else pred
+    x0_range = getattr(denoiser, "x0_range", (-1.0, 1.0))
+    return _clip(pred, diffusion, x_t, t_batch, *x0_range) if clip_x0 and x0_range is not None else pred
 
 
 def final(steps: Iterator[SamplerStep]) -> Tensor:
