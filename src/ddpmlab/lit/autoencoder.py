@@ -80,10 +80,11 @@ class AutoencoderModule(pl.LightningModule):
         x, _ = batch
         opts = self.optimizers()
         opt_ae, opt_d = (opts if isinstance(opts, list) else [opts, None])[:2]
+        gan_on = self.gan_on()  # before opt_ae.step(), which advances global_step
         x_hat, reg = self.autoencoder(x)
         terms = self.losses(x, x_hat, reg)
         loss = terms["loss"]
-        if self.gan_on():
+        if gan_on:
             g_loss = -self.discriminator(x_hat).mean()
             d_weight = self.adaptive_weight(terms["rec_loss"], g_loss)
             loss = loss + d_weight * g_loss
@@ -93,7 +94,7 @@ class AutoencoderModule(pl.LightningModule):
         if self.gradient_clip_val:
             self.clip_gradients(opt_ae, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
         opt_ae.step()
-        if self.gan_on():  # hinge loss (Geometric GAN; taming's hinge_d_loss)
+        if gan_on:  # hinge loss (Geometric GAN; taming's hinge_d_loss)
             logits_real, logits_fake = self.discriminator(x.detach()), self.discriminator(x_hat.detach())
             d_loss = 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
             opt_d.zero_grad(set_to_none=True)
