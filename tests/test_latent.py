@@ -257,9 +257,9 @@ def test_missing_first_stage_is_one_line_on_the_command_line(tmp_path):
 
 
 def test_discriminator_starts_at_its_step_and_steps_count_the_autoencoder(tmp_path):
-    short = [o for o in AE if not o.startswith(("trainer.max_steps", "trainer.val_check"))]
+    short = [o for o in AE if not o.startswith(("trainer.max_steps", "trainer.val_check", "trainer.log_every"))]
     train(compose_cfg("train", short + ["trainer.max_steps=4", "trainer.val_check_interval=4",
-                                        "first_stage.loss.disc_start=2",
+                                        "trainer.log_every_n_steps=1", "first_stage.loss.disc_start=2",
                                         "first_stage.loss.disc_layers=1"], tmp_path / "run"))
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 4
