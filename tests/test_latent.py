@@ -276,3 +276,17 @@ def test_lpips_without_local_weights_says_where_to_put_them(tmp_path, monkeypatc
     cfg = compose_cfg("train", AE + ["first_stage.loss.perceptual_weight=1.0"], tmp_path / "run")
     with pytest.raises(ConfigError, match="LPIPS needs the VGG16 ImageNet weights at .*perceptual_weight=0"):
         train(cfg)
+
+
+def test_inpainting_runs_in_latent_space_and_returns_pixels(ldm_run, tmp_path):
+    import numpy as np
+
+    from ddpmlab.cli.sample import sample
+
+    cfg = compose_cfg("sample", [f"ckpt_path={ldm_run / 'checkpoints' / 'last.ckpt'}", "inpaint.index=0",
+                                 "inpaint.num_steps=5", "inpaint.jump_length=1", "inpaint.jump_n_sample=1",
+                                 "num_samples=3"], tmp_path)
+    out = sample(cfg, tmp_path / "inpaint")
+    saved = np.load(out / "samples.npz")
+    assert saved["images"].shape == (3, 8, 8, 1) and saved["keep"].shape == (8, 8)  # pixels, the pixel mask
+    assert (out / "inpaint.png").is_file()

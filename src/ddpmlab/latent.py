@@ -143,6 +143,8 @@ def build_autoencoder_module(cfg: DictConfig):
     """The first stage's training module for ``cfg`` (stage=autoencoder)."""
     from ddpmlab.lit.autoencoder import AutoencoderModule
 
+    # Lightning warns that manual optimisation saves the state after the step: that is the state at global_step.
+    warnings.filterwarnings("ignore", message=r".*ModelCheckpoint with manual optimization")
     if cfg.trainer.get("gradient_clip_val"):
         raise ConfigError("the autoencoder clips its own gradients (two optimizers, manual optimisation): set "
                           "trainer.gradient_clip_val=null and first_stage.gradient_clip_val=<value> instead")

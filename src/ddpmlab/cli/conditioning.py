@@ -71,12 +71,18 @@ def inpaint(cfg: DictConfig, denoiser, ckpt_cfg: DictConfig, device: torch.devic
     """RePaint ``num_samples`` completions of one image; writes samples.npz (completions, original, keep, labels)
     and inpaint.png: rows of [masked input | completions | original]."""
     spec, net = cfg.inpaint, denoiser.net
+    latent = hasattr(denoiser, "first_stage")  # latent diffusion: RePaint on z = s E(x), the mask at latent size
+    channels, size = (ckpt_cfg.data.channels, ckpt_cfg.data.image_size) if latent else (net.in_channels, net.image_size)
     if spec.get("image") is not None:
-        x0 = load_image(spec.image, net.in_channels, net.image_size)
+        x0 = load_image(spec.image, channels, size)
     else:
         x0, _ = dataset_image(ckpt_cfg.data, int(spec.index), spec.get("split", "val"))
     generator = torch.Generator(device).manual_seed(cfg.seed)
-    keep = make_mask(str(spec.mask), net.image_size, torch.Generator().manual_seed(cfg.seed))  # [H,W], 1 = known
+    keep = make_mask(str(spec.mask), size, torch.Generator().manual_seed(cfg.seed))  # [H,W], 1 = known
+    known, known_keep = x0.to(device), keep
+    if latent:  # a latent is known only where every pixel of its f x f block is
+        known = denoiser.encode(known, generator=generator)
+        known_keep = -torch.nn.functional.max_pool2d(-keep[None, None].float(), size // net.image_size)[0, 0]
     labels = None  # a class-conditional model completes unconditionally (null label) unless labels are given
     if cfg.get("labels") is not None:
         labels, denoiser = conditioning(cfg, denoiser, cfg.num_samples)
@@ -88,12 +94,12 @@ def inpaint(cfg: DictConfig, denoiser, ckpt_cfg: DictConfig, device: torch.devic
     completions, start = [], time.perf_counter()
     for lo in range(0, cfg.num_samples, cfg.batch_size):
         n = min(cfg.batch_size, cfg.num_samples - lo)
-        x_T = torch.randn((n, *x0.shape[1:]), generator=generator, device=device)
+        x_T = torch.randn((n, *known.shape[1:]), generator=generator, device=device)
         cond = None if labels is None else labels[lo : lo + n].to(device)
-        completions.append(repaint_sample(
-            denoiser, denoiser.diffusion, x_T, ts, x0=x0.to(device), keep=keep.to(device), generator=generator,
+        completions.append(denoiser.decode(repaint_sample(
+            denoiser, denoiser.diffusion, x_T, ts, x0=known, keep=known_keep.to(device), generator=generator,
             jump_length=spec.jump_length, jump_n_sample=spec.jump_n_sample, variance=spec.variance, cond=cond,
-        ).cpu())
+        )).cpu())
     images = torch.cat(completions)
     print(f"{cfg.num_samples} RePaint completions ({len(ts)} steps, jump_length={spec.jump_length}, "
           f"jump_n_sample={spec.jump_n_sample}: {evals} network evaluations each) in {time.perf_counter() - start:.1f}s")
