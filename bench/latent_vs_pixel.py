@@ -70,7 +70,7 @@ def main() -> None:
     else:
         first_stage = Autoencoder(1, 32, 16, (1, 2, 2), 1, 4, "kl", num_groups=8, mid_attention=True).eval()
     diffusion = GaussianDiffusion(linear_betas(1000))
-    loss_fn = SimpleLoss() if callable(SimpleLoss) else None
+    loss_fn = SimpleLoss()
     x0 = torch.rand(B, 1, 32, 32) * 2 - 1
     results = {}
     pixel = Denoiser(unet(1, 32, args.width), diffusion)
@@ -99,7 +99,8 @@ def main() -> None:
     }
     for name, (denoiser, batch) in cases.items():
         step = step_fn(denoiser, batch)
-        f = flops(lambda: denoiser.net(batch()[:1], torch.zeros(1, dtype=torch.long)))
+        shape = x0.shape[1:] if denoiser is pixel else z0.shape[1:]
+        f = flops(lambda: denoiser.net(torch.zeros(1, *shape), torch.zeros(1, dtype=torch.long)))
         seconds = time_steps(step, args.steps)
         results[name] = {"ms_per_image": round(1000 * seconds / B, 3), "img_per_s": round(B / seconds, 1),
                          "unet_forward_mflop_per_image": round(f / 1e6, 1)}

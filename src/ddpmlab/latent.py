@@ -310,10 +310,13 @@ class LatentDataModule(pl.LightningDataModule):
 
     def _once(self, dataset, train: bool) -> LatentLoader:
         start = time.perf_counter()
-        mean, std = encode_split(self.denoiser, dataset, self._device())
+        limit = None if train or self.trainer is None else self.trainer.limit_val_batches
+        limit = limit * self.data.batch_size if isinstance(limit, int) else None  # only the batches validation uses
+        mean, std = encode_split(self.denoiser, dataset, self._device(), limit=limit)
         self.encode_seconds += time.perf_counter() - start
         epoch = (lambda: self.trainer.current_epoch) if self.trainer is not None else None
-        return LatentLoader(self.denoiser, mean, std, dataset.labels, self.data.batch_size, shuffle=train,
+        labels = dataset.labels[: len(mean)]
+        return LatentLoader(self.denoiser, mean, std, labels, self.data.batch_size, shuffle=train,
                             drop_last=train, seed=self.seed, epoch=epoch if train else None)
 
     def train_dataloader(self):
