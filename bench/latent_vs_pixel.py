@@ -107,7 +107,8 @@ def main() -> None:
     with torch.no_grad():
         enc = time_steps(lambda: latent.moments(x0), args.steps) / B
         enc_flops = flops(lambda: latent.moments(x0[:1]))
-    results["encode_once_pass"] = {"ms_per_image": round(1000 * enc, 3), "encoder_mflop_per_image": round(enc_flops / 1e6, 1),
+    results["encode_once_pass"] = {"ms_per_image": round(1000 * enc, 3),
+                                   "encoder_mflop_per_image": round(enc_flops / 1e6, 1),
                                    "seconds_for_60k_mnist": round(60000 * enc, 1)}
     ratio = results["pixel_1x32x32"]["ms_per_image"] / results["latent_4x8x8_encoded_once"]["ms_per_image"]
     try:

@@ -165,7 +165,7 @@ def test_first_stage_resumes(tmp_path):
     ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
     train(compose_cfg("train", short + ["trainer.max_steps=8", "trainer.val_check_interval=4", f"ckpt_path={ckpt}"],
                       tmp_path / "b"))
-    first, second = (torch.load(p / "checkpoints" / "last.ckpt", weights_only=True) for p in (tmp_path / "a", tmp_path / "b"))
+    first, second = (torch.load(tmp_path / d / "checkpoints" / "last.ckpt", weights_only=True) for d in "ab")
     assert first["global_step"] == 4 and second["global_step"] == 8
     adam_steps = lambda c: int(next(iter(c["optimizer_states"][0]["state"].values()))["step"])  # noqa: E731
     assert adam_steps(first) == 4 and adam_steps(second) == 8
@@ -253,7 +253,8 @@ def test_missing_first_stage_is_one_line_on_the_command_line(tmp_path):
                 f"first_stage.ckpt_path={tmp_path / 'missing.ckpt'}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ddpmlab: error: first_stage.ckpt_path=") and "Traceback" not in r.stderr
+    assert len(lines) == 1 and lines[0].startswith("ddpmlab: error: first_stage.ckpt_path=")
+    assert "Traceback" not in r.stderr
 
 
 def test_discriminator_starts_at_its_step_and_steps_count_the_autoencoder(tmp_path):

@@ -76,7 +76,8 @@ def build_first_stage(net_cfg: DictConfig | dict) -> nn.Module:
     spec = OmegaConf.to_container(net_cfg, resolve=True) if isinstance(net_cfg, DictConfig) else dict(net_cfg)
     target = spec.pop("_target_", None)
     if target not in FIRST_STAGES:
-        raise CheckpointError(f"first_stage.net._target_={target!r} is not a first stage; one of {sorted(FIRST_STAGES)}")
+        raise CheckpointError(f"first_stage.net._target_={target!r} is not a first stage; "
+                              f"one of {sorted(FIRST_STAGES)}")
     return FIRST_STAGES[target](**spec)
 
 
@@ -109,7 +110,8 @@ def load_first_stage(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     try:
         first_stage.load_state_dict(state)
     except RuntimeError as e:
-        raise CheckpointError(f"{p}: the weights do not fit the autoencoder its config describes: {str(e)[:200]}") from e
+        raise CheckpointError(f"{p}: the weights do not fit the autoencoder its config describes: "
+                              f"{str(e)[:200]}") from e
     return first_stage.eval(), net_cfg
 
 

@@ -28,6 +28,6 @@ class ReconstructionGrid(pl.Callback):
         x_hat = pl_module.reconstruct(x).clamp(-1, 1)
         rows = [t for lo in range(0, len(x), 8) for t in (x[lo : lo + 8], x_hat[lo : lo + 8])]
         step = trainer.global_step
-        grid = save_grid((torch.cat(rows).cpu() + 1) / 2, Path(trainer.default_root_dir) / self.dirname / f"step_{step:07d}.png",
-                         nrow=8)
+        path = Path(trainer.default_root_dir) / self.dirname / f"step_{step:07d}.png"
+        grid = save_grid((torch.cat(rows).cpu() + 1) / 2, path, nrow=8)
         log_image(trainer, "reconstructions/grid", grid, step)

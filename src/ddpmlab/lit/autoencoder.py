@@ -45,7 +45,8 @@ class AutoencoderModule(pl.LightningModule):
     ):
         super().__init__()
         if reconstruction not in RECONSTRUCTION:
-            raise ConfigError(f"first_stage.loss.reconstruction={reconstruction!r}: choose one of {list(RECONSTRUCTION)}")
+            raise ConfigError(f"first_stage.loss.reconstruction={reconstruction!r}: "
+                              f"choose one of {list(RECONSTRUCTION)}")
         self.automatic_optimization = False  # two optimizers (autoencoder, discriminator), as in LDM
         self.autoencoder, self.discriminator, self.perceptual = autoencoder, discriminator, perceptual
         self.optimizer_factory, self.reconstruction, self.reg_weight = optimizer, reconstruction, reg_weight

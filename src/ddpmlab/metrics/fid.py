@@ -211,7 +211,8 @@ def generate_chunks(denoiser, sampler, chunks: list[tuple[int, int]], seed: int)
     for k, n in chunks:
         generator = torch.Generator(device).manual_seed(seed + k)
         x_T = torch.randn((n, net.in_channels, net.image_size, net.image_size), generator=generator, device=device)
-        out.append(denoiser.decode(sampler(denoiser, denoiser.diffusion, x_T, generator=generator)).float().clamp(-1, 1))
+        x0 = denoiser.decode(sampler(denoiser, denoiser.diffusion, x_T, generator=generator))  # latents: to pixels
+        out.append(x0.float().clamp(-1, 1))
     denoiser.train(was_training)
     return torch.cat(out) if out else torch.empty(0, net.in_channels, net.image_size, net.image_size, device=device)
 
