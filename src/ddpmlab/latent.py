@@ -315,7 +315,10 @@ class LatentDataModule(pl.LightningDataModule):
         limit = None if train or self.trainer is None else self.trainer.limit_val_batches
         limit = limit * self.data.batch_size if isinstance(limit, int) else None  # only the batches validation uses
         mean, std = encode_split(self.denoiser, dataset, self._device(), limit=limit)
-        self.encode_seconds += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.encode_seconds += seconds
+        if train:
+            print(f"latent diffusion: encoded {len(mean)} training images once in {seconds:.1f}s", flush=True)
         epoch = (lambda: self.trainer.current_epoch) if self.trainer is not None else None
         labels = dataset.labels[: len(mean)]
         return LatentLoader(self.denoiser, mean, std, labels, self.data.batch_size, shuffle=train,
