@@ -112,6 +112,10 @@ def build_denoiser(cfg: DictConfig, trusted: bool = True, trusted_targets=(), wh
     else:
         model, schedule = (check_targets(cfg.get(s), s, trusted_targets, where) for s in ("model", "schedule"))
         net, betas = instantiate(model), instantiate(schedule)
+    if cfg.get("stage") == "latent_diffusion":  # the U-Net on latents of a frozen first stage (ddpmlab.latent)
+        from ddpmlab.latent import build_latent_denoiser
+
+        return build_latent_denoiser(cfg, net, GaussianDiffusion(betas))
     return Denoiser(net, GaussianDiffusion(betas), cfg.prediction)
 
 
@@ -121,6 +125,10 @@ def build_module(cfg: DictConfig):
 
     if is_classifier_config(cfg):  # experiment=classifier_digits: the noisy classifier of classifier guidance
         return build_classifier_module(cfg)
+    if cfg.get("stage") == "autoencoder":  # a latent-diffusion first stage
+        from ddpmlab.latent import build_autoencoder_module
+
+        return build_autoencoder_module(cfg)
     return DiffusionModule(
         denoiser=build_denoiser(cfg),
         objective=instantiate(cfg.objective),

@@ -92,7 +92,10 @@ def apply_perf(module, device: torch.device | str, perf: Mapping[str, Any] | Non
     _check_keys(perf, SWITCHES + OPTIONS)
     on_gpu = torch.device(device).type == "cuda"
     on = {name: resolve(name, perf.get(name, "auto"), on_gpu) for name in SWITCHES}
-    net = module.denoiser.net if hasattr(module, "denoiser") else module.net  # DiffusionModule or ClassifierModule
+    if hasattr(module, "denoiser"):
+        net = module.denoiser.net
+    else:  # a ClassifierModule (net) or a first stage's AutoencoderModule (autoencoder)
+        net = module.net if hasattr(module, "net") else module.autoencoder
     if on["tf32"]:
         use_tf32()
     if on["channels_last"]:

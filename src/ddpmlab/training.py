@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from ddpmlab.api import build_module, load_checkpoint
 from ddpmlab.callbacks.checkpoint import AtomicCheckpointIO
 from ddpmlab.errors import CheckpointError
+from ddpmlab.latent import prepare_latent_config, setup_latent_training
 from ddpmlab.lit.module import check_compatible
 from ddpmlab.perf import apply_perf
 from ddpmlab.validate import check_train_config
@@ -36,6 +37,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     Everything that can fail on bad input fails before ``trainer.fit`` and writes nothing: the config values, the
     data files, the checkpoint to resume from (it exists, loads safely and fits the config)."""
     check_train_config(cfg)
+    first_stage = None
+    if cfg.get("stage") == "latent_diffusion":  # the first stage's checkpoint fixes the latent shape of the U-Net
+        cfg, first_stage = prepare_latent_config(cfg)
     run_dir = Path(cfg.trainer.get("default_root_dir") or cfg.paths.output_dir)
     ckpt_path = resume_path(cfg, run_dir)
     if ckpt_path is not None:
@@ -45,6 +49,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if not cfg.data.get("download"):  # fail on missing or corrupt data now, before any callback writes a checkpoint
         datamodule.setup("fit")
     module = build_module(cfg)
+    if first_stage is not None:
+        datamodule = setup_latent_training(cfg, module, datamodule, first_stage)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     if cfg.get("ema"):
         callbacks.append(instantiate(cfg.ema))

@@ -120,12 +120,20 @@ def inpaint(cfg: DictConfig, denoiser, ckpt_cfg: DictConfig, out: Path, perf=Non
     """RePaint ``num_samples`` completions of one image; writes samples.npz (completions, original, keep, labels),
     sampler.yaml and inpaint.png: rows of [masked input | completions | original]."""
     spec = cfg.inpaint
-    C, H, _ = denoiser.sample_shape
+    latent = hasattr(denoiser, "first_stage")  # latent diffusion: RePaint on z = s E(x), the mask at latent size
+    C, H, _ = (ckpt_cfg.data.channels, ckpt_cfg.data.image_size, None) if latent else denoiser.sample_shape
     if spec.get("image") is not None:
         x0 = load_image(spec.image, C, H, what="inpaint.image")
     else:
         x0, _ = dataset_image(ckpt_cfg.data, int(spec.index), spec.get("split", "val"))
     keep = make_mask(str(spec.mask), H, torch.Generator().manual_seed(cfg.seed))  # [H,W], 1 = known
+    known, known_keep = x0, keep
+    if latent:  # a latent is known only where every pixel of its f x f block is
+        device = next(denoiser.parameters()).device
+        with torch.no_grad():
+            known = denoiser.encode(x0.to(device), generator=torch.Generator(device).manual_seed(cfg.seed))
+        f = H // denoiser.sample_shape[1]
+        known_keep = -torch.nn.functional.max_pool2d(-keep[None, None].float(), f)[0, 0]
     labels = None  # a class-conditional model completes unconditionally (null label) unless labels are given
     if cfg.get("labels") is not None:
         labels, denoiser = with_guidance(denoiser, cfg.labels, cfg.get("guidance"), cfg.num_samples)
@@ -136,7 +144,7 @@ def inpaint(cfg: DictConfig, denoiser, ckpt_cfg: DictConfig, out: Path, perf=Non
     print(f"sampler: {sampler}")
     start = time.perf_counter()
     images = generate(denoiser, sampler, cfg.num_samples, seed=cfg.seed, batch_size=cfg.batch_size, labels=labels,
-                      x0=x0, keep=keep, perf=perf)  # fmt: skip
+                      x0=known, keep=known_keep, perf=perf)  # fmt: skip
     print(f"{cfg.num_samples} RePaint completions ({sampler.num_evaluations(denoiser.diffusion)} network "
           f"evaluations each) in {time.perf_counter() - start:.1f}s")
     write_outputs(out, images, sampler, labels, original=to_hwc_uint8(x0)[0], keep=keep.bool().numpy())

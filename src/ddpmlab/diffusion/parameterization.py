@@ -38,6 +38,8 @@ class Denoiser(nn.Module):
     network's ``in_channels`` / ``image_size`` / ``num_classes``; pass ``sample_shape`` for a network that has no
     such attributes (e.g. one denoising latents)."""
 
+    x0_range: tuple[float, float] | None = (-1.0, 1.0)  # where samplers may clip x0_hat (data in [-1, 1])
+
     def __init__(
         self,
         net: nn.Module,
@@ -74,6 +76,10 @@ class Denoiser(nn.Module):
     def forward(self, x_t: Tensor, t: Tensor, cond: Tensor | None = None) -> Prediction:
         out = self.net(x_t, t) if cond is None else self.net(x_t, t, cond)
         return self.from_output(out.float(), x_t, t)
+
+    def decode(self, x0: Tensor) -> Tensor:
+        """A sample of the diffusion's space as an image: the identity here (a latent denoiser decodes)."""
+        return x0
 
     def from_output(self, out: Tensor, x_t: Tensor, t: Tensor) -> Prediction:
         d = self.diffusion

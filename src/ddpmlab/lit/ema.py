@@ -48,9 +48,16 @@ class EMA(WeightAveraging):
     @torch.no_grad()
     def _update(self, pl_module) -> None:
         average = self._average_model
-        averaged = [p.detach() for p in itertools.chain(average.module.parameters(), average.module.buffers())]
-        current = [p.detach() for p in itertools.chain(pl_module.parameters(), pl_module.buffers())]
+        pairs = zip(itertools.chain(average.module.parameters(), average.module.buffers()),
+                    itertools.chain(pl_module.parameters(), pl_module.buffers()))
+        averaged, current, frozen_avg, frozen = [], [], [], []
+        for a, c in pairs:  # frozen parameters (a latent model's first stage) are copied: d x + (1 - d) x rounds
+            is_frozen = isinstance(c, torch.nn.Parameter) and not c.requires_grad
+            (frozen_avg if is_frozen else averaged).append(a.detach())
+            (frozen if is_frozen else current).append(c.detach())
         self._multi_avg_fn(averaged, current, average.n_averaged)
+        if frozen:
+            torch._foreach_copy_(frozen_avg, frozen)
         average.n_averaged += 1
 
     def on_train_end(self, trainer, pl_module) -> None:

@@ -57,14 +57,17 @@ def predict(
     keep_guide_grad: bool = False,
 ) -> Prediction:
     """The network's Prediction(eps_hat, x0_hat) at code timestep ``t``; with ``clip_x0``, x0_hat is clipped to the
-    data range [-1, 1] and eps_hat re-derived from the clipped x0_hat (so the step stays consistent).
+    data range (the denoiser's ``x0_range``, [-1, 1]; None for latents: no clipping) and eps_hat re-derived from the
+    clipped x0_hat (so the step stays consistent).
 
     A classifier-guided prediction's gradient is applied to eps_hat here (Dhariwal & Nichol 2021, Algorithm 2), as
     every eps-based sampler needs it, unless ``keep_guide_grad``: ancestral sampling shifts its mean instead
     (Algorithm 1)."""
     t_batch = batch_t(t, x_t)
     pred = denoiser(x_t, t_batch, cond)
-    pred = _clip(pred, diffusion, x_t, t_batch) if clip_x0 else pred
+    x0_range = getattr(denoiser, "x0_range", (-1.0, 1.0))
+    if clip_x0 and x0_range is not None:
+        pred = _clip(pred, diffusion, x_t, t_batch, *x0_range)
     return pred if keep_guide_grad else shift_score(pred, diffusion, x_t, t_batch)
 
 

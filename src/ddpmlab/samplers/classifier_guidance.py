@@ -65,6 +65,13 @@ class ClassifierGuidedDenoiser(nn.Module):
     def num_classes(self) -> int | None:
         return self.denoiser.num_classes
 
+    @property
+    def x0_range(self):
+        return self.denoiser.x0_range
+
+    def decode(self, x0: Tensor) -> Tensor:
+        return self.denoiser.decode(x0)
+
     def extra_repr(self) -> str:
         return f"scale={self.scale}"
 

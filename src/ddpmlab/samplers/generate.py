@@ -5,7 +5,8 @@ and ``bench/sample_throughput.py`` all come through here, so the levers a benchm
 run. Randomness: one ``torch.Generator`` on the denoiser's device, seeded with ``seed``, draws every x_T (batch
 after batch) and every noise of the sampler, so the same seed and batch size give the same samples.
 
-Samples are in the model's range, nominally [-1, 1]; ``ddpmlab.images`` turns them into [0, 1] or uint8.
+Samples are images in the data's range, nominally [-1, 1] (a latent denoiser's samples are decoded to pixels by its
+``decode``); ``ddpmlab.images`` turns them into [0, 1] or uint8.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def generate(
       guidance); its ``sample_shape`` is the shape of each sample and its ``diffusion`` the schedule.
     - ``labels`` [N]: the class of each sample (class-conditional models; passed to the network as ``cond``).
     - ``x0`` [1 or N, C, H, W] in [-1, 1] and ``keep`` (1 = known pixel, broadcastable): RePaint's inputs, for a
-      ``Sampler("repaint", ...)``.
+      ``Sampler("repaint", ...)``, in the diffusion's space (for a latent denoiser: the encoded image and the mask
+      at latent size).
     - ``perf``: the ``perf.sampling`` config (compile with CUDA graphs, channels_last, TF32, bf16 ``precision``),
       applied in place to ``denoiser.net``; ``auto`` switches are on for a CUDA device only, so on the CPU this
       is the plain fp32 eager path. None: nothing applied.
@@ -78,7 +80,8 @@ def generate(
             n = min(batch_size, num_samples - start)
             x_T = torch.randn((n, *denoiser.sample_shape), generator=generator, device=device)
             cond = None if labels is None else labels[start : start + n].to(device)
-            x = sampler(denoiser, denoiser.diffusion, x_T, generator=generator, cond=cond, **inpaint).float()
+            x = sampler(denoiser, denoiser.diffusion, x_T, generator=generator, cond=cond, **inpaint)
+            x = denoiser.decode(x).float()  # latent diffusion: z -> pixels; the identity for pixel diffusion
             out.append(x.cpu() if to_cpu else x)
     return torch.cat(out)
 
@@ -100,4 +103,5 @@ def generate_chain(
         x_T = torch.randn((num_samples, *denoiser.sample_shape), generator=generator, device=device)
         cond = None if labels is None else labels.to(device)
         frames = sampler.chain(denoiser, denoiser.diffusion, x_T, num_frames, generator=generator, cond=cond)
+        frames = denoiser.decode(frames.flatten(0, 1)).unflatten(0, frames.shape[:2])  # latents: each state as pixels
     return frames.float().cpu()

@@ -64,6 +64,13 @@ class GuidedDenoiser(nn.Module):
     def learn_sigma(self) -> bool:
         return getattr(self.denoiser, "learn_sigma", False)
 
+    @property
+    def x0_range(self):
+        return self.denoiser.x0_range
+
+    def decode(self, x0: Tensor) -> Tensor:
+        return self.denoiser.decode(x0)
+
     def extra_repr(self) -> str:
         return f"w={self.w}, null_label={self.null_label}"
 
