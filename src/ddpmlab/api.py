@@ -43,6 +43,7 @@ def build_module(cfg: DictConfig):
         objective=instantiate(cfg.objective),
         optimizer=instantiate(cfg.optimizer),
         lr_warmup_steps=cfg.lr_warmup_steps,
+        lr_schedule=cfg.get("lr_schedule", "constant"),
         sampler=instantiate(cfg.sampler),
         p_uncond=cfg.p_uncond,
         seed=cfg.seed,

@@ -12,6 +12,10 @@ elsewhere, so the CPU path stays the plain fp32 eager one; ``true`` / ``false`` 
 - ``tf32``: TF32 tensor cores for the matmuls and convolutions that stay fp32.
 - ``sync_free_logging``: ``train/loss`` leaves the progress bar, which reads it with ``.item()`` (a host sync)
   every step; the loggers still get it every ``trainer.log_every_n_steps``.
+- ``cpu_threads`` (CPU training only): ``auto`` times a training step at one thread and at torch's default
+  (one per core) and keeps the faster; OpenMP's fork/join costs more than it brings for small networks
+  (the digits U-Net trains faster on one thread than on two). A number sets it; null leaves torch's choice,
+  and so does an ``OMP_NUM_THREADS`` in the environment (the user decided).
 
 Elsewhere: bf16 autocast is the trainer's precision (``trainer=gpu_fast``); the data module's GPU-resident
 path is ``data.on_device``; EMA updates are foreach and sync-free (``ddpmlab.lit.ema``); attention goes
@@ -23,6 +27,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
+import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -33,7 +39,7 @@ from torch import nn
 from ddpmlab.errors import ConfigError
 
 SWITCHES = ("compile", "channels_last", "fused_optimizer", "tf32", "sync_free_logging")
-OPTIONS = ("compile_mode", "compile_backend")
+OPTIONS = ("compile_mode", "compile_backend", "cpu_threads")
 SAMPLING_SWITCHES = ("compile", "channels_last", "tf32")
 PRECISIONS = ("fp32", "bf16")
 
@@ -79,6 +85,45 @@ def with_fused(optimizer_factory: Callable[..., torch.optim.Optimizer]) -> Calla
     return functools.partial(optimizer_factory, fused=True)
 
 
+def choose_cpu_threads(step: Callable[[], Any], params, repeats: int = 2) -> int:
+    """Time ``step`` (a forward and backward pass) at one thread and at torch's default thread count, set the
+    faster one and return it. The global RNG is restored and the gradients of ``params`` cleared afterwards."""
+    params = list(params)
+    default = torch.get_num_threads()
+    timings = {}
+    with torch.random.fork_rng(devices=[]):
+        for n in sorted({1, default}):
+            torch.set_num_threads(n)
+            step()  # warm-up: allocator, OpenMP pool
+            best = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                step()
+                best = min(best, time.perf_counter() - start)
+            timings[n] = best
+    for p in params:
+        p.grad = None
+    chosen = min(timings, key=timings.get)
+    torch.set_num_threads(chosen)
+    return chosen
+
+
+def set_cpu_threads(module, value: Any, batch_shape: tuple[int, ...] | None) -> int:
+    """``perf.cpu_threads`` for a module training on the CPU: a number, null (torch's choice) or auto (measured,
+    unless ``OMP_NUM_THREADS`` is set); returns the thread count in force."""
+    if value is None or (value == "auto" and ("OMP_NUM_THREADS" in os.environ or batch_shape is None)):
+        return torch.get_num_threads()
+    if value != "auto":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"perf.cpu_threads={value!r}: use auto (measured), a positive number or null")
+        torch.set_num_threads(value)
+        return value
+    denoiser = module.denoiser
+    x = torch.randn(batch_shape)
+    t = torch.randint(0, denoiser.diffusion.T, (batch_shape[0],))
+    return choose_cpu_threads(lambda: denoiser(x, t).eps_hat.square().mean().backward(), denoiser.parameters())
+
+
 def apply_perf(module, device: torch.device | str, perf: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Apply the training levers in ``perf`` (the ``perf`` config) to a built DiffusionModule that will train on
     ``device``; return what is on. Call before ``trainer.fit`` (the EMA copy is taken at fit's setup)."""
@@ -97,6 +142,11 @@ def apply_perf(module, device: torch.device | str, perf: Mapping[str, Any] | Non
         module.optimizer_factory = with_fused(module.optimizer_factory)
     if on["sync_free_logging"]:
         module.loss_in_progress_bar = False
+    if torch.device(device).type == "cpu":
+        data = (module.config or {}).get("data") or {}
+        shape = (data.get("batch_size"), data.get("channels"), data.get("image_size"), data.get("image_size"))
+        valid = all(isinstance(n, int) for n in shape)
+        on["cpu_threads"] = set_cpu_threads(module, perf.get("cpu_threads", "auto"), shape if valid else None)
     return on
 
 

@@ -23,6 +23,7 @@ from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
 from ddpmlab.callbacks.utils import ema_denoiser, log_image
+from ddpmlab.progress import SamplingProgress, is_terminal
 
 
 def log_scalars(trainer: pl.Trainer, metrics: dict[str, float], step: int | None = None) -> None:
@@ -70,7 +71,9 @@ class DenoisingChain(pl.Callback):
         x_T = torch.randn(shape, generator=generator, device=device)
         was_training = denoiser.training
         denoiser.eval()
-        chain = sampler.chain(denoiser, denoiser.diffusion, x_T, self.num_frames, generator=generator)  # [B,F,C,H,W]
+        with SamplingProgress(sampler.num_evals(denoiser.diffusion), "chain", enabled=is_terminal(), leave=False) as bar:
+            chain = sampler.chain(denoiser, denoiser.diffusion, x_T, self.num_frames, generator=generator,
+                                  progress=bar.wrap)  # [B,F,C,H,W]
         denoiser.train(was_training)
         return ((chain.flatten(0, 1).float().clamp(-1, 1) + 1) / 2).cpu()
 

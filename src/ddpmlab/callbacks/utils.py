@@ -6,6 +6,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
 from ddpmlab.lit.ema import EMA
+from ddpmlab.progress import SamplingProgress, is_terminal
 from ddpmlab.samplers import Sampler
 
 
@@ -18,15 +19,18 @@ def ema_denoiser(trainer, pl_module):
 
 
 @torch.no_grad()
-def sample_images(denoiser, sampler: Sampler, n: int, generator: torch.Generator, cond=None) -> torch.Tensor:
-    """n samples as float [n,C,H,W] in [0, 1], with all noise drawn from ``generator``."""
+def sample_images(denoiser, sampler: Sampler, n: int, generator: torch.Generator, cond=None, desc: str = "grid"
+                  ) -> torch.Tensor:
+    """n samples as float [n,C,H,W] in [0, 1], with all noise drawn from ``generator`` (a transient progress bar
+    on a terminal)."""
     net = denoiser.net
     was_training = denoiser.training
     denoiser.eval()
     device = next(denoiser.parameters()).device
     shape = (n, net.in_channels, net.image_size, net.image_size)
     x_T = torch.randn(shape, generator=generator, device=device)
-    x0 = sampler(denoiser, denoiser.diffusion, x_T, generator=generator, cond=cond)
+    with SamplingProgress(sampler.num_evals(denoiser.diffusion), desc, enabled=is_terminal(), leave=False) as bar:
+        x0 = sampler(denoiser, denoiser.diffusion, x_T, generator=generator, cond=cond, progress=bar.wrap)
     denoiser.train(was_training)
     return ((x0.float().clamp(-1, 1) + 1) / 2).cpu()
 

@@ -18,24 +18,28 @@ from ddpmlab.cli.common import friendly_errors
 from ddpmlab.cli.conditioning import conditioning, inpaint, wants_inpainting
 from ddpmlab.data.datasets import to_uint8
 from ddpmlab.images import save_grid
+from ddpmlab.progress import SamplingProgress
 from ddpmlab.errors import ConfigError
 from ddpmlab.samplers import Sampler
 
 
 @torch.no_grad()
 def generate(
-    denoiser, sampler: Sampler, num_samples: int, batch_size: int, seed: int, device: torch.device, labels: torch.Tensor | None = None
+    denoiser, sampler: Sampler, num_samples: int, batch_size: int, seed: int, device: torch.device, labels: torch.Tensor | None = None,
+    progress: bool = True,
 ) -> torch.Tensor:
     """``num_samples`` images in [-1, 1], [N,C,H,W], in batches; all noise comes from one seeded generator,
     so the same seed and batch size give the same samples. ``labels`` [N]: the class of each (conditional models)."""
     net = denoiser.net
     generator = torch.Generator(device).manual_seed(seed)
     out = []
-    for start in range(0, num_samples, batch_size):
-        n = min(batch_size, num_samples - start)
-        x_T = torch.randn((n, net.in_channels, net.image_size, net.image_size), generator=generator, device=device)
-        cond = None if labels is None else labels[start : start + n].to(device)
-        out.append(sampler(denoiser, denoiser.diffusion, x_T, generator=generator, cond=cond).cpu())
+    evals = sampler.num_evals(denoiser.diffusion) * math.ceil(num_samples / batch_size)
+    with SamplingProgress(evals, f"sampling {num_samples}", enabled=progress) as bar:
+        for start in range(0, num_samples, batch_size):
+            n = min(batch_size, num_samples - start)
+            x_T = torch.randn((n, net.in_channels, net.image_size, net.image_size), generator=generator, device=device)
+            cond = None if labels is None else labels[start : start + n].to(device)
+            out.append(sampler(denoiser, denoiser.diffusion, x_T, generator=generator, cond=cond, progress=bar.wrap).cpu())
     return torch.cat(out)
 
 

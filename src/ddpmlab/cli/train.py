@@ -12,7 +12,7 @@ from pathlib import Path
 import hydra
 import lightning.pytorch as pl
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -37,10 +37,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     run_dir = Path(cfg.trainer.get("default_root_dir") or cfg.paths.output_dir)
     ckpt_path = resume_path(cfg, run_dir)
     loggers = [instantiate(c, **wandb_resume(c, run_dir, ckpt_path)) for c in (cfg.get("logger") or {}).values()]
+    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a progress bar callback then
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     if not loggers:  # LearningRateMonitor refuses a trainer with no logger; nothing to monitor into anyway
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    apply_perf(module, trainer.strategy.root_device, cfg.get("perf"))  # GPU levers; each off on the CPU by default
+    levers = apply_perf(module, trainer.strategy.root_device, cfg.get("perf"))  # GPU levers; CPU: the thread count
+    if "cpu_threads" in levers and trainer.is_global_zero:
+        print(f"CPU threads: {levers['cpu_threads']}", flush=True)
     for logger in trainer.loggers:
         logger.log_hyperparams(module.config)
     requeue = defer_submitit_requeue()

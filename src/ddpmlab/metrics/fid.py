@@ -201,7 +201,7 @@ def real_images(datamodule, num_real: int | None) -> Tensor:
 
 
 @torch.no_grad()
-def generate_chunks(denoiser, sampler, chunks: list[tuple[int, int]], seed: int) -> Tensor:
+def generate_chunks(denoiser, sampler, chunks: list[tuple[int, int]], seed: int, progress=None) -> Tensor:
     """Samples [sum n, C, H, W] in [-1, 1] on the denoiser's device; chunk (k, n) draws its n images from the
     seed ``seed + k``, so a sample set does not depend on how the chunks were shared out."""
     net, device = denoiser.net, next(denoiser.parameters()).device
@@ -211,7 +211,8 @@ def generate_chunks(denoiser, sampler, chunks: list[tuple[int, int]], seed: int)
     for k, n in chunks:
         generator = torch.Generator(device).manual_seed(seed + k)
         x_T = torch.randn((n, net.in_channels, net.image_size, net.image_size), generator=generator, device=device)
-        out.append(sampler(denoiser, denoiser.diffusion, x_T, generator=generator).float().clamp(-1, 1))
+        x0 = sampler(denoiser, denoiser.diffusion, x_T, generator=generator, progress=progress)
+        out.append(x0.float().clamp(-1, 1))
     denoiser.train(was_training)
     return torch.cat(out) if out else torch.empty(0, net.in_channels, net.image_size, net.image_size, device=device)
 
@@ -222,11 +223,17 @@ def generate_on_devices(denoiser, sampler, num_samples: int, batch_size: int, se
     import copy
     from concurrent.futures import ThreadPoolExecutor
 
+    from ddpmlab.progress import SamplingProgress
+
+    evals = sampler.num_evals(denoiser.diffusion) * sum(len(share(num_samples, batch_size, r, len(devices)))
+                                                        for r in range(len(devices)))
+
     def run(rank: int) -> Tensor:
         model = denoiser if len(devices) == 1 else copy.deepcopy(denoiser).to(devices[rank])
-        return to_uint8(generate_chunks(model, sampler, share(num_samples, batch_size, rank, len(devices)), seed)).cpu()
+        chunks = share(num_samples, batch_size, rank, len(devices))
+        return to_uint8(generate_chunks(model, sampler, chunks, seed, progress=bar.wrap)).cpu()
 
-    with ThreadPoolExecutor(len(devices)) as pool:
+    with SamplingProgress(evals, f"sampling {num_samples}") as bar, ThreadPoolExecutor(len(devices)) as pool:
         return torch.cat(list(pool.map(run, range(len(devices)))))
 
 
