@@ -78,8 +78,10 @@ class DenoisingChain(pl.Callback):
         return ((chain.flatten(0, 1).float().clamp(-1, 1) + 1) / 2).cpu()
 
     @rank_zero_only
-    def draw(self, trainer: pl.Trainer, pl_module) -> Path:
+    def draw(self, trainer: pl.Trainer, pl_module) -> Path | None:
         self._last_step = trainer.global_step
+        if trainer.fast_dev_run:  # a dry run draws nothing
+            return None
         sampler = pl_module.sampler if self.num_steps is None else pl_module.sampler.with_steps(self.num_steps)
         chain = self.chain(ema_denoiser(trainer, pl_module), sampler)
         grid = make_grid(chain, nrow=chain.shape[0] // self.num_images, padding=1, pad_value=1.0)
@@ -106,7 +108,7 @@ class ForwardStrip(pl.Callback):
     @rank_zero_only
     def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
         ds = getattr(trainer.datamodule, "train_set", None)
-        if ds is None or len(ds) == 0:
+        if ds is None or len(ds) == 0 or trainer.fast_dev_run:
             return
         x0 = torch.stack([ds[i][0] for i in range(min(self.num_images, len(ds)))]).to(pl_module.device)
         strip = self.strip(x0, pl_module.diffusion)

@@ -49,8 +49,10 @@ class SampleGrid(pl.Callback):
             self.draw(trainer, pl_module)
 
     @rank_zero_only
-    def draw(self, trainer: pl.Trainer, pl_module) -> Path:
+    def draw(self, trainer: pl.Trainer, pl_module) -> Path | None:
         self._last_step = step = trainer.global_step
+        if trainer.fast_dev_run:  # a dry run draws nothing
+            return None
         denoiser = ema_denoiser(trainer, pl_module)
         generator = torch.Generator(pl_module.device).manual_seed(self.seed)
         sampler = pl_module.sampler if self.num_steps is None else pl_module.sampler.with_steps(self.num_steps)

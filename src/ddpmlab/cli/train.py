@@ -6,6 +6,7 @@ import json
 import os
 import secrets
 import signal
+import time
 import warnings
 from pathlib import Path
 
@@ -20,12 +21,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from ddpmlab.api import CONFIG_DIR, build_module
 from ddpmlab.cli.common import friendly_errors
+from ddpmlab.cli.extras import apply_extras, final_summary
 from ddpmlab.errors import CheckpointError
 from ddpmlab.perf import apply_perf
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit a model as ``cfg`` describes; return the final metrics. The CLI and the tests both call this."""
+    start = time.perf_counter()
+    run_dir = Path(cfg.trainer.get("default_root_dir") or cfg.paths.output_dir)
+    apply_extras(cfg, run_dir)  # warning filters, the config tree
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     if not cfg.data.get("download"):  # fail on missing or corrupt data now, before any callback writes a checkpoint
@@ -34,7 +39,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     if cfg.get("ema"):
         callbacks.append(instantiate(cfg.ema))
-    run_dir = Path(cfg.trainer.get("default_root_dir") or cfg.paths.output_dir)
     ckpt_path = resume_path(cfg, run_dir)
     loggers = [instantiate(c, **wandb_resume(c, run_dir, ckpt_path)) for c in (cfg.get("logger") or {}).values()]
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a progress bar callback then
@@ -60,12 +64,21 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)  # what a sweep summary reads
         (run_dir / "final_metrics.json").write_text(json.dumps({"step": trainer.global_step, **metrics}, indent=2))
+        print(final_summary(trainer.global_step, time.perf_counter() - start, metrics, last_checkpoint(trainer)))
         print(f"run directory: {trainer.default_root_dir}")
     if any(isinstance(logger, WandbLogger) for logger in trainer.loggers) and trainer.is_global_zero:
         import wandb
 
         wandb.finish()  # the next job of a multirun (same process) starts its own W&B run
     return metrics
+
+
+def last_checkpoint(trainer: pl.Trainer) -> Path | None:
+    """The checkpoint the run ended with (``last.ckpt``), if it wrote one."""
+    for cb in trainer.checkpoint_callbacks:
+        if cb.dirpath and (Path(cb.dirpath) / "last.ckpt").is_file():
+            return Path(cb.dirpath) / "last.ckpt"
+    return None
 
 
 def defer_submitit_requeue():
