@@ -22,6 +22,7 @@ __all__ = [
     "denoiser_from_checkpoint",
     "load",
     "load_checkpoint",
+    "load_export",
     "pick_device",
     "register_resolvers",
 ]
@@ -87,9 +88,39 @@ def denoiser_from_checkpoint(ckpt: dict[str, Any], ema: bool = True) -> tuple[De
 
 def load(path: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> tuple[Denoiser, DictConfig]:
     """``denoiser, cfg = ddpmlab.load("outputs/.../checkpoints/last.ckpt")``: the (EMA) denoiser in eval mode
-    on ``device``, and the config it was trained with."""
-    denoiser, cfg = denoiser_from_checkpoint(load_checkpoint(path), ema=ema)
+    on ``device``, and the config it was trained with. ``path`` may also be a folder that ``export.py`` wrote."""
+    if Path(str(path)).expanduser().is_dir():
+        denoiser, cfg = load_export(path)
+    else:
+        denoiser, cfg = denoiser_from_checkpoint(load_checkpoint(path), ema=ema)
     return denoiser.to(device), cfg
+
+
+WEIGHTS_FILE = "model.safetensors"
+
+
+def safetensors_api():
+    try:
+        import safetensors.torch
+    except ImportError as e:
+        raise CheckpointError("exported models are safetensors files: pip install 'ddpmlab[export]'") from e
+    return safetensors.torch
+
+
+def load_export(folder: str | Path) -> tuple[Denoiser, DictConfig]:
+    """The denoiser of an exported folder (config.yaml + model.safetensors), in eval mode on the CPU."""
+    folder = Path(str(folder)).expanduser()
+    weights, config = folder / WEIGHTS_FILE, folder / "config.yaml"
+    if not weights.is_file() or not config.is_file():
+        raise CheckpointError(f"{folder} is not an exported ddpmlab model (it needs {WEIGHTS_FILE} and config.yaml); "
+                              "write one with: python export.py ckpt_path=<run dir>/checkpoints/last.ckpt")
+    cfg = OmegaConf.load(config)
+    denoiser = build_denoiser(cfg)
+    try:
+        denoiser.net.load_state_dict(safetensors_api().load_file(str(weights)))
+    except (RuntimeError, OSError) as e:
+        raise CheckpointError(f"{weights} does not fit the network config.yaml describes: {str(e)[:300]}") from e
+    return denoiser.eval(), cfg
 
 
 def pick_device(device: str = "auto") -> torch.device:
