@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from ddpmlab.callbacks.utils import ema_denoiser, log_image, sample_images
+from ddpmlab.callbacks.utils import dashboard_step, ema_denoiser, log_image, log_labelled_samples, sample_images
 from ddpmlab.images import save_grid
 from ddpmlab.samplers.guidance import GuidedDenoiser
 
@@ -66,5 +66,7 @@ class SampleGrid(pl.Callback):
         images = sample_images(denoiser, sampler, n, generator, cond=cond)  # [N,C,H,W] in [0,1]
         path = Path(trainer.default_root_dir) / self.dirname / f"step_{step:07d}.png"
         grid = save_grid(images, path, nrow=nrow)
-        log_image(trainer, "samples/grid", grid, step)
+        log_image(trainer, "samples/grid", grid, dashboard_step(trainer))
+        if cond is not None:
+            log_labelled_samples(trainer, images, cond, dashboard_step(trainer))
         return path
