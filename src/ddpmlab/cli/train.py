@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from ddpmlab.api import CONFIG_DIR, build_module
 from ddpmlab.cli.common import friendly_errors
 from ddpmlab.cli.extras import apply_extras, final_summary
-from ddpmlab.errors import CheckpointError
+from ddpmlab.errors import CheckpointError, ConfigError
 from ddpmlab.perf import apply_perf
 
 
@@ -136,8 +136,20 @@ def wandb_resume(logger_cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 @friendly_errors
 def main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
-    return metrics.get("val/loss")  # the value a Hydra sweeper would optimise
+    return optimized_value(cfg, train(cfg))
+
+
+def optimized_value(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
+    """The value of ``cfg.optimized_metric`` that a sweeper minimises or maximises (None when unset)."""
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    if name not in metrics:
+        raise ConfigError(
+            f"optimized_metric={name!r} was never logged by this run (it logged {sorted(metrics)}); validate at the "
+            f"last step (trainer.val_check_interval=${{trainer.max_steps}}), or add what logs it (callbacks=fid: val/fid)"
+        )
+    return metrics[name]
 
 
 if __name__ == "__main__":
