@@ -14,7 +14,7 @@ from ddpmlab.diffusion.parameterization import Denoiser
 from ddpmlab.diffusion.schedules import linear_betas
 from ddpmlab.lit.module import lr_factor
 from ddpmlab.networks import UNet
-from ddpmlab.perf import choose_cpu_threads, set_cpu_threads
+from ddpmlab.perf import choose_cpu_threads, sampling_cpu_threads, set_cpu_threads
 from ddpmlab.progress import SamplingProgress
 from ddpmlab.samplers import Sampler
 from conftest import run_cli
@@ -107,6 +107,7 @@ def test_cpu_threads_setting(monkeypatch):
         monkeypatch.delenv("OMP_NUM_THREADS")
         assert set_cpu_threads(module, "auto", (4, 1, 8, 8)) in (1, before)
         assert all(p.grad is None for p in net.parameters())  # the timing leaves no gradient behind
+        assert sampling_cpu_threads(module.denoiser, "cpu", 16) in (1, before)
         from ddpmlab.errors import ConfigError
 
         with pytest.raises(ConfigError, match="cpu_threads"):
