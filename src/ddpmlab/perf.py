@@ -170,7 +170,7 @@ def apply_perf(module, device: torch.device | str, perf: Mapping[str, Any] | Non
         data = (module.config or {}).get("data") or {}
         shape = (data.get("batch_size"), data.get("channels"), data.get("image_size"), data.get("image_size"))
         valid = all(isinstance(n, int) for n in shape)
-        on["cpu_threads"] = set_cpu_threads(module, perf.get("cpu_threads", "auto"), shape if valid else None)
+        set_cpu_threads(module, perf.get("cpu_threads", "auto"), shape if valid else None)  # torch.get_num_threads()
     return on
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import hydra
 import lightning.pytorch as pl
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.loggers import WandbLogger
@@ -46,9 +47,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if not loggers:  # LearningRateMonitor refuses a trainer with no logger; nothing to monitor into anyway
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    levers = apply_perf(module, trainer.strategy.root_device, cfg.get("perf"))  # GPU levers; CPU: the thread count
-    if "cpu_threads" in levers and trainer.is_global_zero:
-        print(f"CPU threads: {levers['cpu_threads']}", flush=True)
+    apply_perf(module, trainer.strategy.root_device, cfg.get("perf"))  # GPU levers; on the CPU, the thread count
+    if trainer.strategy.root_device.type == "cpu" and trainer.is_global_zero:
+        print(f"CPU threads: {torch.get_num_threads()}", flush=True)
     for logger in trainer.loggers:
         logger.log_hyperparams(module.config)
     requeue = defer_submitit_requeue()
