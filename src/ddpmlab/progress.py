@@ -29,7 +29,8 @@ class SamplingProgress:
     ``total`` is the number of evaluations expected (steps x batches). On a terminal it is a tqdm bar (left on
     screen with ``leave``); otherwise a line at 25, 50, 75 and 100%; ``enabled=False`` says nothing."""
 
-    def __init__(self, total: int, desc: str = "sampling", enabled: bool = True, leave: bool = True, unit: str = "eval"):
+    def __init__(self, total: int, desc: str = "sampling", enabled: bool = True, leave: bool = True,
+                 unit: str = "eval"):
         self.total, self.desc, self.unit, self.n = max(1, int(total)), desc, unit, 0
         self.start = time.perf_counter()
         self.enabled, self._next_line = enabled, 0.25

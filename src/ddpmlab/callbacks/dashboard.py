@@ -75,7 +75,8 @@ class DenoisingChain(pl.Callback):
         x_T = torch.randn(shape, generator=generator, device=device)
         was_training = denoiser.training
         denoiser.eval()
-        with SamplingProgress(sampler.num_evals(denoiser.diffusion), "chain", enabled=is_terminal(), leave=False) as bar:
+        evals = sampler.num_evals(denoiser.diffusion)
+        with SamplingProgress(evals, "chain", enabled=is_terminal(), leave=False) as bar:
             chain = sampler.chain(denoiser, denoiser.diffusion, x_T, self.num_frames, generator=generator,
                                   progress=bar.wrap)  # [B,F,C,H,W]
         denoiser.train(was_training)

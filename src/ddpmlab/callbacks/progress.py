@@ -37,7 +37,9 @@ class StepProgressBar(ProgressBar):
         return self._enabled
 
     def _total(self, trainer) -> int:
-        return trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else int(trainer.estimated_stepping_batches)
+        if trainer.max_steps and trainer.max_steps > 0:
+            return trainer.max_steps
+        return int(trainer.estimated_stepping_batches)
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._t0, self._step0, self._images = time.perf_counter(), trainer.global_step, 0

@@ -26,8 +26,8 @@ from ddpmlab.samplers import Sampler
 
 @torch.no_grad()
 def generate(
-    denoiser, sampler: Sampler, num_samples: int, batch_size: int, seed: int, device: torch.device, labels: torch.Tensor | None = None,
-    progress: bool = True,
+    denoiser, sampler: Sampler, num_samples: int, batch_size: int, seed: int, device: torch.device,
+    labels: torch.Tensor | None = None, progress: bool = True,
 ) -> torch.Tensor:
     """``num_samples`` images in [-1, 1], [N,C,H,W], in batches; all noise comes from one seeded generator,
     so the same seed and batch size give the same samples. ``labels`` [N]: the class of each (conditional models)."""
@@ -40,7 +40,8 @@ def generate(
             n = min(batch_size, num_samples - start)
             x_T = torch.randn((n, net.in_channels, net.image_size, net.image_size), generator=generator, device=device)
             cond = None if labels is None else labels[start : start + n].to(device)
-            out.append(sampler(denoiser, denoiser.diffusion, x_T, generator=generator, cond=cond, progress=bar.wrap).cpu())
+            x0 = sampler(denoiser, denoiser.diffusion, x_T, generator=generator, cond=cond, progress=bar.wrap)
+            out.append(x0.cpu())
     return torch.cat(out)
 
 

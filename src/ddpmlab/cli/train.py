@@ -148,7 +148,7 @@ def optimized_value(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
     if name not in metrics:
         raise ConfigError(
             f"optimized_metric={name!r} was never logged by this run (it logged {sorted(metrics)}); validate at the "
-            f"last step (trainer.val_check_interval=${{trainer.max_steps}}), or add what logs it (callbacks=fid: val/fid)"
+            "last step (trainer.val_check_interval=${trainer.max_steps}), or add what logs it (callbacks=fid: val/fid)"
         )
     return metrics[name]
 

@@ -72,7 +72,7 @@ class Sampler:
 
     @torch.no_grad()
     def __call__(self, denoiser, diffusion, x_T: Tensor, progress: Callable | None = None, **kwargs) -> Tensor:
-        """x_0. ``progress``: an iterator wrapper that sees every step (e.g. ``ddpmlab.progress.SamplingProgress.wrap``)."""
+        """x_0. ``progress``: an iterator wrapper that sees every step (``ddpmlab.progress.SamplingProgress.wrap``)."""
         steps = self.steps(denoiser, diffusion, x_T, **kwargs)
         return final(progress(steps) if progress else steps)
 
