@@ -11,8 +11,15 @@ from ddpmlab.api import CONFIG_DIR, build_denoiser
 GROUPS_BUILT = {"model", "schedule", "objective", "sampler", "optimizer", "ema", "data"}
 
 
+def has_optuna_sweeper() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is not None
+
+
 def options():
-    for group in sorted(p for p in Path(CONFIG_DIR).iterdir() if p.is_dir() and p.name not in {"hydra", "paths"}):
+    skipped = {"hydra", "paths"} | (set() if has_optuna_sweeper() else {"hparams_search"})  # an optional extra
+    for group in sorted(p for p in Path(CONFIG_DIR).iterdir() if p.is_dir() and p.name not in skipped):
         for f in sorted(group.glob("*.yaml")):
             yield group.name, f.stem
 

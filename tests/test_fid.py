@@ -181,8 +181,8 @@ def test_callback_logs_fid_and_kid_during_training(train_cfg, tmp_path):
     metrics = train(cfg)
     rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
     fids = {int(r["step"]): float(r["val/fid"]) for r in rows if r.get("val/fid")}
-    assert sorted(fids) == [3, 6] and all(v > 0 for v in fids.values())
-    assert metrics["val/fid"] == pytest.approx(fids[6], rel=1e-6)
+    assert sorted(fids) == [2, 5] and all(v > 0 for v in fids.values())  # steps 3 and 6: Lightning's indices 2, 5
+    assert metrics["val/fid"] == pytest.approx(fids[5], rel=1e-6)
     assert json.loads((tmp_path / "run" / "final_metrics.json").read_text())["val/kid"] == pytest.approx(metrics["val/kid"])
     [stats] = cache.glob("digits-1x8x8-n200-TinyFeatures-*.pt")  # one cached reference, reused at step 6
     assert torch.load(stats, weights_only=True)["features"].shape == (200, 6)

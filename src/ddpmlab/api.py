@@ -26,6 +26,7 @@ __all__ = [
     "denoiser_from_checkpoint",
     "load",
     "load_checkpoint",
+    "load_export",
     "pick_device",
     "rebuild",
     "register_resolvers",
@@ -134,6 +135,7 @@ def build_module(cfg: DictConfig):
         objective=instantiate(cfg.objective),
         optimizer=instantiate(cfg.optimizer),
         lr_warmup_steps=cfg.lr_warmup_steps,
+        lr_schedule=cfg.get("lr_schedule", "constant"),
         sampler=instantiate(cfg.sampler),
         p_uncond=cfg.p_uncond,
         seed=cfg.seed,
@@ -194,11 +196,43 @@ def load(
     path: str | Path, ema: bool = True, device: str | torch.device = "cpu", trusted_targets=()
 ) -> tuple[Denoiser, DictConfig]:
     """``denoiser, cfg = ddpmlab.load("outputs/.../checkpoints/last.ckpt")``: the (EMA) denoiser in eval mode
-    on ``device``, and the config it was trained with. ``trusted_targets``: your own classes or functions that
-    the stored config may name besides ddpmlab's (for a network you trained yourself)."""
-    ckpt = load_checkpoint(path)
-    denoiser, cfg = denoiser_from_checkpoint(ckpt, ema=ema, trusted_targets=trusted_targets, where=str(path))
+    on ``device``, and the config it was trained with. ``path`` may also be a folder that ``export.py`` wrote.
+    ``trusted_targets``: your own classes or functions that the stored config may name besides ddpmlab's (for a
+    network you trained yourself)."""
+    if Path(str(path)).expanduser().is_dir():
+        denoiser, cfg = load_export(path, trusted_targets=trusted_targets)
+    else:
+        ckpt = load_checkpoint(path)
+        denoiser, cfg = denoiser_from_checkpoint(ckpt, ema=ema, trusted_targets=trusted_targets, where=str(path))
     return denoiser.to(device), cfg
+
+
+WEIGHTS_FILE = "model.safetensors"
+
+
+def safetensors_api():
+    try:
+        import safetensors.torch
+    except ImportError as e:
+        raise CheckpointError("exported models are safetensors files: pip install 'ddpmlab[export]'") from e
+    return safetensors.torch
+
+
+def load_export(folder: str | Path, trusted_targets=()) -> tuple[Denoiser, DictConfig]:
+    """The denoiser of an exported folder (config.yaml + model.safetensors), in eval mode on the CPU. The stored
+    config is a file like a checkpoint's: its targets go through the same allow-list."""
+    folder = Path(str(folder)).expanduser()
+    weights, config = folder / WEIGHTS_FILE, folder / "config.yaml"
+    if not weights.is_file() or not config.is_file():
+        raise CheckpointError(f"{folder} is not an exported ddpmlab model (it needs {WEIGHTS_FILE} and config.yaml); "
+                              "write one with: python export.py ckpt_path=<run dir>/checkpoints/last.ckpt")
+    cfg = OmegaConf.load(config)
+    denoiser = build_denoiser(cfg, trusted=False, trusted_targets=trusted_targets, where=str(folder))
+    try:
+        denoiser.net.load_state_dict(safetensors_api().load_file(str(weights)))
+    except (RuntimeError, OSError) as e:
+        raise CheckpointError(f"{weights} does not fit the network config.yaml describes: {str(e)[:300]}") from e
+    return denoiser.eval(), cfg
 
 
 def pick_device(device: str = "auto") -> torch.device:

@@ -12,6 +12,10 @@ elsewhere, so the CPU path stays the plain fp32 eager one; ``true`` / ``false`` 
 - ``tf32``: TF32 tensor cores for the matmuls and convolutions that stay fp32.
 - ``sync_free_logging``: ``train/loss`` leaves the progress bar, which reads it with ``.item()`` (a host sync)
   every step; the loggers still get it every ``trainer.log_every_n_steps``.
+- ``cpu_threads`` (CPU training only): ``auto`` times a training step at one thread and at torch's default
+  (one per core) and keeps the faster; OpenMP's fork/join costs more than it brings for small networks
+  (the digits U-Net trains faster on one thread than on two). A number sets it; null leaves torch's choice,
+  and so does an ``OMP_NUM_THREADS`` in the environment (the user decided).
 
 Elsewhere: bf16 autocast is the trainer's precision (``trainer=gpu_fast``); the data module's GPU-resident
 path is ``data.on_device``; EMA updates are foreach and sync-free (``ddpmlab.lit.ema``); attention goes
@@ -27,6 +31,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
+import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -37,7 +43,7 @@ from torch import nn
 from ddpmlab.errors import ConfigError
 
 SWITCHES = ("compile", "channels_last", "fused_optimizer", "tf32", "sync_free_logging")
-OPTIONS = ("compile_mode", "compile_backend")
+OPTIONS = ("compile_mode", "compile_backend", "cpu_threads")
 SAMPLING_SWITCHES = ("compile", "channels_last", "tf32")
 SAMPLING_OPTIONS = OPTIONS + ("precision",)
 PRECISIONS = ("fp32", "bf16")
@@ -84,6 +90,69 @@ def with_fused(optimizer_factory: Callable[..., torch.optim.Optimizer]) -> Calla
     return functools.partial(optimizer_factory, fused=True)
 
 
+def choose_cpu_threads(step: Callable[[], Any], params, repeats: int = 2) -> int:
+    """Time ``step`` (a forward and backward pass) at one thread and at torch's default thread count, set the
+    faster one and return it. The global RNG is restored and the gradients of ``params`` cleared afterwards.
+    A count whose first step already takes twice the best so far is dropped without more steps (on a busy
+    machine a multi-threaded step can take seconds)."""
+    params = list(params)
+    default = torch.get_num_threads()
+    timings = {}
+    with torch.random.fork_rng(devices=[]):
+        for n in sorted({1, default}):
+            torch.set_num_threads(n)
+            start = time.perf_counter()
+            step()  # warm-up: allocator, OpenMP pool
+            best = time.perf_counter() - start
+            if timings and best > 2 * min(timings.values()):
+                timings[n] = best
+                continue
+            for _ in range(repeats):
+                start = time.perf_counter()
+                step()
+                best = min(best, time.perf_counter() - start)
+            timings[n] = best
+    for p in params:
+        p.grad = None
+    chosen = min(timings, key=timings.get)
+    torch.set_num_threads(chosen)
+    return chosen
+
+
+def set_cpu_threads(module, value: Any, batch_shape: tuple[int, ...] | None) -> int:
+    """``perf.cpu_threads`` for a module training on the CPU: a number, null (torch's choice) or auto (measured,
+    unless ``OMP_NUM_THREADS`` is set); returns the thread count in force."""
+    if value is None or (value == "auto" and ("OMP_NUM_THREADS" in os.environ or batch_shape is None)):
+        return torch.get_num_threads()
+    if value != "auto":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"perf.cpu_threads={value!r}: use auto (measured), a positive number or null")
+        torch.set_num_threads(value)
+        return value
+    denoiser = module.denoiser
+    # A slice of the batch: thread overhead shows as well, and on a busy machine, where a multi-threaded step can
+    # take 10-20x longer, the probe stays a few seconds.
+    x = torch.randn((min(batch_shape[0], 32), *batch_shape[1:]))
+    t = torch.randint(0, denoiser.diffusion.T, (x.shape[0],))
+    return choose_cpu_threads(lambda: denoiser(x, t).eps_hat.square().mean().backward(), denoiser.parameters())
+
+
+def sampling_cpu_threads(denoiser, device: torch.device | str, batch_size: int) -> int:
+    """For sampling on the CPU: one thread or one per core, whichever runs the network's forward pass faster
+    (timed on a slice of the batch), unless ``OMP_NUM_THREADS`` is set. Returns the count in force."""
+    if torch.device(device).type != "cpu" or "OMP_NUM_THREADS" in os.environ:
+        return torch.get_num_threads()
+    net = denoiser.net
+    x = torch.randn(min(batch_size, 32), net.in_channels, net.image_size, net.image_size)
+    t = torch.zeros(x.shape[0], dtype=torch.long)
+
+    @torch.no_grad()
+    def forward():
+        denoiser(x, t)
+
+    return choose_cpu_threads(forward, [])
+
+
 def apply_perf(module, device: torch.device | str, perf: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Apply the training levers in ``perf`` (the ``perf`` config) to a built DiffusionModule that will train on
     ``device``; return what is on. Call before ``trainer.fit`` (the EMA copy is taken at fit's setup)."""
@@ -109,6 +178,11 @@ def apply_perf(module, device: torch.device | str, perf: Mapping[str, Any] | Non
     if sampling is not None:  # what the sample-drawing callbacks pass to ddpmlab.samplers.generate
         _check_keys(sampling, SAMPLING_SWITCHES + SAMPLING_OPTIONS)
         module.sampling_perf = dict(sampling)
+    if torch.device(device).type == "cpu":
+        data = (module.config or {}).get("data") or {}
+        shape = (data.get("batch_size"), data.get("channels"), data.get("image_size"), data.get("image_size"))
+        valid = all(isinstance(n, int) for n in shape)
+        set_cpu_threads(module, perf.get("cpu_threads", "auto"), shape if valid else None)  # torch.get_num_threads()
     return on
 
 

@@ -10,13 +10,14 @@ import json
 import os
 import secrets
 import signal
+import time
 import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
@@ -24,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ddpmlab.api import build_module, load_checkpoint
 from ddpmlab.callbacks.checkpoint import AtomicCheckpointIO
+from ddpmlab.console import apply_extras, final_summary
 from ddpmlab.errors import CheckpointError
 from ddpmlab.latent import prepare_latent_config, setup_latent_training
 from ddpmlab.lit.module import check_compatible
@@ -36,11 +38,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     Everything that can fail on bad input fails before ``trainer.fit`` and writes nothing: the config values, the
     data files, the checkpoint to resume from (it exists, loads safely and fits the config)."""
+    start = time.perf_counter()
     check_train_config(cfg)
     first_stage = None
     if cfg.get("stage") == "latent_diffusion":  # the first stage's checkpoint fixes the latent shape of the U-Net
         cfg, first_stage = prepare_latent_config(cfg)
     run_dir = Path(cfg.trainer.get("default_root_dir") or cfg.paths.output_dir)
+    apply_extras(cfg, run_dir)  # warning filters, the config tree
     ckpt_path = resume_path(cfg, run_dir)
     if ckpt_path is not None:
         check_resume(ckpt_path, cfg)
@@ -55,11 +59,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("ema"):
         callbacks.append(instantiate(cfg.ema))
     loggers = [instantiate(c, **wandb_resume(c, run_dir, ckpt_path)) for c in (cfg.get("logger") or {}).values()]
+    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a progress bar callback then
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     if not loggers:  # LearningRateMonitor refuses a trainer with no logger; nothing to monitor into anyway
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     plugins = [AtomicCheckpointIO()]  # checkpoints written atomically in their own directory
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
-    apply_perf(module, trainer.strategy.root_device, cfg.get("perf"))  # GPU levers; each off on the CPU by default
+    apply_perf(module, trainer.strategy.root_device, cfg.get("perf"))  # GPU levers; on the CPU, the thread count
+    if trainer.strategy.root_device.type == "cpu" and trainer.is_global_zero:
+        print(f"CPU threads: {torch.get_num_threads()}", flush=True)
     for logger in trainer.loggers:
         logger.log_hyperparams(module.config)
     requeue = defer_submitit_requeue()
@@ -75,12 +83,21 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)  # what a sweep summary reads
         (run_dir / "final_metrics.json").write_text(json.dumps({"step": trainer.global_step, **metrics}, indent=2))
+        print(final_summary(trainer.global_step, time.perf_counter() - start, metrics, last_checkpoint(trainer)))
         print(f"run directory: {trainer.default_root_dir}")
     if any(isinstance(logger, WandbLogger) for logger in trainer.loggers) and trainer.is_global_zero:
         import wandb
 
         wandb.finish()  # the next job of a multirun (same process) starts its own W&B run
     return metrics
+
+
+def last_checkpoint(trainer: pl.Trainer) -> Path | None:
+    """The checkpoint the run ended with (``last.ckpt``), if it wrote one."""
+    for cb in trainer.checkpoint_callbacks:
+        if cb.dirpath and (Path(cb.dirpath) / "last.ckpt").is_file():
+            return Path(cb.dirpath) / "last.ckpt"
+    return None
 
 
 def defer_submitit_requeue():

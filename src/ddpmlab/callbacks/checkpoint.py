@@ -73,6 +73,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 class Checkpoint(ModelCheckpoint):
     def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.fast_dev_run:  # a dry run writes no checkpoint (Lightning's on_train_end would save last.ckpt)
+            return
         super().on_train_end(trainer, pl_module)
         if self.save_last and self.dirpath and trainer.global_step != self._last_global_step_saved:
             trainer.save_checkpoint(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")

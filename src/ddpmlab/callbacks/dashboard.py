@@ -4,7 +4,10 @@ TensorBoard too, images TensorBoard and PNG files in the run directory):
 - ``DenoisingChain``: x_T -> x_0 for a few fixed seeds, snapshots evenly spaced over the sampler's steps;
 - ``ForwardStrip``: x_0 -> x_T for a few fixed training images (DDPM eq. (4)), once per run;
 - ``LossByTimestep``: the training loss by timestep quartile (q1: t near 0, little noise; q4: near T);
-- ``Throughput``: images per second between two logging steps.
+- ``Throughput``: images per second between two logging steps;
+- ``LastStep``: the last step's training metrics, when it is not a logging step (short runs).
+
+Scalars and images are logged at the step Lightning gives the same batch's ``self.log`` values.
 
 None of them adds a host sync to a training step: losses are summed on the device and read once per
 logging interval, and throughput is wall time over that interval (Lightning's ThroughputMonitor calls
@@ -20,10 +23,11 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import save_image
 
-from ddpmlab.callbacks.utils import ema_denoiser, log_image, sampling_perf
-from ddpmlab.images import to_unit
+from ddpmlab.callbacks.utils import dashboard_step, ema_denoiser, log_image, sampling_perf
+from ddpmlab.images import image_grid, to_unit
+from ddpmlab.progress import SamplingProgress, is_terminal
 from ddpmlab.samplers import generate_chain
 
 
@@ -32,14 +36,14 @@ def log_scalars(trainer: pl.Trainer, metrics: dict[str, float], step: int | None
     if not trainer.is_global_zero:
         return
     for logger in trainer.loggers:
-        logger.log_metrics(metrics, step=trainer.global_step if step is None else step)
+        logger.log_metrics(metrics, step=dashboard_step(trainer) if step is None else step)
 
 
 def save_and_log(trainer: pl.Trainer, key: str, dirname: str, grid: Tensor) -> Path:
     path = Path(trainer.default_root_dir) / dirname / f"step_{trainer.global_step:07d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(grid, path)
-    log_image(trainer, key, grid, trainer.global_step)
+    log_image(trainer, key, grid, dashboard_step(trainer))
     return path
 
 
@@ -65,16 +69,21 @@ class DenoisingChain(pl.Callback):
 
     def chain(self, denoiser, sampler, perf=None) -> Tensor:
         """[num_images * F, C, H, W] in [0, 1], row-major: each row one image's x_T ... x_0."""
-        frames = generate_chain(denoiser, sampler, self.num_images, self.num_frames, seed=self.seed, perf=perf)
+        evals = sampler.num_evaluations(denoiser.diffusion)
+        with SamplingProgress(evals, "chain", enabled=is_terminal(), leave=False) as bar:
+            frames = generate_chain(denoiser, sampler, self.num_images, self.num_frames, seed=self.seed, perf=perf,
+                                    progress=bar.wrap)
         return to_unit(frames.flatten(0, 1))
 
     @rank_zero_only
-    def draw(self, trainer: pl.Trainer, pl_module) -> Path:
+    def draw(self, trainer: pl.Trainer, pl_module) -> Path | None:
         self._last_step = trainer.global_step
+        if trainer.fast_dev_run:  # a dry run draws nothing
+            return None
         sampler = pl_module.sampler if self.num_steps is None else pl_module.sampler.with_steps(self.num_steps)
         denoiser = ema_denoiser(trainer, pl_module)
         chain = self.chain(denoiser, sampler, sampling_perf(pl_module, denoiser))
-        grid = make_grid(chain, nrow=chain.shape[0] // self.num_images, padding=1, pad_value=1.0)
+        grid = image_grid(chain, nrow=chain.shape[0] // self.num_images)  # upscaled as the sample grids
         return save_and_log(trainer, "samples/denoising_chain", "chains", grid)
 
 
@@ -98,11 +107,11 @@ class ForwardStrip(pl.Callback):
     @rank_zero_only
     def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
         ds = getattr(trainer.datamodule, "train_set", None)
-        if ds is None or len(ds) == 0:
+        if ds is None or len(ds) == 0 or trainer.fast_dev_run:
             return
         x0 = torch.stack([ds[i][0] for i in range(min(self.num_images, len(ds)))]).to(pl_module.device)
         strip = self.strip(x0, pl_module.diffusion)
-        grid = make_grid(strip, nrow=strip.shape[0] // x0.shape[0], padding=1, pad_value=1.0)
+        grid = image_grid(strip, nrow=strip.shape[0] // x0.shape[0])
         save_and_log(trainer, "data/forward_process", "forward", grid)
 
 
@@ -166,3 +175,15 @@ class Throughput(pl.Callback):
         seconds = time.perf_counter() - self._t0
         log_scalars(trainer, {"train/img_per_sec": self._images / seconds, "train/steps_per_sec": steps / seconds})
         self._restart(trainer)
+
+
+class LastStep(pl.Callback):
+    """Logs the training metrics of the last step when it is not a logging step, so a short run (fewer steps
+    than ``log_every_n_steps``) still leaves its loss in metrics.csv and the dashboards."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.fast_dev_run or trainer.global_step == 0 or trainer.global_step % trainer.log_every_n_steps == 0:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+        if metrics:
+            log_scalars(trainer, metrics)

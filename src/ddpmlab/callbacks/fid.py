@@ -110,11 +110,13 @@ class FID(pl.Callback):
     # ------------------------------------------------------------------ when
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
+        if trainer.fast_dev_run:  # a dry run measures nothing
+            return
         if self.enabled and self.every_n_steps > 0 and step % self.every_n_steps == 0 and step != self._last_step:
             self.evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if self.enabled and self.at_train_end and trainer.global_step != self._last_step:
+        if self.enabled and self.at_train_end and trainer.global_step != self._last_step and not trainer.fast_dev_run:
             self.evaluate(trainer, pl_module)
 
     # ------------------------------------------------------------------ what

@@ -8,8 +8,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from ddpmlab.callbacks.utils import ema_denoiser, log_image, sampling_perf
+from ddpmlab.callbacks.utils import dashboard_step, ema_denoiser, log_image, log_labelled_samples, sampling_perf
 from ddpmlab.images import save_grid, to_unit
+from ddpmlab.progress import SamplingProgress, is_terminal
 from ddpmlab.samplers import GuidedDenoiser, generate
 
 
@@ -49,8 +50,10 @@ class SampleGrid(pl.Callback):
             self.draw(trainer, pl_module)
 
     @rank_zero_only
-    def draw(self, trainer: pl.Trainer, pl_module) -> Path:
+    def draw(self, trainer: pl.Trainer, pl_module) -> Path | None:
         self._last_step = step = trainer.global_step
+        if trainer.fast_dev_run:  # a dry run draws nothing
+            return None
         denoiser = ema_denoiser(trainer, pl_module)
         perf = sampling_perf(pl_module, denoiser)
         sampler = pl_module.sampler if self.num_steps is None else pl_module.sampler.with_steps(self.num_steps)
@@ -61,9 +64,13 @@ class SampleGrid(pl.Callback):
             cond = torch.arange(num_classes).repeat_interleave(nrow)
             denoiser = GuidedDenoiser(denoiser, self.guidance)
         n = self.num_samples if cond is None else len(cond)
-        x0 = generate(denoiser, sampler, n, seed=self.seed, batch_size=n, labels=cond, perf=perf)
+        evals = sampler.num_evaluations(denoiser.diffusion)
+        with SamplingProgress(evals, "grid", enabled=is_terminal(), leave=False) as bar:
+            x0 = generate(denoiser, sampler, n, seed=self.seed, batch_size=n, labels=cond, perf=perf, progress=bar.wrap)
         images = to_unit(x0)  # [N,C,H,W] in [0,1]
         path = Path(trainer.default_root_dir) / self.dirname / f"step_{step:07d}.png"
         grid = save_grid(images, path, nrow=nrow)
-        log_image(trainer, "samples/grid", grid, step)
+        log_image(trainer, "samples/grid", grid, dashboard_step(trainer))
+        if cond is not None:
+            log_labelled_samples(trainer, images, cond, dashboard_step(trainer))
         return path

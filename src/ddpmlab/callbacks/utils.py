@@ -26,6 +26,12 @@ def sampling_perf(pl_module, denoiser=None):
     return perf
 
 
+def dashboard_step(trainer) -> int:
+    """The step a callback logs at: the one Lightning gives ``self.log`` values of the batch just trained
+    (callbacks run after the optimizer step has incremented ``global_step``)."""
+    return max(0, trainer.global_step - 1)
+
+
 def log_image(trainer, key: str, image: torch.Tensor, step: int) -> None:
     """Send one [C,H,W] image in [0, 1] to every logger that takes images (W&B, TensorBoard)."""
     for logger in trainer.loggers:
@@ -33,3 +39,15 @@ def log_image(trainer, key: str, image: torch.Tensor, step: int) -> None:
             logger.log_image(key=key, images=[image], step=step)
         elif isinstance(logger, TensorBoardLogger):
             logger.experiment.add_image(key, image, global_step=step)
+
+
+def log_labelled_samples(trainer, images: torch.Tensor, labels: torch.Tensor, step: int) -> None:
+    """A class-conditional model's samples as a W&B Table (label, image): filterable by class in the UI."""
+    loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+    if not loggers:
+        return
+    import wandb
+
+    rows = [[int(y), wandb.Image(x.permute(1, 2, 0).numpy())] for x, y in zip(images.cpu(), labels.cpu())]
+    for logger in loggers:
+        logger.log_table(key="samples/table", columns=["label", "image"], data=rows, step=step)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import shutil
 import sys
+from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +37,25 @@ def one_line(err: ConfigError) -> str:
     return text
 
 
+def discard_empty_run_dir() -> None:
+    """Remove the Hydra run directory of a call that failed before writing anything: only Hydra's own
+    ``.hydra/`` and an empty job log in it. A failed call leaves no empty ``outputs/<task>/<time>/`` behind."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        job_log = f"{HydraConfig.get().job.name}.log"
+    except Exception:  # not under @hydra.main (tests call the functions directly)
+        return
+    if not run_dir.is_dir():
+        return
+    entries = list(run_dir.iterdir())
+    if all(p.name == ".hydra" or (p.name == job_log and p.stat().st_size == 0) for p in entries):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        if run_dir.parent.is_dir() and not any(run_dir.parent.iterdir()):  # outputs/<task>/ made for this call
+            run_dir.parent.rmdir()
+
+
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Print a user error as one clear line and exit with status 2; let real bugs show their traceback."""
 
@@ -43,6 +64,7 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except Exception as e:
+            discard_empty_run_dir()
             err = user_error(e)
             if err is None:
                 raise

@@ -22,6 +22,7 @@ from ddpmlab.api import (
     rebuild,
 )
 from ddpmlab.cli.common import friendly_errors
+from ddpmlab.perf import sampling_cpu_threads
 from ddpmlab.errors import ConfigError
 from ddpmlab.images import load_image, save_grid, side_by_side, to_hwc_uint8, to_unit
 from ddpmlab.samplers import Sampler, generate, generate_chain, with_guidance
@@ -60,6 +61,7 @@ def sample(cfg: DictConfig, output_dir: str | Path) -> Path:
     check_sampler_steps(cfg, denoiser.diffusion.T)
     denoiser.to(device)
     perf = (cfg.get("perf") or {}).get("sampling")
+    sampling_cpu_threads(denoiser, device, cfg.batch_size)  # small networks sample faster on one CPU thread
     if wants_inpainting(cfg):
         return inpaint(cfg, denoiser, ckpt_cfg, Path(output_dir), perf)
     guided = classifier_guidance(cfg, denoiser, ckpt_cfg, cfg.num_samples, device)  # with classifier.ckpt_path
@@ -68,7 +70,7 @@ def sample(cfg: DictConfig, output_dir: str | Path) -> Path:
     print(f"sampler: {sampler}")
     start = time.perf_counter()
     images = generate(denoiser, sampler, cfg.num_samples, seed=cfg.seed, batch_size=cfg.batch_size, labels=labels,
-                      perf=perf)  # fmt: skip
+                      perf=perf, progress=True)  # fmt: skip
     seconds = time.perf_counter() - start
     out = Path(output_dir)
     write_outputs(out, images, sampler, labels)
@@ -76,7 +78,8 @@ def sample(cfg: DictConfig, output_dir: str | Path) -> Path:
     save_grid(to_unit(images[:100]), out / "grid.png", nrow=nrow)
     print(f"{cfg.num_samples} samples in {seconds:.1f}s ({cfg.num_samples / seconds:.1f} img/s) on {device}")
     if cfg.get("save_chain"):
-        frames = generate_chain(denoiser, sampler, cfg.chain_samples, cfg.chain_frames, seed=cfg.seed, perf=perf)
+        frames = generate_chain(denoiser, sampler, cfg.chain_samples, cfg.chain_frames, seed=cfg.seed, perf=perf,
+                                progress=True)
         save_grid(to_unit(frames.flatten(0, 1)), out / "chain.png", nrow=frames.shape[1])
     return out
 
@@ -144,7 +147,7 @@ def inpaint(cfg: DictConfig, denoiser, ckpt_cfg: DictConfig, out: Path, perf=Non
     print(f"sampler: {sampler}")
     start = time.perf_counter()
     images = generate(denoiser, sampler, cfg.num_samples, seed=cfg.seed, batch_size=cfg.batch_size, labels=labels,
-                      x0=known, keep=known_keep, perf=perf)  # fmt: skip
+                      x0=known, keep=known_keep, perf=perf, progress=True)  # fmt: skip
     print(f"{cfg.num_samples} RePaint completions ({sampler.num_evaluations(denoiser.diffusion)} network "
           f"evaluations each) in {time.perf_counter() - start:.1f}s")
     write_outputs(out, images, sampler, labels, original=to_hwc_uint8(x0)[0], keep=keep.bool().numpy())

@@ -69,7 +69,8 @@ class EpochSampler(DistributedSampler):
 
 
 class Flipped(Dataset):
-    """``dataset`` indexed by ``(index, flip)``: the item, mirrored left-right where ``flip``."""
+    """``dataset`` indexed by ``(index, flip)``: the item, mirrored left-right where ``flip``. A plain index (a
+    sampler Lightning put in place, e.g. for ``trainer.overfit_batches``) is the item unflipped."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -77,7 +78,7 @@ class Flipped(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, bool]) -> tuple[Tensor, Tensor]:
-        i, flip = key
+    def __getitem__(self, key: tuple[int, bool] | int) -> tuple[Tensor, Tensor]:
+        i, flip = (key, False) if isinstance(key, int) else key
         x0, label = self.dataset[i]
         return (x0.flip(-1) if flip else x0), label

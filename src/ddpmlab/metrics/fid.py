@@ -201,11 +201,12 @@ def real_images(datamodule, num_real: int | None) -> Tensor:
     return torch.cat([to_uint8(x) for x, *_ in loader])
 
 
-def generate_chunks(denoiser, sampler, chunks: list[tuple[int, int]], seed: int, perf=None) -> Tensor:
+def generate_chunks(denoiser, sampler, chunks: list[tuple[int, int]], seed: int, perf=None, progress=None) -> Tensor:
     """Samples [sum n, C, H, W] in [-1, 1] on the denoiser's device; chunk (k, n) draws its n images from the
     seed ``seed + k`` (:func:`ddpmlab.samplers.generate`), so a sample set does not depend on how the chunks were
     shared out."""
-    out = [generate(denoiser, sampler, n, seed=seed + k, batch_size=n, perf=perf, to_cpu=False) for k, n in chunks]
+    out = [generate(denoiser, sampler, n, seed=seed + k, batch_size=n, perf=perf, to_cpu=False,
+                    progress=progress or False) for k, n in chunks]
     if not out:
         device = next(denoiser.parameters()).device
         return torch.empty(0, *denoiser.sample_shape, device=device)
@@ -220,12 +221,17 @@ def generate_on_devices(
     import copy
     from concurrent.futures import ThreadPoolExecutor
 
+    from ddpmlab.progress import SamplingProgress
+
+    evals = sampler.num_evaluations(denoiser.diffusion) * sum(len(share(num_samples, batch_size, r, len(devices)))
+                                                        for r in range(len(devices)))
+
     def run(rank: int) -> Tensor:
         model = denoiser if len(devices) == 1 else copy.deepcopy(denoiser).to(devices[rank])
         chunks = share(num_samples, batch_size, rank, len(devices))
-        return to_uint8(generate_chunks(model, sampler, chunks, seed, perf)).cpu()
+        return to_uint8(generate_chunks(model, sampler, chunks, seed, perf, progress=bar.wrap)).cpu()
 
-    with ThreadPoolExecutor(len(devices)) as pool:
+    with SamplingProgress(evals, f"sampling {num_samples}") as bar, ThreadPoolExecutor(len(devices)) as pool:
         return torch.cat(list(pool.map(run, range(len(devices)))))
 
 

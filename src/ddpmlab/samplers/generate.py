@@ -11,7 +11,7 @@ Samples are images in the data's range, nominally [-1, 1] (a latent denoiser's s
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ddpmlab.perf import autocast, prepare_sampling
+from ddpmlab.progress import SamplingProgress
 
 
 def _device_of(denoiser: nn.Module) -> torch.device:
@@ -41,6 +42,18 @@ def _sampling(denoiser: nn.Module, perf: Mapping[str, Any] | None):
         denoiser.train(was_training)
 
 
+@contextmanager
+def _progress(progress: bool | str | Callable, total: int, label: str) -> Iterator[Callable | None]:
+    """The step wrapper a sampler call gets: the caller's own (a callable), a new bar (True or a label), or none."""
+    if callable(progress):
+        yield progress
+    elif not progress:
+        yield None
+    else:
+        with SamplingProgress(total, progress if isinstance(progress, str) else label) as bar:
+            yield bar.wrap
+
+
 def generate(
     denoiser: nn.Module,
     sampler,
@@ -53,6 +66,7 @@ def generate(
     keep: Tensor | None = None,
     perf: Mapping[str, Any] | None = None,
     to_cpu: bool = True,
+    progress: bool | str | Callable = False,
 ) -> Tensor:
     """``num_samples`` samples [N, C, H, W] (float32, model range) from ``sampler`` (a :class:`Sampler`), drawn in
     batches of ``batch_size`` on the denoiser's device.
@@ -67,20 +81,24 @@ def generate(
       applied in place to ``denoiser.net``; ``auto`` switches are on for a CUDA device only, so on the CPU this
       is the plain fp32 eager path. None: nothing applied.
     - ``to_cpu``: gather the samples on the CPU (else they stay on the device).
+    - ``progress``: True (or a label): a bar over network evaluations on a terminal, a line every quarter
+      elsewhere; a callable: the caller's own step wrapper (``SamplingProgress.wrap``), for a bar that spans
+      several calls; False: silent.
     """
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"num_samples ({num_samples}) and batch_size ({batch_size}) must be >= 1")
     if labels is not None and len(labels) != num_samples:
         raise ValueError(f"labels holds {len(labels)} classes for {num_samples} samples")
     out = []
-    with _sampling(denoiser, perf) as device:
+    evals = sampler.num_evaluations(denoiser.diffusion) * -(-num_samples // batch_size)
+    with _sampling(denoiser, perf) as device, _progress(progress, evals, f"sampling {num_samples}") as wrap:
         generator = torch.Generator(device).manual_seed(seed)
         inpaint = {} if x0 is None else {"x0": x0.to(device), "keep": keep.to(device)}
         for start in range(0, num_samples, batch_size):
             n = min(batch_size, num_samples - start)
             x_T = torch.randn((n, *denoiser.sample_shape), generator=generator, device=device)
             cond = None if labels is None else labels[start : start + n].to(device)
-            x = sampler(denoiser, denoiser.diffusion, x_T, generator=generator, cond=cond, **inpaint)
+            x = sampler(denoiser, denoiser.diffusion, x_T, generator=generator, cond=cond, progress=wrap, **inpaint)
             x = denoiser.decode(x).float()  # latent diffusion: z -> pixels; the identity for pixel diffusion
             out.append(x.cpu() if to_cpu else x)
     return torch.cat(out)
@@ -95,13 +113,18 @@ def generate_chain(
     seed: int = 0,
     labels: Tensor | None = None,
     perf: Mapping[str, Any] | None = None,
+    progress: bool | str | Callable = False,
 ) -> Tensor:
     """The denoising chain of ``num_samples`` samples (one batch, seeded as :func:`generate`): [N, F, C, H, W]
-    on the CPU, F = ``num_frames`` snapshots evenly spaced over the sampler's steps, x_T first and x_0 last."""
-    with _sampling(denoiser, perf) as device:
+    on the CPU, F = ``num_frames`` snapshots evenly spaced over the sampler's steps, x_T first and x_0 last;
+    ``progress`` as for :func:`generate`."""
+    evals = sampler.num_evaluations(denoiser.diffusion)
+    with _sampling(denoiser, perf) as device, _progress(progress, evals, "denoising chain") as wrap:
         generator = torch.Generator(device).manual_seed(seed)
         x_T = torch.randn((num_samples, *denoiser.sample_shape), generator=generator, device=device)
         cond = None if labels is None else labels.to(device)
-        frames = sampler.chain(denoiser, denoiser.diffusion, x_T, num_frames, generator=generator, cond=cond)
+        frames = sampler.chain(
+            denoiser, denoiser.diffusion, x_T, num_frames, generator=generator, cond=cond, progress=wrap
+        )
         frames = denoiser.decode(frames.flatten(0, 1)).unflatten(0, frames.shape[:2])  # latents: each state as pixels
     return frames.float().cpu()

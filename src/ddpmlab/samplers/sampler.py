@@ -116,10 +116,15 @@ class Sampler:
         return self.progressive(denoiser, diffusion, x_T, self.timesteps(diffusion), **kwargs)
 
     @torch.no_grad()
-    def __call__(self, denoiser, diffusion, x_T: Tensor, **kwargs) -> Tensor:
-        return final(self.steps(denoiser, diffusion, x_T, **kwargs))
+    def __call__(self, denoiser, diffusion, x_T: Tensor, progress: Callable | None = None, **kwargs) -> Tensor:
+        """x_0. ``progress``: an iterator wrapper that sees every step (``ddpmlab.progress.SamplingProgress.wrap``)."""
+        steps = self.steps(denoiser, diffusion, x_T, **kwargs)
+        return final(progress(steps) if progress else steps)
 
     @torch.no_grad()
-    def chain(self, denoiser, diffusion, x_T: Tensor, num_frames: int = 10, **kwargs) -> Tensor:
+    def chain(
+        self, denoiser, diffusion, x_T: Tensor, num_frames: int = 10, progress: Callable | None = None, **kwargs
+    ) -> Tensor:
         """The x_T -> x_0 progression as [B, F, C, H, W] snapshots evenly spaced over the steps (F <= num_frames)."""
-        return chain(self.steps(denoiser, diffusion, x_T, **kwargs), x_T, self.num_evaluations(diffusion), num_frames)
+        steps = self.steps(denoiser, diffusion, x_T, **kwargs)
+        return chain(progress(steps) if progress else steps, x_T, self.num_evaluations(diffusion), num_frames)

@@ -1,0 +1,89 @@
+"""``python export.py ckpt_path=...``: the weights a user shares, without the training state. The folder holds
+``model.safetensors`` (the denoiser's EMA weights; safetensors executes nothing when read), ``config.yaml`` (the
+resolved training config, which rebuilds the network) and ``README.md`` (a model card); ``ddpmlab.load(folder)``
+reads it as it reads a checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from ddpmlab.api import CONFIG_DIR, WEIGHTS_FILE, denoiser_from_checkpoint, load_checkpoint, safetensors_api
+from ddpmlab.cli.common import friendly_errors
+
+
+def export(ckpt_path: str | Path, out_dir: str | Path | None = None, use_ema: bool = True) -> Path:
+    ckpt_path = Path(ckpt_path)
+    ckpt = load_checkpoint(ckpt_path)
+    denoiser, cfg = denoiser_from_checkpoint(ckpt, ema=use_ema)
+    run_dir = ckpt_path.resolve().parent.parent
+    out = Path(out_dir) if out_dir else run_dir / "export"
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in denoiser.net.state_dict().items()}
+    metadata = {"format": "ddpmlab", "weights": "ema" if use_ema else "raw", "step": str(ckpt.get("global_step", ""))}
+    safetensors_api().save_file(state, str(out / WEIGHTS_FILE), metadata=metadata)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    final = run_dir / "final_metrics.json"
+    metrics = json.loads(final.read_text()) if final.is_file() else {}
+    params = sum(v.numel() for v in state.values())
+    (out / "README.md").write_text(model_card(cfg, ckpt.get("global_step"), params, metrics, use_ema))
+    return out
+
+
+def model_card(cfg: DictConfig, step: int | None, params: int, metrics: dict[str, Any], use_ema: bool) -> str:
+    m, s, d = cfg.model, cfg.schedule, cfg.data
+    schedule = ", ".join(f"{k}={v}" for k, v in s.items() if k != "_target_")
+    net = (f"{m._target_.rsplit('.', 1)[-1]}: base_channels={m.base_channels}, channel_mult={list(m.channel_mult)}, "
+           f"num_res_blocks={m.num_res_blocks}, attention at {list(m.attn_resolutions)}, dropout={m.dropout}")
+    shown = {k: v for k, v in metrics.items() if k != "step" and not k.startswith("train/loss_q")}
+    lines = [
+        "# ddpmlab model",
+        "",
+        f"A denoising diffusion model (DDPM, Ho et al. 2020) trained with ddpmlab: {params:,} parameters, "
+        f"{'EMA' if use_ema else 'raw'} weights after {step} training steps.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| data | {d.name} ({d.channels} x {d.image_size} x {d.image_size}), batch {d.batch_size} |",
+        f"| schedule | {s._target_.rsplit('.', 1)[-1]} ({schedule}) |",
+        f"| prediction, objective | {cfg.prediction}, {cfg.objective._target_.rsplit('.', 1)[-1]} |",
+        f"| network | {net} |",
+        f"| class-conditional | {'yes, ' + str(m.num_classes) + ' classes' if m.get('num_classes') else 'no'} |",
+        f"| training | {step} steps, {cfg.optimizer._target_.rsplit('.', 1)[-1]} lr {cfg.optimizer.lr}, "
+        f"EMA decay {cfg.ema.decay if cfg.get('ema') else 'none'}, seed {cfg.seed} |",
+    ]
+    if shown:
+        lines += ["", "Final metrics of the training run:", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" for k, v in sorted(shown.items())]
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "import torch, ddpmlab",
+        "from ddpmlab.samplers import Sampler",
+        "denoiser, cfg = ddpmlab.load('<this folder>')",
+        f"x_T = torch.randn(16, {d.channels}, {d.image_size}, {d.image_size})",
+        "x0 = Sampler('ddim', num_steps=50)(denoiser, denoiser.diffusion, x_T)   # in [-1, 1]",
+        "```",
+        "",
+        "Files: `model.safetensors` (the network's weights), `config.yaml` (the resolved training config).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
+@friendly_errors
+def main(cfg: DictConfig) -> None:
+    out = export(cfg.ckpt_path, cfg.out_dir, cfg.use_ema)
+    print(f"exported to {out}")
+    print(f"load with: ddpmlab.load({str(out)!r})")
+
+
+if __name__ == "__main__":
+    main()
