@@ -112,3 +112,112 @@ def test_lpips_without_its_weights_is_a_one_line_error(tiny_ckpt, tmp_path, monk
                 f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path)
     assert r.returncode == 2 and "ddpmlab: error: LPIPS needs the VGG16 ImageNet weights" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+# ------------------------------------------------------------------------------------------------ guided agreement
+TINY_CLASSIFIER = [
+    "experiment=classifier_digits", "schedule.num_timesteps=50", "data.batch_size=32", "trainer.max_steps=4",
+    "trainer.val_check_interval=2", "trainer.limit_val_batches=2", "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false", "model.base_channels=16", "model.channel_mult=[1,2]",
+    "model.num_res_blocks=1", "model.attn_resolutions=[]", "model.num_groups=8", "model.num_heads=1",
+]  # fmt: skip
+GUIDED = ["metrics=[guided]", "guided.num_samples=20", "guided.sampler.algorithm=ddim", "guided.sampler.num_steps=4"]
+
+
+@pytest.fixture(scope="module")
+def guided_runs(tmp_path_factory):
+    """A tiny class-conditional checkpoint and a tiny noisy classifier (digits, T = 50)."""
+    from ddpmlab.training import train
+
+    root = tmp_path_factory.mktemp("guided")
+    train(compose_cfg("train", [*TINY, "model.num_classes=10"], root / "cond"))
+    train(compose_cfg("train", TINY_CLASSIFIER, root / "classifier"))
+    return root / "cond" / "checkpoints" / "last.ckpt", root / "classifier" / "checkpoints" / "last.ckpt"
+
+
+def svc_direct(cfg):
+    from sklearn.svm import SVC
+
+    from ddpmlab.api import rebuild
+
+    dm = rebuild(cfg.data, "data")
+    dm.setup("fit")
+    x, y = zip(*(dm.train_set[i] for i in range(len(dm.train_set))))
+    pixels = lambda t: (((torch.stack(list(t)).clamp(-1, 1) + 1) * 127.5).round() / 255).flatten(1).double().numpy()  # noqa: E731
+    svm = SVC(kernel="rbf", C=10.0, gamma="scale").fit(pixels(x), np.array([int(v) for v in y]))
+    return lambda images: svm.predict(pixels(images)), pixels
+
+
+def test_guided_agreement_with_the_svc_matches_a_direct_computation(guided_runs, tmp_path):
+    from ddpmlab.samplers import GuidedDenoiser
+
+    cond, _ = guided_runs
+    result = evaluate(eval_cfg(cond, tmp_path, *GUIDED, "guided.judge=svc_digits", "guided.guidance=2",
+                               "guided.labels=[3,5]"), tmp_path)["guided"]  # fmt: skip
+    denoiser, cfg = load(cond)
+    want = torch.tensor([3, 5] * 10)
+    samples = generate(GuidedDenoiser(denoiser, 2.0), Sampler.from_config(OmegaConf.to_container(cfg.sampler),
+                       {"algorithm": "ddim", "num_steps": 4}), 20, seed=0, batch_size=16, labels=want)  # fmt: skip
+    predict, pixels = svc_direct(cfg)
+    assert result["agreement"] == pytest.approx(float((predict(samples) == want.numpy()).mean()))
+    x = pixels(samples)
+    spread = np.mean([x[want.numpy() == k].std(0).mean() for k in (3, 5)])
+    assert result["within_class_std"] == pytest.approx(spread, rel=1e-6)
+    assert result["within_class_std"] == pytest.approx(within_class_std(x, want.numpy()), rel=1e-6)
+    protocol = result["protocol"]
+    assert protocol["labels"] == [3, 5] and protocol["guidance"] == 2.0 and protocol["num_samples"] == 20
+    assert protocol["sampler"]["algorithm"] == "ddim" and protocol["steps"] == 4 and protocol["seed"] == 0
+    assert protocol["judge_heldout_accuracy"] > 0.9  # the SVM itself reads real digits
+
+
+def test_the_svc_judges_real_digits_correctly():
+    from ddpmlab.metrics.image_metrics import svc_digits
+
+    images, labels = load_digits()
+    x = images.float() / 127.5 - 1
+    predict = svc_digits(x[:1500], labels[:1500])
+    assert (predict(x[1500:]) == labels[1500:].numpy()).mean() > 0.95
+
+
+def test_guided_with_a_classifier_judge_and_classifier_guidance(guided_runs, tiny_ckpt, tmp_path):
+    from ddpmlab.api import classifier_from_checkpoint, load_checkpoint
+    from ddpmlab.samplers.classifier_guidance import ClassifierGuidedDenoiser
+
+    _, classifier_ckpt = guided_runs
+    result = evaluate(eval_cfg(tiny_ckpt, tmp_path, *GUIDED, f"guided.judge={classifier_ckpt}",
+                               f"guided.classifier.ckpt_path={classifier_ckpt}", "guided.classifier.scale=3"),
+                      tmp_path)["guided"]  # fmt: skip
+    denoiser, cfg = load(tiny_ckpt)
+    classifier = classifier_from_checkpoint(load_checkpoint(classifier_ckpt))[0]
+    want = torch.arange(10).repeat(2)
+    sampler = Sampler.from_config(OmegaConf.to_container(cfg.sampler), {"algorithm": "ddim", "num_steps": 4})
+    samples = generate(ClassifierGuidedDenoiser(denoiser, classifier, 3.0), sampler, 20, seed=0, batch_size=16,
+                       labels=want)  # fmt: skip
+    with torch.no_grad():
+        judged = classifier(samples, torch.zeros(20, dtype=torch.long)).argmax(-1)
+    assert result["agreement"] == pytest.approx(float((judged == want).float().mean()))
+    assert result["protocol"]["classifier_scale"] == 3.0 and result["protocol"]["judge"].endswith("at t = 0")
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        ([], "needs a judge"),
+        (["guided.judge=svc_digits"], "needs samples drawn for labels"),
+        (["guided.judge=svc_digits", "guided.guidance=1"], "class-conditional checkpoint"),
+    ],
+)
+def test_bad_guided_configs_are_config_errors(tiny_ckpt, tmp_path, extra, match):
+    with pytest.raises(ConfigError, match=match):
+        evaluate(eval_cfg(tiny_ckpt, tmp_path, *GUIDED, *extra), tmp_path)
+
+
+def test_guided_cli(guided_runs, tmp_path):
+    cond, _ = guided_runs
+    out = tmp_path / "out"
+    r = run_cli("evaluate.py", f"ckpt_path={cond}", *GUIDED, "guided.judge=svc_digits", "guided.guidance=1",
+                f"hydra.run.dir={out}", cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "agreement = " in r.stdout
+    saved = json.loads((out / "metrics.json").read_text())["guided"]
+    assert 0 <= saved["agreement"] <= 1 and saved["protocol"]["num_samples"] == 20
