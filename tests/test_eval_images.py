@@ -143,7 +143,10 @@ def svc_direct(cfg):
     dm = rebuild(cfg.data, "data")
     dm.setup("fit")
     x, y = zip(*(dm.train_set[i] for i in range(len(dm.train_set))))
-    pixels = lambda t: (((torch.stack(list(t)).clamp(-1, 1) + 1) * 127.5).round() / 255).flatten(1).double().numpy()  # noqa: E731
+
+    def pixels(t):
+        return (((torch.stack(list(t)).clamp(-1, 1) + 1) * 127.5).round() / 255).flatten(1).double().numpy()
+
     svm = SVC(kernel="rbf", C=10.0, gamma="scale").fit(pixels(x), np.array([int(v) for v in y]))
     return lambda images: svm.predict(pixels(images)), pixels
 
@@ -168,6 +171,9 @@ def test_guided_agreement_with_the_svc_matches_a_direct_computation(guided_runs,
     assert protocol["labels"] == [3, 5] and protocol["guidance"] == 2.0 and protocol["num_samples"] == 20
     assert protocol["sampler"]["algorithm"] == "ddim" and protocol["steps"] == 4 and protocol["seed"] == 0
     assert protocol["judge_heldout_accuracy"] > 0.9  # the SVM itself reads real digits
+    images, labels = load_digits()  # the data module holds every digit, train and validation
+    real = images.double().flatten(1).numpy() / 255
+    assert protocol["real_within_class_std"] == pytest.approx(within_class_std(real, labels.numpy()), rel=1e-6)
 
 
 def test_the_svc_judges_real_digits_correctly():

@@ -12,7 +12,14 @@ from omegaconf import DictConfig
 
 from ddpmlab.cli.sample import classifier_guidance, given
 from ddpmlab.errors import ConfigError
-from ddpmlab.metrics.image_metrics import classifier_judge, guided_agreement, inpainting_metrics, svc_digits
+from ddpmlab.metrics.image_metrics import (
+    classifier_judge,
+    guided_agreement,
+    inpainting_metrics,
+    svc_digits,
+    to_pixels,
+    within_class_std,
+)
 from ddpmlab.samplers import Sampler, generate, with_guidance
 from ddpmlab.samplers.masks import make_mask
 
@@ -76,7 +83,10 @@ def judge_for(ctx: EvalContext, judge: str) -> tuple[Any, dict[str, Any]]:
         predict = svc_digits(torch.stack([x for x, _ in fit]), torch.tensor([int(y) for _, y in fit]))
         x_val, y_val = held_out(ctx, None, "guided")
         accuracy = float((predict(x_val) == y_val.numpy()).mean())
-        return predict, {"judge": "RBF-SVM (C=10) fit on the training split", "judge_heldout_accuracy": accuracy}
+        real = torch.cat([torch.stack([x for x, _ in fit]), x_val])  # every digit: the spread to compare with
+        real_std = within_class_std(to_pixels(real), torch.cat([torch.tensor([int(y) for _, y in fit]), y_val]).numpy())
+        return predict, {"judge": "RBF-SVM (C=10) fit on the training split", "judge_heldout_accuracy": accuracy,
+                         "real_within_class_std": real_std}
     if not judge:
         raise ConfigError("metrics=[guided] needs a judge: guided.judge=svc_digits (the bundled digits) or "
                           "guided.judge=<noisy-classifier run>/checkpoints/last.ckpt")
