@@ -6,7 +6,8 @@ Every ``every_n_steps`` the EMA weights generate ``num_samples`` images with the
 the chunks are split into contiguous blocks, one per rank, so each rank generates its own share with its
 own seeds (rank r starts at chunk r * K / W) and the sample set is the same whatever the number of GPUs.
 Each rank feeds its features to torchmetrics' FID/KID; ``compute`` syncs them and every rank gets the same
-value, logged as ``val/fid`` and ``val/kid``.
+value, logged as ``val/fid`` and ``val/kid``; with ``isc`` the Inception Score of the same samples, from the
+logits of the same forward pass (``features_and_logits``), is logged as ``val/is``.
 
 Real features are computed once per dataset, resolution and feature network and cached in ``cache_dir``;
 each rank holds a contiguous shard of them, so the synced sums and concatenations are the full set.
@@ -32,6 +33,7 @@ from ddpmlab.metrics.fid import (
     extract_features,
     generate_chunks,
     inception,
+    inception_score,
     real_features,
     real_images,
     real_stats_file,
@@ -55,16 +57,22 @@ class FID(pl.Callback):
         kid_subset_size: int = 1000,
         kid_subsets: int = 100,
         at_train_end: bool = True,
+        isc: bool = True,
+        isc_splits: int = 10,
     ):
         """``feature``: 2048 for Inception's pool features (the papers), or any module mapping uint8
         [N,3,H,W] to [N,D] (tests use a tiny one). ``num_steps`` respaces the run's sampler for FID only
-        (None: the sampler's own grid). ``num_real``: how many training images make the reference (None: all)."""
+        (None: the sampler's own grid). ``num_real``: how many training images make the reference (None: all).
+        ``isc``: also the Inception Score in ``isc_splits`` groups (a custom ``feature`` module needs a
+        ``features_and_logits(x) -> (features, logits)`` method for it)."""
         if num_samples < 2 or batch_size < 1:
             raise ConfigError(f"fid.num_samples ({num_samples}) must be >= 2 and fid.batch_size ({batch_size}) >= 1")
         self.every_n_steps, self.num_samples, self.batch_size, self.seed = every_n_steps, num_samples, batch_size, seed
         self.num_steps, self.feature, self.weights_path = num_steps, feature, weights_path
         self.cache_dir, self.num_real, self.at_train_end = cache_dir, num_real, at_train_end
         self.kid_subset_size, self.kid_subsets = kid_subset_size, kid_subsets
+        self.isc, self.isc_splits = isc, isc_splits
+        self.isc_metric: nn.Module | None = None
         self.enabled = True
         self.net: nn.Module | None = None
         self.metrics: FeatureMetrics | None = None
@@ -78,7 +86,8 @@ class FID(pl.Callback):
             return
         error = None
         try:
-            net = inception(self.weights_path, self.feature) if isinstance(self.feature, int) else self.feature
+            feature = self.feature
+            net = inception(self.weights_path, feature, self.isc) if isinstance(feature, int) else feature
         except InceptionUnavailable as e:
             error = e
         # Every rank must agree, or the ranks that go on would wait forever for the others in compute().
@@ -88,6 +97,10 @@ class FID(pl.Callback):
             rank_zero_warn(f"FID callback switched off, training goes on: {reason}")
             return
         self.net = net.eval().requires_grad_(False).to(pl_module.device)
+        if self.isc and not hasattr(net, "features_and_logits"):
+            rank_zero_warn(f"no Inception Score during training: the feature network {type(net).__name__} has no "
+                           "features_and_logits method (callbacks.fid.isc=false silences this)")
+            self.isc = False
 
     def _load_real(self, trainer: pl.Trainer, device: torch.device) -> int:
         """Put this rank's shard of the real features into the metrics; return the size of the whole set."""
@@ -132,14 +145,28 @@ class FID(pl.Callback):
         for chunk in self.generated:  # this rank's share, one chunk of images at a time
             x0 = generate_chunks(denoiser, sampler, [chunk], self.seed, sampling_perf(pl_module, denoiser))
             with torch.no_grad():
-                self.metrics.update(self.net(to_inception_input(x0)).float(), real=False)
+                if self.isc:  # features and logits from one forward pass
+                    features, logits = self.net.features_and_logits(to_inception_input(x0))
+                    if self.isc_metric is None:
+                        splits = min(self.isc_splits, self.num_samples)
+                        self.isc_metric = inception_score(logits.shape[1], splits).to(device)
+                    self.isc_metric.update(logits.float())
+                else:
+                    features = self.net(to_inception_input(x0))
+                self.metrics.update(features.float(), real=False)
         values = self.metrics.compute(self.seed)  # synced: the same on every rank
         self.metrics.reset()
+        if self.isc_metric is not None:
+            with torch.random.fork_rng(devices=[]):  # IS's random split of the samples, as KID's subsets
+                torch.manual_seed(self.seed)
+                values["is"], values["is_std"] = (float(v) for v in self.isc_metric.compute())
+            self.isc_metric.reset()
         seconds = time.perf_counter() - start
         self.seconds += seconds
-        for key in ("fid", "kid"):
+        keys = [k for k in ("fid", "kid", "is") if k in values]
+        for key in keys:
             trainer.callback_metrics[f"val/{key}"] = torch.tensor(values[key])
-        log_scalars(trainer, {"val/fid": values["fid"], "val/kid": values["kid"], "val/fid_seconds": seconds})
+        log_scalars(trainer, {**{f"val/{k}": values[k] for k in keys}, "val/fid_seconds": seconds})
         return values
 
     def __repr__(self) -> str:

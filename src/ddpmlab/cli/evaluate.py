@@ -1,4 +1,4 @@
-"""``python evaluate.py ckpt_path=... [bpd.num_images=N] [bpd.stride=K] [batch_size=B] [seed=S]``: metrics.json.
+"""``python evaluate.py ckpt_path=... [metrics=[bpd,fid,inpaint,guided]] [batch_size=B] [seed=S]``: metrics.json.
 
 Each metric is a function ``(ctx: EvalContext, options: DictConfig) -> dict`` registered in :data:`METRICS`; the
 config's ``metrics`` list picks which run, each reads its own config section of the same name, and its result is
@@ -115,6 +115,15 @@ def fid(ctx: EvalContext, options: DictConfig) -> dict[str, Any]:
 
 
 METRICS: dict[str, Callable[[EvalContext, DictConfig], dict[str, Any]]] = {"bpd": bpd, "fid": fid}
+
+
+def _register_image_metrics() -> None:
+    from ddpmlab.cli.evaluate_images import guided, inpaint
+
+    METRICS.update(inpaint=inpaint, guided=guided)
+
+
+_register_image_metrics()
 
 
 def evaluate(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:

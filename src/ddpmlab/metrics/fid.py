@@ -67,15 +67,22 @@ def inception_weights(weights_path: str | None = None) -> str:
     return str(hub)
 
 
-def inception(weights_path: str | None = None, feature: int = 2048) -> nn.Module:
+def inception(weights_path: str | None = None, feature: int = 2048, logits: bool = False) -> nn.Module:
     """torch-fidelity's Inception-v3 (through torchmetrics) returning ``feature``-d pool features; TF1 resize,
-    no antialiasing. Weights from :func:`inception_weights`."""
+    no antialiasing. Weights from :func:`inception_weights`. ``logits``: it also has ``features_and_logits(x)``,
+    the pool features and the 1008 unbiased logits (the Inception Score's) from the same forward pass."""
     from torchmetrics.image.fid import NoTrainInceptionV3
 
+    class InceptionWithLogits(NoTrainInceptionV3):
+        def features_and_logits(self, x: Tensor) -> tuple[Tensor, Tensor]:
+            features, logits = self._torch_fidelity_forward(x)[:2]
+            return features.reshape(x.shape[0], -1), logits
+
     path = inception_weights(weights_path)
+    layers = [str(feature), "logits_unbiased"] if logits else [str(feature)]
     try:
-        net = NoTrainInceptionV3(
-            name=INCEPTION, features_list=[str(feature)], feature_extractor_weights_path=path, antialias=False
+        net = (InceptionWithLogits if logits else NoTrainInceptionV3)(
+            name=INCEPTION, features_list=layers, feature_extractor_weights_path=path, antialias=False
         )
     except Exception as e:  # a truncated or foreign file
         reason = f"{type(e).__name__}: {str(e)[:120]}"
@@ -132,6 +139,14 @@ class Precomputed(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         return features
+
+
+def inception_score(num_classes: int, splits: int = 10) -> nn.Module:
+    """torchmetrics' InceptionScore fed logits [N, K] (``update(logits)``, synced across DDP ranks at ``compute``):
+    exp E_x KL(p(y | x) || p(y)) (Salimans et al. 2016) in ``splits`` groups; ``compute`` -> (mean, std)."""
+    from torchmetrics.image import InceptionScore
+
+    return InceptionScore(feature=Precomputed(num_classes), splits=splits)
 
 
 class FeatureMetrics(nn.Module):
