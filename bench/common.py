@@ -42,22 +42,36 @@ TRAIN_FLOPS_PER_FORWARD = 3
 
 
 def common_args(parser: argparse.ArgumentParser, batch_size: int) -> None:
-    parser.add_argument("--model", default="unet_ddpm_cifar10", help="a conf/model option (default: DDPM CIFAR-10, 35.7M)")
+    parser.add_argument(
+        "--model", default="unet_ddpm_cifar10", help="a conf/model option (default: DDPM CIFAR-10, 35.7M)"
+    )
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--channels", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=batch_size)
-    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument(
+        "--precision", choices=("auto", "bf16", "fp32"), default="auto", help="auto: bf16 on CUDA, fp32 on CPU"
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--cpu-threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--compile", choices=("auto", "true", "false"), default="auto", help="auto: on for CUDA")
-    parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs, reduce-overhead")
+    parser.add_argument(
+        "--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs, reduce-overhead"
+    )
     parser.add_argument("--compile-backend", default="inductor")
     parser.add_argument("--channels-last", choices=("auto", "true", "false"), default="auto")
-    parser.add_argument("--no-peer", action="store_true", help="skip diffusers' UNet2DModel even when diffusers is installed")
-    parser.add_argument("--peer-channels", default="128,256,256,256", help="UNet2DModel block_out_channels (DDPM CIFAR-10)")
+    parser.add_argument(
+        "--no-peer", action="store_true", help="skip diffusers' UNet2DModel even when diffusers is installed"
+    )
+    parser.add_argument(
+        "--peer-channels", default="128,256,256,256", help="UNet2DModel block_out_channels (DDPM CIFAR-10)"
+    )
     parser.add_argument("--peer-groups", type=int, default=32, help="UNet2DModel norm_num_groups")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak for MFU (default: from its name)")
-    parser.add_argument("--override", action="append", default=[], help="extra Hydra override for the train config (repeatable)")
+    parser.add_argument(
+        "--peak-tflops", type=float, default=None, help="the device's peak for MFU (default: from its name)"
+    )
+    parser.add_argument(
+        "--override", action="append", default=[], help="extra Hydra override for the train config (repeatable)"
+    )
     parser.add_argument("--out", default=None, help="also write the JSON here")
 
 
@@ -207,7 +221,11 @@ def profile(step: Callable[[], None], steps: int, device: torch.device, top: int
         "wall_ms_per_step": round(wall_us / 1e3 / steps, 3),
         "device_busy_fraction": round(busy_us / wall_us, 3) if busy_us is not None else None,
         "top_ops": [
-            {"name": e.key[:90], "self_ms_per_step": round(getattr(e, key) / 1e3 / steps, 3), "calls_per_step": e.count / steps}
+            {
+                "name": e.key[:90],
+                "self_ms_per_step": round(getattr(e, key) / 1e3 / steps, 3),
+                "calls_per_step": e.count / steps,
+            }
             for e in rows
         ],
     }
@@ -226,7 +244,13 @@ class PeerUNet(nn.Module):
     ``channels``, two ResBlocks each, attention at the second level (16x16 for 32x32 images) and in the
     middle, dropout 0.1. ``forward(x, t)`` returns the tensor, like ddpmlab's UNet."""
 
-    def __init__(self, image_size: int = 32, in_channels: int = 3, channels: Sequence[int] = (128, 256, 256, 256), groups: int = 32):
+    def __init__(
+        self,
+        image_size: int = 32,
+        in_channels: int = 3,
+        channels: Sequence[int] = (128, 256, 256, 256),
+        groups: int = 32,
+    ):
         super().__init__()
         from diffusers import UNet2DModel
 
@@ -234,9 +258,20 @@ class PeerUNet(nn.Module):
         down = ["AttnDownBlock2D" if i == 1 else "DownBlock2D" for i in range(levels)]
         up = ["AttnUpBlock2D" if i == levels - 2 else "UpBlock2D" for i in range(levels)]  # the mirror
         self.unet = UNet2DModel(
-            sample_size=image_size, in_channels=in_channels, out_channels=in_channels, block_out_channels=tuple(channels),
-            layers_per_block=2, down_block_types=tuple(down), up_block_types=tuple(up), attention_head_dim=None,
-            norm_num_groups=groups, norm_eps=1e-6, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, dropout=0.1,
+            sample_size=image_size,
+            in_channels=in_channels,
+            out_channels=in_channels,
+            block_out_channels=tuple(channels),
+            layers_per_block=2,
+            down_block_types=tuple(down),
+            up_block_types=tuple(up),
+            attention_head_dim=None,
+            norm_num_groups=groups,
+            norm_eps=1e-6,
+            downsample_padding=0,
+            flip_sin_to_cos=False,
+            freq_shift=1,
+            dropout=0.1,
         )
         self.in_channels, self.image_size = in_channels, image_size
 

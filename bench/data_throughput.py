@@ -25,7 +25,9 @@ from ddpmlab.data import DiffusionDataModule, ImageTensorDataset
 
 def attach(dm: DiffusionDataModule, device: torch.device) -> DiffusionDataModule:
     """What the data module reads from a one-device Lightning trainer: its device, rank and epoch."""
-    dm.trainer = SimpleNamespace(global_rank=0, world_size=1, current_epoch=0, strategy=SimpleNamespace(root_device=device))
+    dm.trainer = SimpleNamespace(
+        global_rank=0, world_size=1, current_epoch=0, strategy=SimpleNamespace(root_device=device)
+    )
     return dm
 
 
@@ -63,7 +65,9 @@ def compare(make_dm, device: torch.device, batches: int, warmup: int, workers: i
         }
         result[name]["images_per_s"] = round(result[name]["batches_per_s"] * dm.batch_size)
         del loader, dm
-    result["speedup_fast_vs_dataloader"] = round(result["fast_path"]["batches_per_s"] / result["dataloader"]["batches_per_s"], 1)
+    result["speedup_fast_vs_dataloader"] = round(
+        result["fast_path"]["batches_per_s"] / result["dataloader"]["batches_per_s"], 1
+    )
     return result
 
 
@@ -79,17 +83,32 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--batches", type=int, default=300, help="timed batches per loader")
     parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--cpu-threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice); "
-                        "1 on a shared, oversubscribed CPU, where parallel regions stall waiting for descheduled threads")
-    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
-                        help="also time a DataLoader with this many workers (0: skip)")
+    parser.add_argument(
+        "--cpu-threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads (default: torch's choice); "
+        "1 on a shared, oversubscribed CPU, where parallel regions stall waiting for descheduled threads",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="also time a DataLoader with this many workers (0: skip)",
+    )
     args = parser.parse_args()
     if args.cpu_threads:
         torch.set_num_threads(args.cpu_threads)
     torch.manual_seed(0)
-    report = {"batch_size": args.batch_size, "batches": args.batches, "torch": torch.__version__,
-              "cpu": platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads(),
-              "load_average": os.getloadavg()[0], "cpu_count": len(os.sched_getaffinity(0))}
+    report = {
+        "batch_size": args.batch_size,
+        "batches": args.batches,
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "load_average": os.getloadavg()[0],
+        "cpu_count": len(os.sched_getaffinity(0)),
+    }
 
     if args.mnist_root:
         probe = DiffusionDataModule(name="mnist", root=args.mnist_root, image_size=28, channels=1)
@@ -99,14 +118,20 @@ def main() -> None:
         images = torch.randint(0, 256, (60_000, 1, 28, 28), dtype=torch.uint8)
         mnist, source = (images, torch.randint(0, 10, (60_000,))), "synthetic"
     make = lambda **o: in_memory("mnist", *mnist, batch_size=args.batch_size, random_flip=False, **o)  # noqa: E731
-    report["mnist_cpu"] = {"data": source, "images": len(mnist[0]),
-                           **compare(make, torch.device("cpu"), args.batches, args.warmup, args.workers)}
+    report["mnist_cpu"] = {
+        "data": source,
+        "images": len(mnist[0]),
+        **compare(make, torch.device("cpu"), args.batches, args.warmup, args.workers),
+    }
 
     if torch.cuda.is_available():
         cifar = torch.randint(0, 256, (50_000, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (50_000,))
         make = lambda **o: in_memory("cifar10", *cifar, batch_size=args.batch_size, random_flip=True, **o)  # noqa: E731
-        report["cifar_shaped_gpu"] = {"data": "synthetic 50,000 x 3 x 32 x 32, random flips", "images": 50_000,
-                                      **compare(make, torch.device("cuda"), args.batches, args.warmup, args.workers)}
+        report["cifar_shaped_gpu"] = {
+            "data": "synthetic 50,000 x 3 x 32 x 32, random flips",
+            "images": 50_000,
+            **compare(make, torch.device("cuda"), args.batches, args.warmup, args.workers),
+        }
     else:
         report["cifar_shaped_gpu"] = "skipped: no CUDA device"
     print(json.dumps(report, indent=2))

@@ -36,8 +36,15 @@ sys.path.insert(0, str(REPO / "src"))
 
 # The defaults before the first-run tuning, spelled out (the network is unet_small: 1.6M parameters).
 PREVIOUS_DEFAULTS = [
-    "model=unet_small", "model.dropout=0.1", "trainer.max_steps=1500", "optimizer=adam", "optimizer.lr=1e-3",
-    "lr_schedule=constant", "lr_warmup_steps=0", "ema.decay=0.999", "ema.warmup=true",
+    "model=unet_small",
+    "model.dropout=0.1",
+    "trainer.max_steps=1500",
+    "optimizer=adam",
+    "optimizer.lr=1e-3",
+    "lr_schedule=constant",
+    "lr_warmup_steps=0",
+    "ema.decay=0.999",
+    "ema.warmup=true",
 ]
 NUM_SAMPLES, SAMPLE_SEED = 1000, 0
 
@@ -79,8 +86,15 @@ def run_ddpmlab(name: str, overrides: list[str], workdir: Path) -> dict:
         x0 = sampler(denoiser, denoiser.diffusion, x_T, generator=g)
     samples = ((x0.clamp(-1, 1) + 1) / 2).reshape(NUM_SAMPLES, -1).double().numpy()
     metrics = json.loads((run_dir / "final_metrics.json").read_text())
-    return {"name": name, "overrides": overrides, "params": params, "train_seconds": round(seconds, 1),
-            "threads": threads, "steps": metrics.get("step"), "samples": samples}
+    return {
+        "name": name,
+        "overrides": overrides,
+        "params": params,
+        "train_seconds": round(seconds, 1),
+        "threads": threads,
+        "steps": metrics.get("step"),
+        "samples": samples,
+    }
 
 
 def run_peer(workdir: Path, steps: int = 1500) -> dict | None:
@@ -88,15 +102,19 @@ def run_peer(workdir: Path, steps: int = 1500) -> dict | None:
         from denoising_diffusion_pytorch import GaussianDiffusion, Unet
         from ema_pytorch import EMA
     except ImportError:
-        print("peer skipped: denoising-diffusion-pytorch is not installed "
-              "(pip install denoising-diffusion-pytorch==2.3.4 to compare with it)", flush=True)
+        print(
+            "peer skipped: denoising-diffusion-pytorch is not installed "
+            "(pip install denoising-diffusion-pytorch==2.3.4 to compare with it)",
+            flush=True,
+        )
         return None
     from ddpmlab.perf import choose_cpu_threads
 
     torch.manual_seed(0)
     model = Unet(dim=32, dim_mults=(1, 2, 2), channels=1)
-    diffusion = GaussianDiffusion(model, image_size=8, timesteps=1000, sampling_timesteps=50,
-                                  objective="pred_noise", beta_schedule="linear")
+    diffusion = GaussianDiffusion(
+        model, image_size=8, timesteps=1000, sampling_timesteps=50, objective="pred_noise", beta_schedule="linear"
+    )
     ema = EMA(diffusion, beta=0.999, update_every=10)
     opt = torch.optim.Adam(diffusion.parameters(), lr=1e-3)
     data = torch.from_numpy(real_digits()).float().reshape(-1, 1, 8, 8)  # the peer normalises [0, 1] itself
@@ -108,7 +126,7 @@ def run_peer(workdir: Path, steps: int = 1500) -> dict | None:
     for _ in range(steps):
         if pos + 128 > len(order):
             order, pos = torch.randperm(len(data), generator=g), 0
-        loss = diffusion(data[order[pos:pos + 128]])
+        loss = diffusion(data[order[pos : pos + 128]])
         pos += 128
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -119,9 +137,15 @@ def run_peer(workdir: Path, steps: int = 1500) -> dict | None:
     ema.ema_model.eval()
     with torch.no_grad():
         samples = torch.cat([ema.ema_model.sample(batch_size=500) for _ in range(NUM_SAMPLES // 500)])
-    return {"name": "peer", "overrides": ["denoising-diffusion-pytorch 2.3.4, Unet(dim=32, dim_mults=(1, 2, 2))"],
-            "params": sum(p.numel() for p in model.parameters()), "train_seconds": round(seconds, 1),
-            "threads": threads, "steps": steps, "samples": samples.reshape(NUM_SAMPLES, -1).double().numpy()}
+    return {
+        "name": "peer",
+        "overrides": ["denoising-diffusion-pytorch 2.3.4, Unet(dim=32, dim_mults=(1, 2, 2))"],
+        "params": sum(p.numel() for p in model.parameters()),
+        "train_seconds": round(seconds, 1),
+        "threads": threads,
+        "steps": steps,
+        "samples": samples.reshape(NUM_SAMPLES, -1).double().numpy(),
+    }
 
 
 def main() -> None:
@@ -147,8 +171,13 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
-    result = {"command": "python bench/first_run.py " + " ".join(sys.argv[1:]), "commit": commit.strip(),
-              "cpu_count": os.cpu_count(), "torch": torch.__version__, "results": rows}
+    result = {
+        "command": "python bench/first_run.py " + " ".join(sys.argv[1:]),
+        "commit": commit.strip(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "results": rows,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 

@@ -24,8 +24,15 @@ from pathlib import Path
 
 # The order gpu_check.sh runs them in (most important first, so a cut-off run keeps what matters most).
 STEPS = (
-    "setup", "env", "pytest_gpu", "train_cli", "loss_curve", "sample_cli", "evaluate_bpd",
-    "train_throughput", "sample_throughput",
+    "setup",
+    "env",
+    "pytest_gpu",
+    "train_cli",
+    "loss_curve",
+    "sample_cli",
+    "evaluate_bpd",
+    "train_throughput",
+    "sample_throughput",
 )
 OK, FAILED, SKIPPED = 0, 1, 3
 # Speed targets for the 35.7M DDPM CIFAR-10 U-Net on one H100, bf16 (bench/README.md).
@@ -128,11 +135,16 @@ def cmd_finish(a) -> int:
         targets = {}
         for key, (step, path, target, what) in TARGETS.items():
             measured = dig(steps.get(step, {}), ("result", *path))
-            targets[key] = {"what": what, "target": target, "measured": measured,
-                            "met": None if measured is None else measured >= target}
+            targets[key] = {
+                "what": what,
+                "target": target,
+                "measured": measured,
+                "met": None if measured is None else measured >= target,
+            }
         summary["targets"] = targets
         summary["targets_note"] = "targets are set for an H100 (SXM, bf16); the GPU is " + str(
-            dig(steps, ("env", "gpu")))
+            dig(steps, ("env", "gpu"))
+        )
     else:
         summary["targets"] = None
         summary["targets_note"] = "CPU dry run: tiny sizes, the speed targets do not apply"
@@ -142,9 +154,11 @@ def cmd_finish(a) -> int:
 
 
 def show(summary: dict) -> str:
-    lines = [f"gpu_check ({summary['mode']}) {summary['date']} commit {summary['commit']}: "
-             f"{'finished' if summary.get('finished') else 'CUT OFF'} in {summary.get('elapsed_s')} s, "
-             f"failed: {summary.get('failed_steps')}"]
+    lines = [
+        f"gpu_check ({summary['mode']}) {summary['date']} commit {summary['commit']}: "
+        f"{'finished' if summary.get('finished') else 'CUT OFF'} in {summary.get('elapsed_s')} s, "
+        f"failed: {summary.get('failed_steps')}"
+    ]
     for name, s in summary["steps"].items():
         extra = s.get("reason") or s.get("headline") or ""
         lines.append(f"  {name:<18} {s['status']:<8} {str(s.get('seconds', '')):>7}  {extra}")
@@ -181,12 +195,16 @@ def cmd_env(a) -> int:
             env[package] = None
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        env.update(gpu=props.name, capability=f"{props.major}.{props.minor}",
-                   multiprocessors=props.multi_processor_count,
-                   memory_GiB=round(props.total_memory / 2**30, 1))
+        env.update(
+            gpu=props.name,
+            capability=f"{props.major}.{props.minor}",
+            multiprocessors=props.multi_processor_count,
+            memory_GiB=round(props.total_memory / 2**30, 1),
+        )
         query = "driver_version,clocks.max.sm,clocks.sm,temperature.gpu,power.limit"
-        smi = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"], capture_output=True,
-                             text=True)
+        smi = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"], capture_output=True, text=True
+        )
         if smi.returncode == 0:
             values = [v.strip() for v in smi.stdout.splitlines()[0].split(",")]
             env.update(dict(zip(("driver", "sm_clock_max", "sm_clock_now", "temperature", "power_limit"), values)))
@@ -320,9 +338,14 @@ def cmd_bpd(a) -> int:
     metrics = read_json(a.metrics)
     bpd = metrics.get("bpd", {})
     value = bpd.get("value")
-    detail = {"bpd": value, "stderr": bpd.get("stderr"), "n": bpd.get("n"), "seconds_in_evaluate": bpd.get("seconds"),
-              "timesteps_per_image": dig(bpd, ("protocol", "timesteps_per_image")),
-              "headline": f"{value} bits/dim on {bpd.get('n')} images"}
+    detail = {
+        "bpd": value,
+        "stderr": bpd.get("stderr"),
+        "n": bpd.get("n"),
+        "seconds_in_evaluate": bpd.get("seconds"),
+        "timesteps_per_image": dig(bpd, ("protocol", "timesteps_per_image")),
+        "headline": f"{value} bits/dim on {bpd.get('n')} images",
+    }
     write_json(a.out, detail)
     return OK if value is not None and math.isfinite(value) and value > 0 else FAILED
 

@@ -70,11 +70,20 @@ def bpd(out: Path, stride: int) -> dict:
     for name in RUNS:
         ev = out / "eval" / name
         if not (ev / "metrics.json").is_file():  # reused when present, as the checkpoints are
-            run("evaluate.py", f"ckpt_path={out / name / 'checkpoints' / 'last.ckpt'}", f"bpd.stride={stride}",
-                f"hydra.run.dir={ev}")
+            run(
+                "evaluate.py",
+                f"ckpt_path={out / name / 'checkpoints' / 'last.ckpt'}",
+                f"bpd.stride={stride}",
+                f"hydra.run.dir={ev}",
+            )
         m = json.loads((ev / "metrics.json").read_text())["bpd"]
-        result[name] = {"bpd": round(m["value"], 4), "stderr": round(m["stderr"], 4), "terms": m["terms"],
-                        "variance": m["protocol"]["variance"], "n": m["n"]}
+        result[name] = {
+            "bpd": round(m["value"], 4),
+            "stderr": round(m["stderr"], 4),
+            "terms": m["terms"],
+            "variance": m["protocol"]["variance"],
+            "n": m["n"],
+        }
     result["protocol"] = f"evaluate.py bpd.stride={stride}: validation split (180 images), stratified t, EMA weights"
     return result
 
@@ -133,8 +142,12 @@ def guidance_table(out: Path, n: int, scales: list[float], steps: int, algorithm
     perm = np.random.default_rng(0).permutation(len(y))
     train_idx, test_idx = perm[: len(y) - 300], perm[len(y) - 300 :]
     svm = SVC(kernel="rbf", C=10.0, gamma="scale").fit(x[train_idx], y[train_idx])
-    result = {"svm_heldout_accuracy": round(float((svm.predict(x[test_idx]) == y[test_idx]).mean()), 4),
-              "real_within_class_std": round(within_class_std(x, y), 4), "num_samples": n, "steps": steps}
+    result = {
+        "svm_heldout_accuracy": round(float((svm.predict(x[test_idx]) == y[test_idx]).mean()), 4),
+        "real_within_class_std": round(within_class_std(x, y), 4),
+        "num_samples": n,
+        "steps": steps,
+    }
     denoiser, _ = load(out / "simple" / "checkpoints" / "last.ckpt")
     classifier, _, ccfg = classifier_from_checkpoint(load_checkpoint(out / "classifier" / "checkpoints" / "last.ckpt"))
     want = torch.arange(10).repeat(n // 10 + 1)[:n]

@@ -102,25 +102,39 @@ def main() -> None:
         shape = x0.shape[1:] if denoiser is pixel else z0.shape[1:]
         f = flops(lambda: denoiser.net(torch.zeros(1, *shape), torch.zeros(1, dtype=torch.long)))
         seconds = time_steps(step, args.steps)
-        results[name] = {"ms_per_image": round(1000 * seconds / B, 3), "img_per_s": round(B / seconds, 1),
-                         "unet_forward_mflop_per_image": round(f / 1e6, 1)}
+        results[name] = {
+            "ms_per_image": round(1000 * seconds / B, 3),
+            "img_per_s": round(B / seconds, 1),
+            "unet_forward_mflop_per_image": round(f / 1e6, 1),
+        }
     with torch.no_grad():
         enc = time_steps(lambda: latent.moments(x0), args.steps) / B
         enc_flops = flops(lambda: latent.moments(x0[:1]))
-    results["encode_once_pass"] = {"ms_per_image": round(1000 * enc, 3),
-                                   "encoder_mflop_per_image": round(enc_flops / 1e6, 1),
-                                   "seconds_for_60k_mnist": round(60000 * enc, 1)}
+    results["encode_once_pass"] = {
+        "ms_per_image": round(1000 * enc, 3),
+        "encoder_mflop_per_image": round(enc_flops / 1e6, 1),
+        "seconds_for_60k_mnist": round(60000 * enc, 1),
+    }
     ratio = results["pixel_1x32x32"]["ms_per_image"] / results["latent_4x8x8_encoded_once"]["ms_per_image"]
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
         commit = None
     out = {
-        "benchmark": "latent_vs_pixel", "batch_size": B, "unet_width": args.width, "steps": args.steps,
-        "results": results, "pixel_over_latent_cost": round(ratio, 1),
-        "env": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-                "threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-                "load_avg_1min": round(os.getloadavg()[0], 1), "commit": commit},
+        "benchmark": "latent_vs_pixel",
+        "batch_size": B,
+        "unet_width": args.width,
+        "steps": args.steps,
+        "results": results,
+        "pixel_over_latent_cost": round(ratio, 1),
+        "env": {
+            "cpu": platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "load_avg_1min": round(os.getloadavg()[0], 1),
+            "commit": commit,
+        },
     }
     print(json.dumps(out, indent=1))
     if args.out:

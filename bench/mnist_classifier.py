@@ -26,9 +26,16 @@ from ddpmlab.data import datasets as D
 
 def cnn() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.LazyLinear(128), nn.ReLU(), nn.Linear(128, 10),
+        nn.Conv2d(1, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.LazyLinear(128),
+        nn.ReLU(),
+        nn.Linear(128, 10),
     )
 
 
@@ -93,8 +100,11 @@ def main() -> None:
     conf, cls = probs.max(1)
     hist = torch.bincount(cls, minlength=10).tolist()
     result = {
-        "samples": args.samples, "num_samples": len(samples), "classifier_test_accuracy": round(test_acc, 4),
-        "class_histogram": hist, "mean_confidence": round(float(conf.mean()), 4),
+        "samples": args.samples,
+        "num_samples": len(samples),
+        "classifier_test_accuracy": round(test_acc, 4),
+        "class_histogram": hist,
+        "mean_confidence": round(float(conf.mean()), 4),
         "share_confident_over_0.9": round(float((conf > 0.9).float().mean()), 4),
     }
     print(json.dumps(result, indent=2))

@@ -57,7 +57,8 @@ def row(summary: dict) -> str:
         fmt(dig(sample, "ratio", "ddpmlab_vs_peer"), 2),
         " / ".join(fmt(dig(part, p, "peak_mem_GiB"), 2) for part, p in ((train, "trainer"), (sample, "ddpmlab"))),
         " / ".join(fmt(dig(part, p, "mfu"), 3) for part, p in ((train, "trainer"), (sample, "ddpmlab"))),
-        f"{len(ok)}/{len(steps)} ok" + (f"; skipped: {', '.join(skipped)}" if skipped else "")
+        f"{len(ok)}/{len(steps)} ok"
+        + (f"; skipped: {', '.join(skipped)}" if skipped else "")
         + (f"; failed: {', '.join(failed)}" if failed else "")
         + (f"; samples fast vs fp32 max diff {diff}" if diff is not None else ""),
     ]
@@ -82,9 +83,11 @@ def table(results: Path = RESULTS) -> str:
         "| vs peer | peak GiB train / sample | MFU train / sample | checks |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    note = ("Targets (35.7M U-Net, bf16, H100): training through the Trainer with EMA >= 5,500 img/s at batch 128, "
-            "DDIM-50 sampling >= 650 img/s at batch 256, each >= 2x the diffusers peer. Each row is one run of "
-            "`bash bench/gpu_check.sh`; its file in `bench/results/` has every number.")
+    note = (
+        "Targets (35.7M U-Net, bf16, H100): training through the Trainer with EMA >= 5,500 img/s at batch 128, "
+        "DDIM-50 sampling >= 650 img/s at batch 256, each >= 2x the diffusers peer. Each row is one run of "
+        "`bash bench/gpu_check.sh`; its file in `bench/results/` has every number."
+    )
     return "\n".join(header + [row(s) for s in summaries]) + "\n\n" + note
 
 

@@ -44,7 +44,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def sampling_perf(args, precision: str | None = None) -> dict:
     """The ``perf.sampling`` config these arguments describe."""
-    perf = {"compile": C.switch(args.compile), "channels_last": C.switch(args.channels_last), "compile_backend": args.compile_backend}
+    perf = {
+        "compile": C.switch(args.compile),
+        "channels_last": C.switch(args.channels_last),
+        "compile_backend": args.compile_backend,
+    }
     if precision is not None:
         perf["precision"] = precision
     if args.compile_mode is not None:  # else prepare_sampling's default: reduce-overhead (CUDA graphs) on a GPU
@@ -90,14 +94,22 @@ def peer_sampling(args, cfg, device, precision, flops_per_call, peak) -> dict:
     if not schedule._target_.endswith("linear_betas"):
         raise SystemExit("the diffusers peer is set up for the linear schedule (schedule=linear)")
     scheduler = DDIMScheduler(
-        num_train_timesteps=schedule.num_timesteps, beta_start=schedule.beta_start, beta_end=schedule.beta_end,
-        beta_schedule="linear", clip_sample=bool(cfg.sampler.get("clip_x0", True)), set_alpha_to_one=True,
-        timestep_spacing=cfg.sampler.spacing if cfg.sampler.spacing in ("leading", "trailing", "linspace") else "leading",
+        num_train_timesteps=schedule.num_timesteps,
+        beta_start=schedule.beta_start,
+        beta_end=schedule.beta_end,
+        beta_schedule="linear",
+        clip_sample=bool(cfg.sampler.get("clip_x0", True)),
+        set_alpha_to_one=True,
+        timestep_spacing=cfg.sampler.spacing
+        if cfg.sampler.spacing in ("leading", "trailing", "linspace")
+        else "leading",
     )
     scheduler.set_timesteps(args.num_steps)
     net = C.peer_factory(args)().to(device).eval()
     prepare_sampling(net, device, sampling_perf(args))
-    t_batches = {int(t): torch.full((args.batch_size,), int(t), device=device, dtype=torch.long) for t in scheduler.timesteps}
+    t_batches = {
+        int(t): torch.full((args.batch_size,), int(t), device=device, dtype=torch.long) for t in scheduler.timesteps
+    }
     g = torch.Generator(device).manual_seed(args.seed)
     x_T = torch.randn((args.batch_size, args.channels, args.image_size, args.image_size), generator=g, device=device)
 
@@ -110,8 +122,13 @@ def peer_sampling(args, cfg, device, precision, flops_per_call, peak) -> dict:
         return x
 
     seconds, x0 = time_runs(run, args, device)
-    out = C.rate(args.batch_size * args.runs, seconds, args.runs * args.num_steps, flops_per_call * args.num_steps, peak, device)
-    out.update(network="diffusers.UNet2DModel (DDPM CIFAR-10 config) + DDIMScheduler.step", finite=bool(torch.isfinite(x0).all()))
+    out = C.rate(
+        args.batch_size * args.runs, seconds, args.runs * args.num_steps, flops_per_call * args.num_steps, peak, device
+    )
+    out.update(
+        network="diffusers.UNet2DModel (DDPM CIFAR-10 config) + DDIMScheduler.step",
+        finite=bool(torch.isfinite(x0).all()),
+    )
     return out
 
 
@@ -132,8 +149,14 @@ def main(argv=None) -> dict:
         "bench": "sample",
         "env": C.environment(device),
         "config": {
-            "model": args.model, "image_shape": list(shape), "batch_size": args.batch_size, "precision": precision,
-            "sampler": args.sampler, "num_steps": args.num_steps, "runs": args.runs, "warmup_runs": args.warmup_runs,
+            "model": args.model,
+            "image_shape": list(shape),
+            "batch_size": args.batch_size,
+            "precision": precision,
+            "sampler": args.sampler,
+            "num_steps": args.num_steps,
+            "runs": args.runs,
+            "warmup_runs": args.warmup_runs,
             "params_M": C.params_millions(lambda: instantiate(cfg.model)),
         },
         "flops": {

@@ -28,7 +28,6 @@ from hydra.utils import instantiate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402
-
 from ddpmlab.api import build_module  # noqa: E402
 from ddpmlab.data.device_loader import DeviceLoader  # noqa: E402
 from ddpmlab.diffusion import Denoiser, GaussianDiffusion  # noqa: E402
@@ -44,11 +43,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=50, help="timed optimizer steps per path")
     p.add_argument("--warmup", type=int, default=20, help="untimed steps first (compilation, cuDNN autotuning)")
     p.add_argument("--paths", default=",".join(PATHS), help="which of trainer,bare,peer to time")
-    p.add_argument("--trainer-preset", default="auto", help="conf/trainer option (auto: gpu_fast on CUDA, default on CPU)")
+    p.add_argument(
+        "--trainer-preset", default="auto", help="conf/trainer option (auto: gpu_fast on CUDA, default on CPU)"
+    )
     p.add_argument("--data", choices=("synthetic", "config"), default="synthetic")
-    p.add_argument("--num-images", type=int, default=None, help="synthetic images held on the device (default 50,000 on CUDA)")
+    p.add_argument(
+        "--num-images", type=int, default=None, help="synthetic images held on the device (default 50,000 on CUDA)"
+    )
     p.add_argument("--progress-bar", action="store_true", help="keep Lightning's progress bar in the trainer path")
-    p.add_argument("--profile-steps", type=int, default=0, help="after timing, profile this many bare-loop steps (top kernels)")
+    p.add_argument(
+        "--profile-steps", type=int, default=0, help="after timing, profile this many bare-loop steps (top kernels)"
+    )
     return p.parse_args(argv)
 
 
@@ -57,7 +62,15 @@ def synthetic_loader(args, device: torch.device) -> DeviceLoader:
     n = args.num_images or (50_000 if device.type == "cuda" else 4 * args.batch_size)
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (n, args.channels, args.image_size, args.image_size), dtype=torch.uint8, generator=g)
-    return DeviceLoader(images, torch.zeros(n, dtype=torch.long), args.batch_size, shuffle=True, random_flip=True, drop_last=True, device=device)
+    return DeviceLoader(
+        images,
+        torch.zeros(n, dtype=torch.long),
+        args.batch_size,
+        shuffle=True,
+        random_flip=True,
+        drop_last=True,
+        device=device,
+    )
 
 
 def forever(loader):
@@ -163,7 +176,9 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--paths: unknown {sorted(unknown)}; choose from {PATHS}")
     if "peer" in paths and (args.no_peer or not C.diffusers_available()):
         paths.remove("peer")
-    preset = args.trainer_preset if args.trainer_preset != "auto" else ("gpu_fast" if device.type == "cuda" else "default")
+    preset = (
+        args.trainer_preset if args.trainer_preset != "auto" else ("gpu_fast" if device.type == "cuda" else "default")
+    )
     cfg = C.compose_train_config(args, [f"trainer={preset}"])
     torch.backends.cudnn.benchmark = device.type == "cuda"  # as trainer=gpu_fast sets it, for the bare loops too
     shape = (args.channels, args.image_size, args.image_size)
@@ -178,8 +193,13 @@ def main(argv=None) -> dict:
         "bench": "train",
         "env": C.environment(device),
         "config": {
-            "model": args.model, "image_shape": list(shape), "batch_size": args.batch_size, "precision": precision,
-            "trainer_preset": preset, "steps": args.steps, "warmup_steps": args.warmup,
+            "model": args.model,
+            "image_shape": list(shape),
+            "batch_size": args.batch_size,
+            "precision": precision,
+            "trainer_preset": preset,
+            "steps": args.steps,
+            "warmup_steps": args.warmup,
             "data": "config" if args.data == "config" else "synthetic uint8 on the device (DeviceLoader)",
             "params_M": C.params_millions(lambda: instantiate(cfg.model)),
         },
@@ -200,8 +220,11 @@ def main(argv=None) -> dict:
         del module
         C.free_memory(device)
     if "peer" in paths:
-        peer = DiffusionModule(Denoiser(C.peer_factory(args)(), GaussianDiffusion(instantiate(cfg.schedule))),
-                               instantiate(cfg.objective), instantiate(cfg.optimizer))
+        peer = DiffusionModule(
+            Denoiser(C.peer_factory(args)(), GaussianDiffusion(instantiate(cfg.schedule))),
+            instantiate(cfg.objective),
+            instantiate(cfg.optimizer),
+        )
         apply_perf(peer, device, cfg.perf)
         result["peer"] = bare_loop(args, peer, cfg, device, precision, train_flops["peer"], peak)
         result["peer"]["network"] = "diffusers.UNet2DModel (DDPM CIFAR-10 config), same bare loop and levers"

@@ -33,7 +33,9 @@ def images_with_ids(n: int, channels: int, size: int, seed: int = 0) -> np.ndarr
 
 def write_idx(path: Path, array: np.ndarray) -> Path:
     """IDX of unsigned bytes (magic 0x0000 08 <ndim>, big-endian dims), gzipped when the name ends in .gz."""
-    data = bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.astype(np.uint8).tobytes()
+    data = (
+        bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.astype(np.uint8).tobytes()
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     with (gzip.open if path.suffix == ".gz" else open)(path, "wb") as f:
         f.write(data)
@@ -59,8 +61,12 @@ def make_cifar10(root: Path, per_batch: int = 8, n_val: int = 8) -> Path:
     parts = [(f"data_batch_{i + 1}", train[i * per_batch : (i + 1) * per_batch], i * per_batch) for i in range(5)]
     for name, x, first in parts + [("test_batch", images_with_ids(n_val, 3, 32, 1), 0)]:
         ids = np.arange(first, first + len(x))
-        batch = {"batch_label": name, "labels": [int(i % 10) for i in ids], "data": x.reshape(len(x), -1),
-                 "filenames": [f"img_{i}.png" for i in ids]}
+        batch = {
+            "batch_label": name,
+            "labels": [int(i % 10) for i in ids],
+            "data": x.reshape(len(x), -1),
+            "filenames": [f"img_{i}.png" for i in ids],
+        }
         with open(folder / name, "wb") as f:
             pickle.dump(batch, f, protocol=2)
     with open(folder / "batches.meta", "wb") as f:
@@ -107,8 +113,9 @@ def make_folder(root: Path, classes: tuple[str, ...] = ("cats", "dogs"), per_cla
 # ---------------------------------------------------------------------------------------------- reading batches
 def datamodule(name: str, root: Path, *overrides: str):
     """The data module exactly as ``python train.py data=<name> data.root=<root> ...`` builds it, set up."""
-    from conftest import compose_cfg
     from hydra.utils import instantiate
+
+    from conftest import compose_cfg
 
     dm = instantiate(compose_cfg("train", [f"data={name}", f"data.root={root}", *overrides]).data)
     dm.setup("fit")

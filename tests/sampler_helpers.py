@@ -66,7 +66,6 @@ def gen(seed=1):
     return torch.Generator().manual_seed(seed)
 
 
-
 M, SD = 0.1, 0.3  # the Gaussian data N(M, SD^2) of the oracle tests
 
 

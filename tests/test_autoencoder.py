@@ -6,18 +6,27 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
+from conftest import compose_cfg
 from ddpmlab.diffusion import GaussianDiffusion
 from ddpmlab.diffusion.latent import LatentDenoiser
 from ddpmlab.diffusion.schedules import linear_betas
 from ddpmlab.networks import UNet
 from ddpmlab.networks.autoencoder import Autoencoder, DiagonalGaussian, PatchDiscriminator, VectorQuantizer
 
-from conftest import compose_cfg
-
 
 def tiny_ae(regularizer="kl", channel_mult=(1, 2), image_size=16, **kw):
-    return Autoencoder(in_channels=1, image_size=image_size, base_channels=8, channel_mult=channel_mult,
-                       num_res_blocks=1, latent_channels=3, regularizer=regularizer, num_codes=16, num_groups=4, **kw)
+    return Autoencoder(
+        in_channels=1,
+        image_size=image_size,
+        base_channels=8,
+        channel_mult=channel_mult,
+        num_res_blocks=1,
+        latent_channels=3,
+        regularizer=regularizer,
+        num_codes=16,
+        num_groups=4,
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("regularizer", ["kl", "vq"])
@@ -134,8 +143,17 @@ def test_patch_discriminator_gives_a_map_of_logits():
 
 
 def latent_denoiser(first_stage):
-    net = UNet(in_channels=3, image_size=8, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
-               attn_resolutions=(), dropout=0.0, num_heads=1, num_groups=4)
+    net = UNet(
+        in_channels=3,
+        image_size=8,
+        base_channels=8,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attn_resolutions=(),
+        dropout=0.0,
+        num_heads=1,
+        num_groups=4,
+    )
     return LatentDenoiser(net, GaussianDiffusion(linear_betas(50)), first_stage)
 
 

@@ -12,8 +12,8 @@ import torch
 from conftest import TINY, compose_cfg, run_cli
 from ddpmlab.api import denoiser_from_checkpoint, load, load_checkpoint
 from ddpmlab.callbacks import checkpoint as ckpt_io
-from ddpmlab.training import resume_path, train
 from ddpmlab.errors import CheckpointError, ConfigError
+from ddpmlab.training import resume_path, train
 from fixtures_data import datamodule, make_cifar10
 
 
@@ -40,7 +40,8 @@ def crafted(trained, tmp_path, section):
     marker = tmp_path / "marker"
     ckpt = torch.load(trained, weights_only=True)
     ckpt["ddpmlab_config"][section] = {
-        "_target_": "torch.load", "weights_only": False,
+        "_target_": "torch.load",
+        "weights_only": False,
         "f": {"_target_": "io.BytesIO", "initial_bytes": pickle.dumps(Payload(marker))},
     }
     path = tmp_path / f"crafted_{section}.ckpt"
@@ -164,4 +165,3 @@ def test_a_full_disk_keeps_the_earlier_checkpoint_and_says_which_directory(train
     assert resume_path(train_cfg("ckpt_path=last"), run) == str(ckpts / "last.ckpt")
     train(train_cfg("trainer.max_steps=12"))  # space freed: it continues from step 6
     assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 12
-

@@ -1,7 +1,6 @@
 """Classifier guidance (Dhariwal & Nichol 2021): Algorithms 1 and 2 on a toy whose classifier gradient is analytic
 (two Gaussian classes), and the noisy classifier's training and sampling commands."""
 
-
 import numpy as np
 import pytest
 import torch
@@ -9,12 +8,12 @@ from torch import nn
 
 from conftest import TINY, compose_cfg, run_cli
 from ddpmlab.cli.sample import sample
-from ddpmlab.training import train
 from ddpmlab.diffusion import Denoiser, GaussianDiffusion, linear_betas, make_timesteps
 from ddpmlab.errors import ConfigError
 from ddpmlab.samplers import Sampler, ddpm_sample_progressive
 from ddpmlab.samplers.base import predict
 from ddpmlab.samplers.classifier_guidance import ClassifierGuidedDenoiser
+from ddpmlab.training import train
 
 T, M, S = 100, 1.0, 0.5  # classes N(-M, S^2) and N(+M, S^2) per dimension, equally likely
 
@@ -27,7 +26,7 @@ def toy_moments(diffusion, t):
 def class_log_lik(diffusion, x, t):
     """log q(x_t | y) for y = 0, 1, summed over dimensions: [B, 2], float64."""
     scale, var = toy_moments(diffusion, t)
-    return torch.stack([(-(x.double() - scale * mu) ** 2 / (2 * var)).flatten(1).sum(1) for mu in (-M, M)], 1)
+    return torch.stack([(-((x.double() - scale * mu) ** 2) / (2 * var)).flatten(1).sum(1) for mu in (-M, M)], 1)
 
 
 class ToyClassifier(nn.Module):

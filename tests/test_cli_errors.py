@@ -14,12 +14,16 @@ from conftest import run_cli
     ],
 )
 def test_train_cli_reports_bad_input_clearly(tmp_path, args, expected):
-    r = run_cli("train.py", *args, "trainer.max_steps=1", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=120)
+    r = run_cli(
+        "train.py", *args, "trainer.max_steps=1", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=120
+    )
     assert r.returncode == 2, r.stderr[-2000:]
     assert expected in r.stderr and "Traceback" not in r.stderr
     assert r.stderr.strip().startswith("ddpmlab: error:") or "ddpmlab: error:" in r.stderr
 
 
 def test_sample_cli_reports_missing_checkpoint(tmp_path):
-    r = run_cli("sample.py", f"ckpt_path={tmp_path / 'nope.ckpt'}", f"hydra.run.dir={tmp_path / 'o'}", cwd=tmp_path, timeout=120)
+    r = run_cli(
+        "sample.py", f"ckpt_path={tmp_path / 'nope.ckpt'}", f"hydra.run.dir={tmp_path / 'o'}", cwd=tmp_path, timeout=120
+    )
     assert r.returncode == 2 and "no checkpoint at" in r.stderr and "Traceback" not in r.stderr

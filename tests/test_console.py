@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from ddpmlab.training import train
+from conftest import run_cli
 from ddpmlab.diffusion import GaussianDiffusion
 from ddpmlab.diffusion.parameterization import Denoiser
 from ddpmlab.diffusion.schedules import linear_betas
@@ -17,7 +17,7 @@ from ddpmlab.networks import UNet
 from ddpmlab.perf import choose_cpu_threads, sampling_cpu_threads, set_cpu_threads
 from ddpmlab.progress import SamplingProgress
 from ddpmlab.samplers import Sampler
-from conftest import run_cli
+from ddpmlab.training import train
 
 PROGRESS_ON = ["trainer.enable_progress_bar=true", "callbacks.progress.every_n_steps=2"]
 
@@ -38,8 +38,10 @@ def test_training_progress_is_one_bar_over_the_steps_on_a_terminal(train_cfg, ca
 
 def test_sampling_progress_counts_network_evaluations(capsys):
     diffusion = GaussianDiffusion(linear_betas(50))
-    denoiser = Denoiser(UNet(1, image_size=8, base_channels=8, channel_mult=[1], num_res_blocks=1,
-                             attn_resolutions=[], num_groups=4), diffusion).eval()
+    denoiser = Denoiser(
+        UNet(1, image_size=8, base_channels=8, channel_mult=[1], num_res_blocks=1, attn_resolutions=[], num_groups=4),
+        diffusion,
+    ).eval()
     sampler = Sampler("ddim", num_steps=7)
     with SamplingProgress(2 * sampler.num_evaluations(diffusion), "sampling") as bar:
         for _ in range(2):
@@ -141,6 +143,11 @@ def test_adamw_cosine_and_gradient_accumulation_train(train_cfg, tmp_path):
 
 
 def test_debug_trainer_flags_are_declared(train_cfg):
-    cfg = train_cfg("trainer.fast_dev_run=true", "trainer.overfit_batches=2", "trainer.limit_train_batches=3",
-                    "trainer.detect_anomaly=true", "trainer.profiler=simple")  # no '+' needed
+    cfg = train_cfg(
+        "trainer.fast_dev_run=true",
+        "trainer.overfit_batches=2",
+        "trainer.limit_train_batches=3",
+        "trainer.detect_anomaly=true",
+        "trainer.profiler=simple",
+    )  # no '+' needed
     assert cfg.trainer.fast_dev_run is True and cfg.trainer.profiler == "simple"

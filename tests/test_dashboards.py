@@ -49,8 +49,12 @@ def test_tensorboard_has_no_hp_metric_placeholder(train_cfg, tmp_path):
 
 
 def test_wandb_group_is_the_sweep_directory():
-    cfg = OmegaConf.create({"multi": "${ddpm.sweep_group:RunMode.MULTIRUN,outputs/train-multirun/x}",
-                            "single": "${ddpm.sweep_group:RunMode.RUN,outputs/train-multirun/x}"})
+    cfg = OmegaConf.create(
+        {
+            "multi": "${ddpm.sweep_group:RunMode.MULTIRUN,outputs/train-multirun/x}",
+            "single": "${ddpm.sweep_group:RunMode.RUN,outputs/train-multirun/x}",
+        }
+    )
     assert cfg.multi == "outputs/train-multirun/x" and cfg.single is None
 
 
@@ -58,8 +62,13 @@ def test_conditional_run_logs_a_labelled_samples_table(monkeypatch, train_cfg, t
     pytest.importorskip("wandb")
     for k, v in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off"}.items():
         monkeypatch.setenv(k, v)
-    cfg = train_cfg("logger=wandb", "model.num_classes=10", "trainer.max_steps=3",
-                    "callbacks.sample_grid.num_samples=10", "callbacks.sample_grid.every_n_steps=3")
+    cfg = train_cfg(
+        "logger=wandb",
+        "model.num_classes=10",
+        "trainer.max_steps=3",
+        "callbacks.sample_grid.num_samples=10",
+        "callbacks.sample_grid.every_n_steps=3",
+    )
     assert cfg.logger.wandb.log_model is False and cfg.logger.wandb.group is None  # not a multirun
     train(cfg)
     import json

@@ -4,27 +4,43 @@ written in each dataset's real format: shapes, value range, labels, splits, flip
 from __future__ import annotations
 
 import gzip
+
 import numpy as np
 import pytest
 import torch
-from conftest import compose_cfg
-from fixtures_data import (assert_model_range, datamodule, images_with_ids, make_celeba, make_cifar10, make_folder,
-                           make_idx_dataset, one_epoch, write_idx)
 from hydra.utils import instantiate
 from PIL import Image
 
+from conftest import compose_cfg
 from ddpmlab.api import build_denoiser
 from ddpmlab.cli.common import user_error
 from ddpmlab.data import NO_LABEL, DiffusionDataModule, to_model_range, to_uint8
 from ddpmlab.data.datasets import load_idx
 from ddpmlab.errors import ConfigError, DatasetNotFoundError
+from fixtures_data import (
+    assert_model_range,
+    datamodule,
+    images_with_ids,
+    make_celeba,
+    make_cifar10,
+    make_folder,
+    make_idx_dataset,
+    one_epoch,
+    write_idx,
+)
 
 
 # ---------------------------------------------------------------------------------------------- configs
 @pytest.mark.parametrize(
     "name, size, channels, flip",
-    [("digits", 8, 1, False), ("mnist", 28, 1, False), ("fashion_mnist", 28, 1, False),
-     ("cifar10", 32, 3, True), ("celeba", 64, 3, True), ("folder", 64, 3, True)],
+    [
+        ("digits", 8, 1, False),
+        ("mnist", 28, 1, False),
+        ("fashion_mnist", 28, 1, False),
+        ("cifar10", 32, 3, True),
+        ("celeba", 64, 3, True),
+        ("folder", 64, 3, True),
+    ],
 )
 def test_each_config_states_size_channels_flip_and_feeds_the_model(name, size, channels, flip):
     cfg = compose_cfg("train", [f"data={name}", "model=unet_tiny"])
@@ -34,7 +50,9 @@ def test_each_config_states_size_channels_flip_and_feeds_the_model(name, size, c
 
 
 def test_an_image_size_the_unet_cannot_take_is_refused_before_any_data_is_read(tmp_path):
-    cfg = compose_cfg("train", ["data=folder", f"data.root={tmp_path / 'nowhere'}", "data.image_size=30", "model=unet_small"])
+    cfg = compose_cfg(
+        "train", ["data=folder", f"data.root={tmp_path / 'nowhere'}", "data.image_size=30", "model=unet_small"]
+    )
     with pytest.raises(Exception) as e:  # Hydra's instantiate wraps it; the CLI finds it as user_error does
         build_denoiser(cfg)
     assert "image_size=30 cannot go through this U-Net" in str(user_error(e.value))
@@ -115,8 +133,14 @@ def test_celeba_official_split_crop_140_then_64(tmp_path):
 
 def test_folder_of_png_and_jpeg_any_mode_labels_from_subfolders(tmp_path):
     make_folder(tmp_path / "imgs", per_class=8)
-    dm = datamodule("folder", tmp_path / "imgs", "data.image_size=16", "data.val_fraction=0.25", "data.batch_size=4",
-                    "data.num_workers=0")
+    dm = datamodule(
+        "folder",
+        tmp_path / "imgs",
+        "data.image_size=16",
+        "data.val_fraction=0.25",
+        "data.batch_size=4",
+        "data.num_workers=0",
+    )
     assert (len(dm.train_set), len(dm.val_set)) == (12, 4)
     assert {p.suffix for p in dm.train_set.paths} == {".png", ".jpg"}
     assert set(dm.train_set.labels.tolist()) == {0, 1}  # cats, dogs
@@ -152,11 +176,13 @@ def test_flips_are_on_where_the_config_says(tmp_path):
 # ---------------------------------------------------------------------------------------------- failures
 @pytest.mark.parametrize(
     "name, expected",
-    [("mnist", ["MNIST/raw", "train-images-idx3-ubyte", "ossci-datasets", "data.download=true"]),
-     ("fashion_mnist", ["FashionMNIST/raw", "train-labels-idx1-ubyte", "fashion-mnist", "data.download=true"]),
-     ("cifar10", ["cifar-10-batches-py", "data_batch_1", "cifar-10-python.tar.gz", "data.download=true"]),
-     ("celeba", ["celeba", "list_eval_partition.txt", "img_align_celeba", "CelebA.html"]),
-     ("folder", ["does not exist", "data.root"])],
+    [
+        ("mnist", ["MNIST/raw", "train-images-idx3-ubyte", "ossci-datasets", "data.download=true"]),
+        ("fashion_mnist", ["FashionMNIST/raw", "train-labels-idx1-ubyte", "fashion-mnist", "data.download=true"]),
+        ("cifar10", ["cifar-10-batches-py", "data_batch_1", "cifar-10-python.tar.gz", "data.download=true"]),
+        ("celeba", ["celeba", "list_eval_partition.txt", "img_align_celeba", "CelebA.html"]),
+        ("folder", ["does not exist", "data.root"]),
+    ],
 )
 def test_a_missing_dataset_names_where_it_looked_what_it_expected_and_how_to_get_it(tmp_path, name, expected):
     with pytest.raises(DatasetNotFoundError) as e:
@@ -195,7 +221,9 @@ def test_a_corrupt_cifar_batch_is_named(tmp_path):
 def test_celeba_with_missing_images_or_a_broken_partition_file(tmp_path):
     base = make_celeba(tmp_path, counts=(3, 2, 1))
     (base / "img_align_celeba" / "000002.jpg").unlink()
-    with pytest.raises(DatasetNotFoundError, match="1 of the 3 CelebA train images .* missing from .*first: 000002.jpg"):
+    with pytest.raises(
+        DatasetNotFoundError, match="1 of the 3 CelebA train images .* missing from .*first: 000002.jpg"
+    ):
         datamodule("celeba", tmp_path)
     (base / "list_eval_partition.txt").write_text("000001.jpg 0\n000002.jpg train\n")
     with pytest.raises(ConfigError, match="list_eval_partition.txt line 2"):

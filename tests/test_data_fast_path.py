@@ -64,8 +64,10 @@ def test_fast_path_serves_what_the_dataloader_path_serves(mnist_root, random_fli
 
 def test_ddp_ranks_draw_disjoint_shards_that_change_every_epoch():
     images, labels = torch.from_numpy(images_with_ids(101, 1, 8)), torch.arange(101) % 10
-    loaders = [DeviceLoader(images, labels, 16, shuffle=True, random_flip=True, drop_last=True, seed=3, rank=r, world_size=2)
-               for r in range(2)]
+    loaders = [
+        DeviceLoader(images, labels, 16, shuffle=True, random_flip=True, drop_last=True, seed=3, rank=r, world_size=2)
+        for r in range(2)
+    ]
     assert len(loaders[0]) == len(loaders[1]) == 3, "equal step counts on every rank (50 each, 3 full batches)"
     shards = []
     for epoch in range(2):
@@ -76,8 +78,10 @@ def test_ddp_ranks_draw_disjoint_shards_that_change_every_epoch():
         shards.append(set(ids[0].tolist()))
     assert shards[0] != shards[1]
     # Without shuffling (validation) the shards still split the set, and cover all of it.
-    val = [DeviceLoader(images, labels, 16, shuffle=False, random_flip=False, drop_last=False, rank=r, world_size=2)
-           for r in range(2)]
+    val = [
+        DeviceLoader(images, labels, 16, shuffle=False, random_flip=False, drop_last=False, rank=r, world_size=2)
+        for r in range(2)
+    ]
     assert sorted(torch.cat([one_epoch(v)[2] for v in val]).tolist()) == list(range(101))
 
 
@@ -85,8 +89,9 @@ def test_the_datamodule_shards_by_the_trainers_rank(mnist_root):
     dm = datamodule("mnist", mnist_root, "data.on_device=true", "data.batch_size=32")
     seen = []
     for rank in range(2):  # what a DDP trainer exposes: its rank, the world size and the training device
-        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2, current_epoch=0,
-                                     strategy=SimpleNamespace(root_device=torch.device("cpu")))
+        dm.trainer = SimpleNamespace(
+            global_rank=rank, world_size=2, current_epoch=0, strategy=SimpleNamespace(root_device=torch.device("cpu"))
+        )
         loader = dm.train_dataloader()
         assert (loader.rank, loader.world_size, len(loader)) == (rank, 2, 8)
         seen.append(set(one_epoch(loader)[2].tolist()))
@@ -119,14 +124,21 @@ def test_lightning_drives_the_fast_path_with_a_new_permutation_each_epoch(mnist_
     cfg = compose_cfg("train", ["data=mnist", f"data.root={mnist_root}", "data.on_device=true", "data.batch_size=128"])
     dm = instantiate(cfg.data)
     module = RecordIds()
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, datamodule=dm)
     assert isinstance(trainer.train_dataloader, DeviceLoader)
     orders = [torch.cat(module.seen[e]) for e in (0, 1)]
     assert all(sorted(o.tolist()) == list(range(512)) for o in orders)
-    standalone = DeviceLoader(dm.train_set.images, dm.train_set.labels, 128, shuffle=True, random_flip=False,
-                              drop_last=True, seed=dm.seed)
+    standalone = DeviceLoader(
+        dm.train_set.images, dm.train_set.labels, 128, shuffle=True, random_flip=False, drop_last=True, seed=dm.seed
+    )
     standalone.set_epoch(1)
     assert torch.equal(orders[1], one_epoch(standalone)[2]), "epoch e uses the permutation of seed + e"
 
@@ -139,8 +151,16 @@ def smoke_cfg(tmp_path, *extra):
 
 def test_cpu_smoke_training_on_the_fast_path(tmp_path):
     make_cifar10(tmp_path, per_batch=8, n_val=8)
-    metrics = train(smoke_cfg(tmp_path, "data=cifar10", f"data.root={tmp_path}", "data.on_device=true", "data.batch_size=4",
-                             "data.image_size=8"))
+    metrics = train(
+        smoke_cfg(
+            tmp_path,
+            "data=cifar10",
+            f"data.root={tmp_path}",
+            "data.on_device=true",
+            "data.batch_size=4",
+            "data.image_size=8",
+        )
+    )
     assert torch.isfinite(torch.tensor(metrics["train/loss"])) and torch.isfinite(torch.tensor(metrics["val/loss"]))
 
 
@@ -154,5 +174,7 @@ def test_file_datasets_load_in_persistent_worker_processes(tmp_path):
     assert digits.train_dataloader().num_workers == 0, "in memory: no worker processes to feed"
     for _ in range(2):  # the same worker serves both epochs
         batches = list(loader)
-        assert len(batches) == 2 and all(x0.shape == (4, 3, 8, 8) and torch.equal(y, torch.full((4,), -1)) for x0, y in batches)
+        assert len(batches) == 2 and all(
+            x0.shape == (4, 3, 8, 8) and torch.equal(y, torch.full((4,), -1)) for x0, y in batches
+        )
         assert_model_range(torch.cat([x0 for x0, _ in batches]))

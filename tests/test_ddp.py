@@ -9,12 +9,11 @@ import torch
 from hydra.utils import instantiate
 
 from conftest import TINY, compose_cfg, run_cli
-from ddpmlab.callbacks.fid import FID
 from ddpmlab.api import build_module
+from ddpmlab.callbacks.fid import FID
 from test_fid import TinyFeatures
 
 pytestmark = pytest.mark.ddp
-
 
 
 class RecordingFID(FID):
@@ -39,13 +38,28 @@ def fid_run(tmp_path, name, devices, cache_dir):
     out = tmp_path / name
     out.mkdir(parents=True)
     fid = RecordingFID(
-        out, every_n_steps=0, num_samples=12, batch_size=4, num_steps=2, feature=TinyFeatures(),
-        cache_dir=cache_dir, num_real=100, kid_subsets=5,
+        out,
+        every_n_steps=0,
+        num_samples=12,
+        batch_size=4,
+        num_steps=2,
+        feature=TinyFeatures(),
+        cache_dir=cache_dir,
+        num_real=100,
+        kid_subsets=5,
     )
     trainer = pl.Trainer(
-        accelerator="cpu", devices=devices, strategy="ddp_fork" if devices > 1 else "auto", max_steps=1,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        limit_val_batches=0, callbacks=[fid], default_root_dir=out,
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp_fork" if devices > 1 else "auto",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[fid],
+        default_root_dir=out,
     )
     trainer.fit(module, datamodule=datamodule)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(devices)]
@@ -71,11 +85,23 @@ def test_fid_under_two_process_ddp_equals_one_process_and_ranks_share_the_work(t
 
 def test_cli_trainer_ddp_on_two_cpu_processes_writes_one_checkpoint(tmp_path):
     run = tmp_path / "run"
-    overrides = [o for o in TINY if not o.startswith(("trainer.max_steps", "callbacks.checkpoint", "callbacks.sample_grid.every"))]
+    overrides = [
+        o
+        for o in TINY
+        if not o.startswith(("trainer.max_steps", "callbacks.checkpoint", "callbacks.sample_grid.every"))
+    ]
     res = run_cli(
-        "train.py", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", *overrides,
-        "trainer.max_steps=4", "callbacks.checkpoint.every_n_train_steps=4", "callbacks.sample_grid.every_n_steps=4",
-        "callbacks.denoising_chain.num_images=2", f"hydra.run.dir={run}", cwd=tmp_path,
+        "train.py",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        *overrides,
+        "trainer.max_steps=4",
+        "callbacks.checkpoint.every_n_train_steps=4",
+        "callbacks.sample_grid.every_n_steps=4",
+        "callbacks.denoising_chain.num_images=2",
+        f"hydra.run.dir={run}",
+        cwd=tmp_path,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt", "step_0000004.ckpt"]

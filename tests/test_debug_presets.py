@@ -3,7 +3,6 @@
 import json
 
 from conftest import compose_cfg
-
 from ddpmlab.training import train
 
 SMALL = [
@@ -42,15 +41,25 @@ def test_limit_runs_every_stage_on_a_few_batches(tmp_path):
 
 
 def test_overfit_trains_on_the_same_batches(tmp_path):
-    cfg, _, final = run(tmp_path, "overfit", "trainer.max_steps=6", "trainer.val_check_interval=3",
-                        "callbacks.sample_grid.every_n_steps=3")
+    cfg, _, final = run(
+        tmp_path,
+        "overfit",
+        "trainer.max_steps=6",
+        "trainer.val_check_interval=3",
+        "callbacks.sample_grid.every_n_steps=3",
+    )
     assert cfg.trainer.overfit_batches == 2 and final["step"] == 6
     epochs = {line.split(",")[0] for line in (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1:]}
     assert max(int(e) for e in epochs if e) == 2  # 2 batches an epoch: steps 5 and 6 are epoch 2
 
 
 def test_profiler_writes_its_report_in_the_run_directory(tmp_path):
-    run(tmp_path, "profiler", "trainer.max_steps=4", "trainer.val_check_interval=2",
-        "callbacks.sample_grid.every_n_steps=0")
+    run(
+        tmp_path,
+        "profiler",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        "callbacks.sample_grid.every_n_steps=0",
+    )
     report = (tmp_path / "run" / "fit-profiler.txt").read_text()
     assert "run_training_batch" in report

@@ -76,7 +76,9 @@ def test_one_ddpm_step_matches_ddpm_scheduler(diffusion, variance, variance_type
 @pytest.mark.parametrize("S", [10, 50, 7, 333, 1000])
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
 def test_one_ddim_step_matches_ddim_scheduler_on_the_leading_grid(diffusion, S, eta):
-    scheduler = in_float64(DDIMScheduler(**LINEAR, timestep_spacing="leading", steps_offset=0, clip_sample=False, set_alpha_to_one=True))
+    scheduler = in_float64(
+        DDIMScheduler(**LINEAR, timestep_spacing="leading", steps_offset=0, clip_sample=False, set_alpha_to_one=True)
+    )
     scheduler.set_timesteps(S)
     grid = make_timesteps(T, S, "leading")
     alpha_bar = torch.cumprod(1 - diffusion.beta64, 0)
@@ -86,7 +88,9 @@ def test_one_ddim_step_matches_ddim_scheduler_on_the_leading_grid(diffusion, S, 
         x_t, eps_hat, noise = (torch.randn(4, 3, 8, 8, generator=g) for _ in range(3))
         theirs = scheduler.step(eps_hat, t, x_t, eta=eta, variance_noise=noise).prev_sample
         a_t = alpha_bar[t]
-        a_prev = alpha_bar[int(grid[i + 1])] if i + 1 < S else torch.tensor(1.0, dtype=torch.float64)  # the next grid entry
+        a_prev = (
+            alpha_bar[int(grid[i + 1])] if i + 1 < S else torch.tensor(1.0, dtype=torch.float64)
+        )  # the next grid entry
         sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
         pred = Prediction(eps_hat, diffusion.x0_from_eps(x_t, torch.full((4,), t), eps_hat))
         ours = ddim_step(pred, a_prev, sigma, noise if eta > 0 else None)
@@ -120,35 +124,52 @@ def test_ddpm_sampling_matches_ddpm_scheduler_on_any_grid(diffusion, spacing, S,
     scheduler.set_timesteps(timesteps=grid.tolist())
     x_T = torch.randn(3, 1, 8, 8, generator=gen(1))
     theirs = run_diffusers(scheduler, net, x_T, generator=gen(2))
-    ours = Sampler("ddpm", S, spacing, variance=variance, clip_x0=False)(Denoiser(net, diffusion), diffusion, x_T, generator=gen(2))
+    ours = Sampler("ddpm", S, spacing, variance=variance, clip_x0=False)(
+        Denoiser(net, diffusion), diffusion, x_T, generator=gen(2)
+    )
     assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-5), (ours - theirs).abs().max()
 
 
 @pytest.mark.parametrize(
     "spacing,S,eta,clip",
-    [(*grid, *options) for grid in [("leading", 50), ("leading", 7), ("trailing", 50), ("trailing", 8)] for options in [(0.0, False), (1.0, False), (0.0, True)]]
+    [
+        (*grid, *options)
+        for grid in [("leading", 50), ("leading", 7), ("trailing", 50), ("trailing", 8)]
+        for options in [(0.0, False), (1.0, False), (0.0, True)]
+    ]
     + [("leading", T, 1.0, False)],
 )
 def test_ddim_sampling_matches_ddim_scheduler_where_it_follows_the_paper(diffusion, spacing, S, eta, clip):
     """Clipping in DDIMScheduler with use_clipped_model_output=True is ours: x0_hat clipped, eps re-derived."""
     assert T % S == 0 or spacing == "leading"
     net = TinyNet(diffusion, dim=8)
-    scheduler = in_float64(DDIMScheduler(**LINEAR, timestep_spacing=spacing, steps_offset=0, clip_sample=clip, set_alpha_to_one=True))
+    scheduler = in_float64(
+        DDIMScheduler(**LINEAR, timestep_spacing=spacing, steps_offset=0, clip_sample=clip, set_alpha_to_one=True)
+    )
     scheduler.set_timesteps(S)
     x_T = torch.randn(3, 1, 8, 8, generator=gen(1))
     theirs = run_diffusers(scheduler, net, x_T, generator=gen(2), eta=eta, use_clipped_model_output=clip)
-    ours = Sampler("ddim", S, spacing, eta=eta, clip_x0=clip)(Denoiser(net, diffusion), diffusion, x_T, generator=gen(2))
+    ours = Sampler("ddim", S, spacing, eta=eta, clip_x0=clip)(
+        Denoiser(net, diffusion), diffusion, x_T, generator=gen(2)
+    )
     assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-5), (ours - theirs).abs().max()
 
 
-@pytest.mark.parametrize("spacing,S", [("logsnr", 20), ("logsnr", 10), ("quadratic", 15), ("linspace", 25), ("trailing", 12)])
+@pytest.mark.parametrize(
+    "spacing,S", [("logsnr", 20), ("logsnr", 10), ("quadratic", 15), ("linspace", 25), ("trailing", 12)]
+)
 def test_dpm_solver_matches_dpm_solver_multistep_scheduler(diffusion, spacing, S):
     """diffusers' DPM-Solver++ (algorithm_type="dpmsolver++", solver_order=2, midpoint), on our grid, ending at
     sigma = 0 with a first-order step (final_sigmas_type="zero"), as Algorithm 2 with our last step."""
     net = TinyNet(diffusion, dim=8)
     grid = make_timesteps(T, S, spacing, alpha_bar=torch.cumprod(1 - diffusion.beta64, 0))
     scheduler = DPMSolverMultistepScheduler(
-        **LINEAR, algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint", final_sigmas_type="zero", lower_order_final=True
+        **LINEAR,
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        solver_type="midpoint",
+        final_sigmas_type="zero",
+        lower_order_final=True,
     )
     scheduler.set_timesteps(timesteps=grid.tolist())
     # Its sigmas (sqrt((1 - alpha_bar) / alpha_bar) at the grid, then 0) are float32; the same values in float64:

@@ -108,8 +108,15 @@ def test_bad_inpaint_configs_are_config_errors(tiny_ckpt, tmp_path, extra, match
 
 def test_lpips_without_its_weights_is_a_one_line_error(tiny_ckpt, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
-    r = run_cli("evaluate.py", f"ckpt_path={tiny_ckpt}", *INPAINT, "inpaint.num_images=2", "inpaint.lpips=true",
-                f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path)
+    r = run_cli(
+        "evaluate.py",
+        f"ckpt_path={tiny_ckpt}",
+        *INPAINT,
+        "inpaint.num_images=2",
+        "inpaint.lpips=true",
+        f"hydra.run.dir={tmp_path / 'out'}",
+        cwd=tmp_path,
+    )
     assert r.returncode == 2 and "ddpmlab: error: LPIPS needs the VGG16 ImageNet weights" in r.stderr
     assert "Traceback" not in r.stderr
 

@@ -16,7 +16,9 @@ from ddpmlab.samplers import Sampler
 
 
 def eval_cfg(ckpt, out, *extra):
-    return compose_cfg("evaluate", [f"ckpt_path={ckpt}", "batch_size=16", "bpd.num_images=20", "bpd.stride=10", *extra], out)
+    return compose_cfg(
+        "evaluate", [f"ckpt_path={ckpt}", "batch_size=16", "bpd.num_images=20", "bpd.stride=10", *extra], out
+    )
 
 
 def test_evaluate_writes_bpd_with_its_standard_error(tiny_ckpt, tmp_path):
@@ -29,7 +31,11 @@ def test_evaluate_writes_bpd_with_its_standard_error(tiny_ckpt, tmp_path):
     assert bpd["value"] == pytest.approx(sum(bpd["terms"].values()), rel=1e-5)
     protocol = bpd["protocol"]
     assert protocol["T"] == 50 and protocol["stride"] == 10 and protocol["timesteps_per_image"] == 1 + 5
-    assert protocol["dataset"] == "digits" and protocol["split"] == "validation" and protocol["variance"] == "sigma_t^2 = beta_t"
+    assert (
+        protocol["dataset"] == "digits"
+        and protocol["split"] == "validation"
+        and protocol["variance"] == "sigma_t^2 = beta_t"
+    )
     assert saved["checkpoint"]["path"] == str(tiny_ckpt) and saved["checkpoint"]["ema"] is True
 
 
@@ -41,7 +47,9 @@ def test_the_seed_fixes_the_estimate(tiny_ckpt, tmp_path):
 
 
 def test_the_whole_validation_split_by_default(tiny_ckpt, tmp_path):
-    bpd = evaluate(eval_cfg(tiny_ckpt, tmp_path, "bpd.num_images=null", "bpd.stride=49", "batch_size=64"), tmp_path)["bpd"]
+    bpd = evaluate(eval_cfg(tiny_ckpt, tmp_path, "bpd.num_images=null", "bpd.stride=49", "batch_size=64"), tmp_path)[
+        "bpd"
+    ]
     assert bpd["n"] == 180  # digits: 10% of 1,797 held out
 
 
@@ -65,7 +73,14 @@ def test_metrics_are_a_registry_others_can_extend():
 
 def test_evaluate_cli(tiny_ckpt, tmp_path):
     out = tmp_path / "out"
-    r = run_cli("evaluate.py", f"ckpt_path={tiny_ckpt}", "bpd.num_images=8", "bpd.stride=25", f"hydra.run.dir={out}", cwd=tmp_path)
+    r = run_cli(
+        "evaluate.py",
+        f"ckpt_path={tiny_ckpt}",
+        "bpd.num_images=8",
+        "bpd.stride=25",
+        f"hydra.run.dir={out}",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "bits/dim on 8 validation images" in r.stdout
     assert json.loads((out / "metrics.json").read_text())["bpd"]["n"] == 8
@@ -97,12 +112,23 @@ def test_every_sampler_config_composes_into_a_sampler(tmp_path, name, overrides,
 
 
 def test_sample_defaults_to_the_checkpoints_sampler_and_the_command_line_wins(tmp_path):
-    own = OmegaConf.create({"sampler": {"_target_": "ddpmlab.samplers.Sampler", "algorithm": "ddpm", "num_steps": None,
-                                        "spacing": "leading", "variance": "large", "clip_x0": True}})
+    own = OmegaConf.create(
+        {
+            "sampler": {
+                "_target_": "ddpmlab.samplers.Sampler",
+                "algorithm": "ddpm",
+                "num_steps": None,
+                "spacing": "leading",
+                "variance": "large",
+                "clip_x0": True,
+            }
+        }
+    )
     plain = chosen_sampler(compose_cfg("sample", ["ckpt_path=x"], tmp_path), own)
     assert (plain.algorithm, plain.num_steps, plain.options) == ("ddpm", None, {"variance": "large", "clip_x0": True})
-    fewer = chosen_sampler(compose_cfg("sample", ["ckpt_path=x", "sampler.num_steps=10", "sampler.spacing=trailing"],
-                                       tmp_path), own)
+    fewer = chosen_sampler(
+        compose_cfg("sample", ["ckpt_path=x", "sampler.num_steps=10", "sampler.spacing=trailing"], tmp_path), own
+    )
     assert (fewer.num_steps, fewer.spacing, fewer.options["variance"]) == (10, "trailing", "large")
     with pytest.raises(ConfigError, match="has no option"):  # an option of another algorithm is refused
         chosen_sampler(compose_cfg("sample", ["ckpt_path=x", "sampler.eta=0.5"], tmp_path), own)
@@ -116,7 +142,15 @@ def test_sample_defaults_to_the_checkpoints_sampler_and_the_command_line_wins(tm
 def test_save_chain_writes_a_strip_rows_samples_columns_steps(tiny_ckpt, tmp_path, sampler, steps):
     cfg = compose_cfg(
         "sample",
-        [f"ckpt_path={tiny_ckpt}", "num_samples=2", f"sampler={sampler}", f"sampler.num_steps={steps}", "save_chain=true", "chain_samples=3", "chain_frames=4"],
+        [
+            f"ckpt_path={tiny_ckpt}",
+            "num_samples=2",
+            f"sampler={sampler}",
+            f"sampler.num_steps={steps}",
+            "save_chain=true",
+            "chain_samples=3",
+            "chain_frames=4",
+        ],
         tmp_path,
     )
     sample(cfg, tmp_path)
@@ -127,5 +161,7 @@ def test_save_chain_writes_a_strip_rows_samples_columns_steps(tiny_ckpt, tmp_pat
 
 
 def test_no_chain_unless_asked(tiny_ckpt, tmp_path):
-    sample(compose_cfg("sample", [f"ckpt_path={tiny_ckpt}", "num_samples=2", "sampler.num_steps=3"], tmp_path), tmp_path)
+    sample(
+        compose_cfg("sample", [f"ckpt_path={tiny_ckpt}", "num_samples=2", "sampler.num_steps=3"], tmp_path), tmp_path
+    )
     assert (tmp_path / "grid.png").is_file() and not (tmp_path / "chain.png").exists()

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from conftest import run_cli
 
 import ddpmlab
+from conftest import run_cli
 from ddpmlab.cli.export import export
-from ddpmlab.training import train
 from ddpmlab.errors import CheckpointError
+from ddpmlab.training import train
 
 pytest.importorskip("safetensors")
 

@@ -183,13 +183,17 @@ def test_callback_logs_fid_and_kid_during_training(train_cfg, tmp_path):
     fids = {int(r["step"]): float(r["val/fid"]) for r in rows if r.get("val/fid")}
     assert sorted(fids) == [2, 5] and all(v > 0 for v in fids.values())  # steps 3 and 6: Lightning's indices 2, 5
     assert metrics["val/fid"] == pytest.approx(fids[5], rel=1e-6)
-    assert json.loads((tmp_path / "run" / "final_metrics.json").read_text())["val/kid"] == pytest.approx(metrics["val/kid"])
+    assert json.loads((tmp_path / "run" / "final_metrics.json").read_text())["val/kid"] == pytest.approx(
+        metrics["val/kid"]
+    )
     [stats] = cache.glob("digits-1x8x8-n200-TinyFeatures-*.pt")  # one cached reference, reused at step 6
     assert torch.load(stats, weights_only=True)["features"].shape == (200, 6)
 
 
 def test_callback_without_inception_weights_says_so_once_and_training_goes_on(train_cfg, tmp_path):
-    cfg = train_cfg("callbacks=fid", f"callbacks.fid.weights_path={tmp_path / 'missing.pth'}", "callbacks.fid.every_n_steps=3")
+    cfg = train_cfg(
+        "callbacks=fid", f"callbacks.fid.weights_path={tmp_path / 'missing.pth'}", "callbacks.fid.every_n_steps=3"
+    )
     with pytest.warns(UserWarning, match="FID callback switched off") as record:
         metrics = train(cfg)
     assert sum("FID callback switched off" in str(w.message) for w in record) == 1
@@ -206,11 +210,23 @@ def test_callback_rejects_too_few_samples():
 
 def test_evaluate_writes_fid_kid_is_and_the_protocol_to_metrics_json(tmp_path):
     register_tiny_fidelity_extractor()
-    train(compose_cfg("train", TINY + ["trainer.max_steps=3", "callbacks.sample_grid.every_n_steps=0"], tmp_path / "run"))
+    train(
+        compose_cfg("train", TINY + ["trainer.max_steps=3", "callbacks.sample_grid.every_n_steps=0"], tmp_path / "run")
+    )
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    over = [f"ckpt_path={ckpt}", "metrics=[fid]", "batch_size=8", "fid.num_samples=20", "fid.num_real=100", "fid.num_steps=3",
-            "fid.kid_subsets=5", "fid.feature_extractor=tiny-test", "fid.feature_layer=feat", "fid.feature_layer_isc=logits",
-            f"fid.cache_dir={tmp_path / 'cache'}"]
+    over = [
+        f"ckpt_path={ckpt}",
+        "metrics=[fid]",
+        "batch_size=8",
+        "fid.num_samples=20",
+        "fid.num_real=100",
+        "fid.num_steps=3",
+        "fid.kid_subsets=5",
+        "fid.feature_extractor=tiny-test",
+        "fid.feature_layer=feat",
+        "fid.feature_layer_isc=logits",
+        f"fid.cache_dir={tmp_path / 'cache'}",
+    ]
     results = evaluate(compose_cfg("evaluate", over, tmp_path / "eval"), tmp_path / "eval")
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())["fid"]
     assert saved == json.loads(json.dumps(results["fid"]))

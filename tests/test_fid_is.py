@@ -82,8 +82,12 @@ def test_callback_logs_the_inception_score_beside_fid(train_cfg, tmp_path):
 
 
 def test_a_feature_network_without_logits_warns_and_fid_goes_on(train_cfg, tmp_path):
-    cfg = train_cfg(*FID_TINY[:1], "+callbacks.fid.feature._target_=test_fid.TinyFeatures", *FID_TINY[2:],
-                    f"callbacks.fid.cache_dir={tmp_path / 'fid_stats'}")
+    cfg = train_cfg(
+        *FID_TINY[:1],
+        "+callbacks.fid.feature._target_=test_fid.TinyFeatures",
+        *FID_TINY[2:],
+        f"callbacks.fid.cache_dir={tmp_path / 'fid_stats'}",
+    )
     with pytest.warns(UserWarning, match="no Inception Score during training"):
         metrics = train(cfg)
     assert "val/is" not in metrics and metrics["val/fid"] > 0

@@ -11,24 +11,41 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from conftest import REPO
 from fixtures_data import make_idx_dataset
 
-STEPS = ["setup", "env", "pytest_gpu", "train_cli", "loss_curve", "sample_cli", "evaluate_bpd", "train_throughput",
-         "sample_throughput"]
+STEPS = [
+    "setup",
+    "env",
+    "pytest_gpu",
+    "train_cli",
+    "loss_curve",
+    "sample_cli",
+    "evaluate_bpd",
+    "train_throughput",
+    "sample_throughput",
+]
 
 
 def gpu_check(out: Path, *args: str, timeout: int = 600) -> tuple[subprocess.CompletedProcess, dict]:
     env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
-    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--cpu", *args], env=env, cwd=out.parent,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        ["bash", str(REPO / "bench" / "gpu_check.sh"), "--cpu", *args],
+        env=env,
+        cwd=out.parent,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     summary = json.loads((out / "summary.json").read_text())
     return proc, summary
 
 
 def results_table(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "bench" / "results_table.py"), *args], capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, str(REPO / "bench" / "results_table.py"), *args], capture_output=True, text=True, timeout=60
+    )
 
 
 @pytest.mark.slow
@@ -61,8 +78,13 @@ def test_cpu_dry_run_runs_every_step(tmp_path):
     for part in ("trainer", "bare", "peer"):
         assert train[part]["img_per_s"] > 0
     assert sample["ddpmlab"]["img_per_s"] > 0 and sample["ddpmlab"]["finite"]
-    assert set(os.listdir(tmp_path / "out")) == {"summary.json", "gpu_check.log", "metrics.csv", "train_grid.png",
-                                                  "sample_grid.png"}
+    assert set(os.listdir(tmp_path / "out")) == {
+        "summary.json",
+        "gpu_check.log",
+        "metrics.csv",
+        "train_grid.png",
+        "sample_grid.png",
+    }
     log = (tmp_path / "out" / "gpu_check.log").read_text()
     assert "===== pytest_gpu" in log and "===== evaluate_bpd" in log and "===== sample_throughput" in log
 
@@ -71,8 +93,14 @@ def test_cpu_dry_run_runs_every_step(tmp_path):
     summary["steps"]["env"]["gpu"] = "NVIDIA H100 80GB HBM3"
     summary["result_name"] = summary["date"][:10] + "-h100-80gb-hbm3"
     (tmp_path / "gpu.json").write_text(json.dumps(summary))
-    added = results_table("--results", str(tmp_path / "results"), "--add", str(tmp_path / "gpu.json"),
-                          "--grid", str(tmp_path / "out" / "sample_grid.png"))
+    added = results_table(
+        "--results",
+        str(tmp_path / "results"),
+        "--add",
+        str(tmp_path / "gpu.json"),
+        "--grid",
+        str(tmp_path / "out" / "sample_grid.png"),
+    )
     assert added.returncode == 0, added.stderr
     name = summary["result_name"]
     assert sorted(os.listdir(tmp_path / "results")) == [name + ".json", name + ".png"]
@@ -84,8 +112,9 @@ def test_cpu_dry_run_runs_every_step(tmp_path):
 
 def test_failed_step_keeps_its_log_and_skips_what_needs_it(tmp_path):
     (tmp_path / "empty").mkdir()
-    proc, summary = gpu_check(tmp_path / "out", "--data-root", str(tmp_path / "empty"),
-                              "--only", "train_cli,sample_cli", timeout=180)
+    proc, summary = gpu_check(
+        tmp_path / "out", "--data-root", str(tmp_path / "empty"), "--only", "train_cli,sample_cli", timeout=180
+    )
     assert proc.returncode == 1, proc.stderr  # a step failed
     steps = summary["steps"]
     assert steps["setup"]["status"] == steps["env"]["status"] == "ok"  # always run
@@ -125,14 +154,25 @@ def test_readme_performance_table_is_current():
 def test_finish_judges_the_speed_targets_of_a_gpu_run(tmp_path):
     steps = {name: {"status": "skipped", "reason": "not in --only"} for name in STEPS}
     steps["env"] = {"status": "ok", "gpu": "NVIDIA H100 80GB HBM3"}
-    steps["train_throughput"] = {"status": "ok", "result": {"trainer": {"img_per_s": 6000.0},
-                                                            "ratio": {"trainer_vs_peer": 1.5}}}
+    steps["train_throughput"] = {
+        "status": "ok",
+        "result": {"trainer": {"img_per_s": 6000.0}, "ratio": {"trainer_vs_peer": 1.5}},
+    }
     steps["sample_throughput"] = {"status": "timeout"}
-    summary = {"check": "gpu_check", "mode": "cuda", "date": "2026-01-02T03:04:05Z", "commit": "0" * 40,
-               "steps": steps}
+    summary = {"check": "gpu_check", "mode": "cuda", "date": "2026-01-02T03:04:05Z", "commit": "0" * 40, "steps": steps}
     (tmp_path / "summary.json").write_text(json.dumps(summary))
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check_steps.py"), "finish",
-                           str(tmp_path / "summary.json"), "--elapsed", "500"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "gpu_check_steps.py"),
+            "finish",
+            str(tmp_path / "summary.json"),
+            "--elapsed",
+            "500",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 1, proc.stderr  # sample_throughput timed out
     done = json.loads((tmp_path / "summary.json").read_text())
     targets = done["targets"]

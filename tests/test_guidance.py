@@ -21,8 +21,16 @@ K = 4  # classes of the toy model
 
 def conditional_denoiser(prediction="eps", seed=0, num_classes=K):
     torch.manual_seed(seed)
-    net = UNet(in_channels=1, image_size=8, base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
-               num_groups=8, num_classes=num_classes)
+    net = UNet(
+        in_channels=1,
+        image_size=8,
+        base_channels=16,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attn_resolutions=(),
+        num_groups=8,
+        num_classes=num_classes,
+    )
     return Denoiser(net, GaussianDiffusion(linear_betas(50)), prediction).eval()
 
 
@@ -107,7 +115,9 @@ def test_the_null_label_is_used_at_the_rate_p_uncond(p_uncond):
     assert (per_class - p_uncond).abs().max() < 5 * (p_uncond * (1 - p_uncond) / 3000) ** 0.5
     module.p_uncond = 0.0
     assert torch.equal(module._labels(y, None), y)
-    assert DiffusionModule(conditional_denoiser(num_classes=None), SimpleLoss(), torch.optim.Adam)._labels(y, None) is None
+    assert (
+        DiffusionModule(conditional_denoiser(num_classes=None), SimpleLoss(), torch.optim.Adam)._labels(y, None) is None
+    )
 
 
 # ------------------------------------------------------------------ through train(cfg) and sample.py
@@ -128,13 +138,25 @@ def test_the_grid_callback_draws_one_row_per_class(cond_run):
 
 def test_sample_cli_draws_the_requested_labels_with_guidance(cond_run, tmp_path):
     ckpt = cond_run / "checkpoints" / "last.ckpt"
-    r = run_cli("sample.py", f"ckpt_path={ckpt}", "num_samples=7", "labels=[0,1,2]", "guidance=3.0", "sampler=ddim",
-                "sampler.num_steps=4", f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path)
+    r = run_cli(
+        "sample.py",
+        f"ckpt_path={ckpt}",
+        "num_samples=7",
+        "labels=[0,1,2]",
+        "guidance=3.0",
+        "sampler=ddim",
+        "sampler.num_steps=4",
+        f"hydra.run.dir={tmp_path / 'out'}",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     npz = np.load(tmp_path / "out" / "samples.npz")
     assert npz["labels"].tolist() == [0, 1, 2, 0, 1, 2, 0] and npz["images"].shape == (7, 8, 8, 1)
     with pytest.raises(ConfigError, match="labels must lie in 0..9"):  # the CLI prints it as one line, exit 2
-        sample(compose_cfg("sample", [f"ckpt_path={ckpt}", "num_samples=2", "labels=[12]"], tmp_path / "bad"), tmp_path / "bad")
+        sample(
+            compose_cfg("sample", [f"ckpt_path={ckpt}", "num_samples=2", "labels=[12]"], tmp_path / "bad"),
+            tmp_path / "bad",
+        )
 
 
 def test_guidance_changes_samples_and_w0_matches_the_unguided_cli(cond_run, tmp_path):
@@ -160,10 +182,22 @@ def test_labels_or_guidance_on_an_unconditional_model_are_refused():
 
 def test_a_conditional_checkpoint_inpaints_towards_the_requested_label(cond_run, tmp_path):
     ckpt = cond_run / "checkpoints" / "last.ckpt"
-    over = [f"ckpt_path={ckpt}", "inpaint.index=0", "num_samples=2", "inpaint.num_steps=8", "inpaint.jump_length=2", "inpaint.jump_n_sample=2"]
-    npz = np.load(sample(compose_cfg("sample", over + ["labels=[3]", "guidance=2.0"], tmp_path / "a"), tmp_path / "a") / "samples.npz")
+    over = [
+        f"ckpt_path={ckpt}",
+        "inpaint.index=0",
+        "num_samples=2",
+        "inpaint.num_steps=8",
+        "inpaint.jump_length=2",
+        "inpaint.jump_n_sample=2",
+    ]
+    npz = np.load(
+        sample(compose_cfg("sample", over + ["labels=[3]", "guidance=2.0"], tmp_path / "a"), tmp_path / "a")
+        / "samples.npz"
+    )
     keep = npz["keep"]
     assert npz["labels"].tolist() == [3, 3] and (npz["images"][:, keep] == npz["original"][keep]).all()
-    assert "labels" not in np.load(sample(compose_cfg("sample", over, tmp_path / "b"), tmp_path / "b") / "samples.npz")  # null label
+    assert "labels" not in np.load(
+        sample(compose_cfg("sample", over, tmp_path / "b"), tmp_path / "b") / "samples.npz"
+    )  # null label
     with pytest.raises(ConfigError, match="needs labels"):
         sample(compose_cfg("sample", over + ["guidance=2.0"], tmp_path / "c"), tmp_path / "c")

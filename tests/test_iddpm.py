@@ -7,13 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from ddpmlab.training import train
 from ddpmlab.diffusion import Denoiser, GaussianDiffusion, linear_betas, make_timesteps
 from ddpmlab.errors import ConfigError
 from ddpmlab.networks import UNet
 from ddpmlab.networks.layers import ResBlock
 from ddpmlab.objectives import HybridLoss, ImportanceSampler, SimpleLoss, UniformSampler, VLBLoss
 from ddpmlab.samplers import ddpm_sample, ddpm_sample_progressive
+from ddpmlab.training import train
 
 T = 100
 

@@ -7,14 +7,13 @@ import shutil
 import pytest
 import torch
 
+from conftest import compose_cfg, run_cli
 from ddpmlab.api import load, load_checkpoint
-from ddpmlab.training import train
 from ddpmlab.data import DiffusionDataModule
 from ddpmlab.errors import CheckpointError, ConfigError
 from ddpmlab.latent import LatentDataModule, load_first_stage
 from ddpmlab.samplers import Sampler
-
-from conftest import compose_cfg, run_cli
+from ddpmlab.training import train
 
 AE = [
     "experiment=autoencoder_mnist",
@@ -114,7 +113,9 @@ def test_second_stage_trains_on_latents_of_the_frozen_first_stage(ldm_run, ae_ck
     cfg = ckpt["ddpmlab_config"]
     assert cfg["stage"] == "latent_diffusion" and cfg["model"]["in_channels"] == 4 and cfg["model"]["image_size"] == 4
     for state in (ckpt["state_dict"], ckpt["current_model_state"]):  # EMA and raw weights
-        first = {k[len("denoiser.first_stage."):]: v for k, v in state.items() if k.startswith("denoiser.first_stage.")}
+        first = {
+            k[len("denoiser.first_stage.") :]: v for k, v in state.items() if k.startswith("denoiser.first_stage.")
+        }
         assert first and all(torch.equal(first[k], ae_state["autoencoder." + k]) for k in first)  # unchanged
     s = float(ckpt["state_dict"]["denoiser.scale_factor"])
     ae, _ = load_first_stage(ae_ckpt)
@@ -134,7 +135,8 @@ def test_latent_samples_decode_to_pixels_in_the_data_range(ldm_run):
         # the decoder's range, about [-1, 1] (loosely: a model trained for 6 steps draws off-distribution latents)
         assert torch.isfinite(x).all() and x.abs().quantile(0.99) < 3.0
     assert float(denoiser.scale_factor) == pytest.approx(
-        float(load_checkpoint(ldm_run / "checkpoints" / "last.ckpt")["state_dict"]["denoiser.scale_factor"]))
+        float(load_checkpoint(ldm_run / "checkpoints" / "last.ckpt")["state_dict"]["denoiser.scale_factor"])
+    )
 
 
 def test_sample_cli_needs_only_the_second_stage_checkpoint(ae_ckpt, tmp_path):
@@ -143,9 +145,18 @@ def test_sample_cli_needs_only_the_second_stage_checkpoint(ae_ckpt, tmp_path):
     train(compose_cfg("train", ldm_overrides(ae_copy, "trainer.max_steps=3"), tmp_path / "run"))
     ae_copy.unlink()  # the first stage's file is gone: the checkpoint holds it
     out = tmp_path / "samples"
-    r = run_cli("sample.py", f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}", "sampler=ddim",
-                "sampler.num_steps=5", "num_samples=6", "save_chain=true", "chain_samples=2", "chain_frames=3",
-                f"hydra.run.dir={out}", cwd=tmp_path)
+    r = run_cli(
+        "sample.py",
+        f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}",
+        "sampler=ddim",
+        "sampler.num_steps=5",
+        "num_samples=6",
+        "save_chain=true",
+        "chain_samples=2",
+        "chain_frames=3",
+        f"hydra.run.dir={out}",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     import numpy as np
 
@@ -163,8 +174,13 @@ def test_first_stage_resumes(tmp_path):
     short = [o for o in AE if not o.startswith(("trainer.max_steps", "trainer.val_check"))]
     train(compose_cfg("train", short + ["trainer.max_steps=4", "trainer.val_check_interval=4"], tmp_path / "a"))
     ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
-    train(compose_cfg("train", short + ["trainer.max_steps=8", "trainer.val_check_interval=4", f"ckpt_path={ckpt}"],
-                      tmp_path / "b"))
+    train(
+        compose_cfg(
+            "train",
+            short + ["trainer.max_steps=8", "trainer.val_check_interval=4", f"ckpt_path={ckpt}"],
+            tmp_path / "b",
+        )
+    )
     first, second = (torch.load(tmp_path / d / "checkpoints" / "last.ckpt", weights_only=True) for d in "ab")
     assert first["global_step"] == 4 and second["global_step"] == 8
     adam_steps = lambda c: int(next(iter(c["optimizer_states"][0]["state"].values()))["step"])  # noqa: E731
@@ -203,9 +219,15 @@ def test_diffusers_autoencoder_kl_folder_round_trip(tmp_path):
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
     vae = diffusers.AutoencoderKL(
-        in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16), layers_per_block=1,
-        latent_channels=4, norm_num_groups=4, sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=8,
     ).eval()
     folder = tmp_path / "vae"
     vae.save_pretrained(folder, safe_serialization=True)
@@ -249,8 +271,15 @@ def test_first_stage_errors(ae_ckpt, ldm_run, tmp_path):
 
 
 def test_missing_first_stage_is_one_line_on_the_command_line(tmp_path):
-    r = run_cli("train.py", "experiment=ldm_mnist", "data=digits", "data.image_size=8",
-                f"first_stage.ckpt_path={tmp_path / 'missing.ckpt'}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    r = run_cli(
+        "train.py",
+        "experiment=ldm_mnist",
+        "data=digits",
+        "data.image_size=8",
+        f"first_stage.ckpt_path={tmp_path / 'missing.ckpt'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ddpmlab: error: first_stage.ckpt_path=")
@@ -259,9 +288,20 @@ def test_missing_first_stage_is_one_line_on_the_command_line(tmp_path):
 
 def test_discriminator_starts_at_its_step_and_steps_count_the_autoencoder(tmp_path):
     short = [o for o in AE if not o.startswith(("trainer.max_steps", "trainer.val_check", "trainer.log_every"))]
-    train(compose_cfg("train", short + ["trainer.max_steps=4", "trainer.val_check_interval=4",
-                                        "trainer.log_every_n_steps=1", "first_stage.loss.disc_start=2",
-                                        "first_stage.loss.disc_layers=1"], tmp_path / "run"))
+    train(
+        compose_cfg(
+            "train",
+            short
+            + [
+                "trainer.max_steps=4",
+                "trainer.val_check_interval=4",
+                "trainer.log_every_n_steps=1",
+                "first_stage.loss.disc_start=2",
+                "first_stage.loss.disc_layers=1",
+            ],
+            tmp_path / "run",
+        )
+    )
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 4
     assert len(ckpt["optimizer_states"]) == 2
@@ -284,9 +324,18 @@ def test_inpainting_runs_in_latent_space_and_returns_pixels(ldm_run, tmp_path):
 
     from ddpmlab.cli.sample import sample
 
-    cfg = compose_cfg("sample", [f"ckpt_path={ldm_run / 'checkpoints' / 'last.ckpt'}", "inpaint.index=0",
-                                 "inpaint.num_steps=5", "inpaint.jump_length=1", "inpaint.jump_n_sample=1",
-                                 "num_samples=3"], tmp_path)
+    cfg = compose_cfg(
+        "sample",
+        [
+            f"ckpt_path={ldm_run / 'checkpoints' / 'last.ckpt'}",
+            "inpaint.index=0",
+            "inpaint.num_steps=5",
+            "inpaint.jump_length=1",
+            "inpaint.jump_n_sample=1",
+            "num_samples=3",
+        ],
+        tmp_path,
+    )
     out = sample(cfg, tmp_path / "inpaint")
     saved = np.load(out / "samples.npz")
     assert saved["images"].shape == (3, 8, 8, 1) and saved["keep"].shape == (8, 8)  # pixels, the pixel mask

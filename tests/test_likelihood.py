@@ -25,7 +25,9 @@ def test_normal_kl_is_the_gaussian_kl():
     g = gen()
     m1, m2 = torch.randn(50, generator=g, dtype=torch.float64), torch.randn(50, generator=g, dtype=torch.float64)
     lv1, lv2 = torch.randn(50, generator=g, dtype=torch.float64), torch.randn(50, generator=g, dtype=torch.float64)
-    ref = torch.distributions.kl_divergence(torch.distributions.Normal(m1, (0.5 * lv1).exp()), torch.distributions.Normal(m2, (0.5 * lv2).exp()))
+    ref = torch.distributions.kl_divergence(
+        torch.distributions.Normal(m1, (0.5 * lv1).exp()), torch.distributions.Normal(m2, (0.5 * lv2).exp())
+    )
     assert torch.allclose(normal_kl(m1, lv1, m2, lv2), ref, rtol=1e-10)
 
 
@@ -42,15 +44,23 @@ def test_the_decoder_bins_and_tails():
     h = 1 / 255
     x, mean, scale = LEVELS[100].item(), 0.05, 0.2  # an interior bin
     f64 = dict(dtype=torch.float64)
-    got = discretized_gaussian_log_likelihood(torch.tensor([x], **f64), torch.tensor([mean], **f64), torch.tensor([math.log(scale)], **f64))
+    got = discretized_gaussian_log_likelihood(
+        torch.tensor([x], **f64), torch.tensor([mean], **f64), torch.tensor([math.log(scale)], **f64)
+    )
     assert got.item() == pytest.approx(math.log(Phi((x + h - mean) / scale) - Phi((x - h - mean) / scale)), rel=1e-9)
     # Edge bins: x = -1 takes (-inf, -1 + 1/255], x = 1 takes [1 - 1/255, inf)
-    got = discretized_gaussian_log_likelihood(torch.tensor([-1.0, 1.0], **f64), torch.tensor([-1.2, 1.3], **f64), torch.full((2,), math.log(0.1), **f64))
+    got = discretized_gaussian_log_likelihood(
+        torch.tensor([-1.0, 1.0], **f64), torch.tensor([-1.2, 1.3], **f64), torch.full((2,), math.log(0.1), **f64)
+    )
     assert got[0].item() == pytest.approx(math.log(Phi((-1 + h + 1.2) / 0.1)), rel=1e-9)
     assert got[1].item() == pytest.approx(math.log(1 - Phi((1 - h - 1.3) / 0.1)), rel=1e-9)
     # Far in a tail (30 standard deviations), where Phi(b) - Phi(a) underflows to 0 in float64: still exact
-    far = discretized_gaussian_log_likelihood(torch.tensor([0.5]), torch.tensor([0.5 - 30 * 0.01]), torch.tensor([math.log(0.01)]))
-    lower = torch.special.log_ndtr(torch.tensor([-(30 - h / 0.01)], dtype=torch.float64))  # log P(Z > 30 - h/sigma) ~ the bin
+    far = discretized_gaussian_log_likelihood(
+        torch.tensor([0.5]), torch.tensor([0.5 - 30 * 0.01]), torch.tensor([math.log(0.01)])
+    )
+    lower = torch.special.log_ndtr(
+        torch.tensor([-(30 - h / 0.01)], dtype=torch.float64)
+    )  # log P(Z > 30 - h/sigma) ~ the bin
     assert torch.isfinite(far).all() and far.item() == pytest.approx(lower.item(), abs=0.7)
 
 
@@ -63,8 +73,9 @@ def test_prior_term_is_the_closed_form_kl(diffusion):
 
 @pytest.mark.parametrize("variance", ["small", "large"])
 def test_the_kl_terms_are_ddpm_eq_12_for_an_eps_network(diffusion, variance):
-    """DDPM eq. (12): with sigma_t^2 fixed, L_{t-1} = beta_t^2 / (2 sigma_t^2 alpha_t (1 - alpha_bar_t)) E||eps - eps_hat||^2 + C,
-    where C = KL between two zero-mean Gaussians of variances beta_tilde_t and sigma_t^2 (0 for sigma_t^2 = beta_tilde_t)."""
+    """DDPM eq. (12): with sigma_t^2 fixed,
+    L_{t-1} = beta_t^2 / (2 sigma_t^2 alpha_t (1 - alpha_bar_t)) E||eps - eps_hat||^2 + C, where C = KL between two
+    zero-mean Gaussians of variances beta_tilde_t and sigma_t^2 (0 for sigma_t^2 = beta_tilde_t)."""
     net = TinyNet(diffusion)
     den = Denoiser(net, diffusion)
     x0 = torch.rand((6, 1, 2, 4), generator=gen(1)) * 2 - 1
@@ -103,7 +114,9 @@ def point_mass_bound(diffusion, c: float) -> dict:
     alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
     ratio = (beta * (1 - alpha_bar_prev) / (1 - alpha_bar))[1:] / beta[1:]  # beta_tilde / beta, t >= 1
     kl = (0.5 * (ratio - 1 - ratio.log())).sum().item()  # equal means: only the variances differ
-    sigma_1 = (beta[1] * (1 - alpha_bar[0]) / (1 - alpha_bar[1])).sqrt().item()  # decoder: log variance clipped to beta_tilde_1
+    sigma_1 = (
+        (beta[1] * (1 - alpha_bar[0]) / (1 - alpha_bar[1])).sqrt().item()
+    )  # decoder: log variance clipped to beta_tilde_1
     z = (1 / 255) / sigma_1
     decoder = -math.log(math.erf(z / math.sqrt(2)))  # P(|N(0, sigma_1^2)| < 1/255)
     a = alpha_bar[-1].item()
@@ -163,7 +176,9 @@ def test_the_bound_is_above_the_true_entropy_and_close_to_it(diffusion):
     value, stderr = mean_stderr(large.total)
     assert value > H - 3 * stderr
     assert value < H + 0.15
-    small_value, small_stderr = mean_stderr(bits_per_dim(den, x0, stride=4, variance="small", clip_x0=False, generator=gen(7)).total)
+    small_value, small_stderr = mean_stderr(
+        bits_per_dim(den, x0, stride=4, variance="small", clip_x0=False, generator=gen(7)).total
+    )
     assert small_value > H - 3 * small_stderr and small_value > value
 
 

@@ -10,12 +10,20 @@ from conftest import TINY, compose_cfg, run_cli
 from ddpmlab.cli.sweep import write_summary
 
 
-
 def test_multirun_of_two_tiny_jobs_writes_distinct_runs_and_a_summary(tmp_path):
     sweep = tmp_path / "sweep"
     fast = [o for o in TINY if not o.startswith(("trainer.max_steps", "callbacks.checkpoint", "trainer.val_check"))]
-    res = run_cli("train.py", "-m", "schedule=linear,cosine", *fast, "trainer.max_steps=3", "trainer.val_check_interval=3",
-                  "callbacks.checkpoint.every_n_train_steps=3", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    res = run_cli(
+        "train.py",
+        "-m",
+        "schedule=linear,cosine",
+        *fast,
+        "trainer.max_steps=3",
+        "trainer.val_check_interval=3",
+        "callbacks.checkpoint.every_n_train_steps=3",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     for job, schedule in (("0", "linear"), ("1", "cosine")):
         assert (sweep / job / "checkpoints" / "last.ckpt").is_file()
@@ -40,7 +48,9 @@ def test_summary_orders_jobs_numerically_and_skips_unfinished_ones(tmp_path):
 
 def test_slurm_launcher_config_requeues_into_the_same_run_dir(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the `slurm` extra is not installed")
-    cfg = compose_cfg("train", ["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"], tmp_path)
+    cfg = compose_cfg(
+        "train", ["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"], tmp_path
+    )
     from hydra.core.hydra_config import HydraConfig
 
     launcher = HydraConfig.get().launcher

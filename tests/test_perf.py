@@ -22,7 +22,13 @@ from ddpmlab.perf import apply_perf, autocast, prepare_sampling, resolve, sampli
 from ddpmlab.samplers import Sampler, generate
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-ALL_ON = {"compile": True, "compile_backend": "eager", "channels_last": True, "fused_optimizer": True, "sync_free_logging": True}
+ALL_ON = {
+    "compile": True,
+    "compile_backend": "eager",
+    "channels_last": True,
+    "fused_optimizer": True,
+    "sync_free_logging": True,
+}
 
 
 @pytest.fixture
@@ -89,7 +95,9 @@ def test_levers_keep_checkpoint_keys_outputs_and_ema_copies_honest(tiny_cfg):
     on = apply_perf(module, "cpu", ALL_ON)
     net = module.denoiser.net
     assert all(v for k, v in on.items() if k != "tf32") and not on["tf32"]  # TF32 is global state: left to the GPU test
-    assert net._compiled_call_impl is not None and all(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights(net))
+    assert net._compiled_call_impl is not None and all(
+        w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights(net)
+    )
     # in-place compile: the same parameter names (no _orig_mod.), loadable into a plain network
     assert list(net.state_dict()) == list(reference.state_dict())
     reference.load_state_dict(net.state_dict(), strict=True)
@@ -136,6 +144,7 @@ class HostSyncs:
     def __enter__(self):
         self.saved = {n: getattr(torch.Tensor, n) for n in self.NAMES}
         for name, orig in self.saved.items():
+
             def counted(t, *a, _orig=orig, **k):
                 self.count += 1
                 return _orig(t, *a, **k)
@@ -162,14 +171,23 @@ def test_trainer_steps_make_no_host_syncs_with_ema_bf16_and_fused_adam(tiny_cfg)
     class Record(pl.Callback):
         def on_train_start(self, trainer, pl_module):
             grads = lambda opt: [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]  # noqa: E731
-            trainer.optimizers[0].register_step_post_hook(lambda opt, a, k: clipped_norms.append(torch.nn.utils.get_total_norm(grads(opt))))
+            trainer.optimizers[0].register_step_post_hook(
+                lambda opt, a, k: clipped_norms.append(torch.nn.utils.get_total_norm(grads(opt)))
+            )
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             per_step.append(syncs.count)
 
     trainer = pl.Trainer(
-        max_steps=6, precision="bf16-mixed", gradient_clip_val=1e-3, log_every_n_steps=100, limit_val_batches=0,
-        enable_checkpointing=False, enable_model_summary=False, logger=False, accelerator="cpu",
+        max_steps=6,
+        precision="bf16-mixed",
+        gradient_clip_val=1e-3,
+        log_every_n_steps=100,
+        limit_val_batches=0,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        logger=False,
+        accelerator="cpu",
         callbacks=[instantiate(tiny_cfg.ema), Record()],  # the progress bar stays on
     )
     loader = instantiate(tiny_cfg.data)
@@ -192,13 +210,26 @@ def load_bench(name: str):
         sys.path.remove(str(REPO / "bench"))
 
 
-TINY_BENCH = ["--model", "unet_tiny", "--image-size", "8", "--channels", "1", "--peer-channels", "32,32", "--peer-groups", "8"]
+TINY_BENCH = [
+    "--model",
+    "unet_tiny",
+    "--image-size",
+    "8",
+    "--channels",
+    "1",
+    "--peer-channels",
+    "32,32",
+    "--peer-groups",
+    "8",
+]
 RATE_KEYS = {"img_per_s", "step_ms", "achieved_TFLOPs", "mfu", "peak_mem_GiB", "seconds"}
 
 
 def test_train_bench_prints_json_for_trainer_bare_and_peer(capsys):
     pytest.importorskip("diffusers")
-    out = load_bench("train_throughput").main(TINY_BENCH + ["--batch-size", "4", "--steps", "1", "--warmup", "0", "--profile-steps", "1"])
+    out = load_bench("train_throughput").main(
+        TINY_BENCH + ["--batch-size", "4", "--steps", "1", "--warmup", "0", "--profile-steps", "1"]
+    )
     printed = capsys.readouterr().out.strip().splitlines()[-1]
     assert printed.startswith("{") and '"bench": "train"' in printed
     assert {"env", "config", "flops", "levers", "trainer", "bare", "peer", "ratio"} <= set(out)
@@ -209,7 +240,9 @@ def test_train_bench_prints_json_for_trainer_bare_and_peer(capsys):
     assert not any(out["levers"].values())  # the CPU default
     f = out["flops"]
     assert f["train_GFLOP_per_image"]["ddpmlab"] == pytest.approx(3 * f["forward_GFLOP_per_image"]["ddpmlab"], rel=1e-3)
-    assert out["ratio"]["trainer_vs_peer"] == pytest.approx(out["trainer"]["img_per_s"] / out["peer"]["img_per_s"], rel=1e-2)
+    assert out["ratio"]["trainer_vs_peer"] == pytest.approx(
+        out["trainer"]["img_per_s"] / out["peer"]["img_per_s"], rel=1e-2
+    )
 
 
 def test_sample_bench_prints_json_for_ddpmlab_and_peer(capsys):
@@ -219,7 +252,9 @@ def test_sample_bench_prints_json_for_ddpmlab_and_peer(capsys):
     for path in ("ddpmlab", "peer"):
         assert RATE_KEYS <= set(out[path]) and out[path]["img_per_s"] > 0 and out[path]["finite"]
     assert out["ddpmlab"]["network_calls_per_image"] == 3 and "ddim" in out["ddpmlab"]["sampler"]
-    assert out["flops"]["sample_GFLOP_per_image"]["ddpmlab"] == pytest.approx(3 * out["flops"]["forward_GFLOP_per_image"]["ddpmlab"], rel=1e-3)
+    assert out["flops"]["sample_GFLOP_per_image"]["ddpmlab"] == pytest.approx(
+        3 * out["flops"]["forward_GFLOP_per_image"]["ddpmlab"], rel=1e-3
+    )
 
 
 def test_flop_count_matches_the_papers_cifar10_network():
@@ -235,7 +270,10 @@ def test_flop_count_matches_the_papers_cifar10_network():
 def test_gpu_fast_preset_is_bf16_and_keeps_the_default_trainer(tmp_path):
     cfg = compose_cfg("train", ["trainer=gpu_fast"], tmp_path)
     assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.benchmark is True
-    assert cfg.trainer.gradient_clip_val == 1.0 and cfg.trainer.max_steps == compose_cfg("train", [], tmp_path).trainer.max_steps
+    assert (
+        cfg.trainer.gradient_clip_val == 1.0
+        and cfg.trainer.max_steps == compose_cfg("train", [], tmp_path).trainer.max_steps
+    )
 
 
 @cuda

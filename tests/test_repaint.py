@@ -46,7 +46,15 @@ def test_schedule_shape():
 # ------------------------------------------------------------------ the sampler
 def tiny_denoiser():
     torch.manual_seed(0)
-    net = UNet(in_channels=1, image_size=8, base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), num_groups=8)
+    net = UNet(
+        in_channels=1,
+        image_size=8,
+        base_channels=16,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attn_resolutions=(),
+        num_groups=8,
+    )
     return Denoiser(net, GaussianDiffusion(linear_betas(100)), "eps").eval()
 
 
@@ -56,12 +64,23 @@ def test_known_pixels_of_the_result_equal_the_original(j, r):
     g = torch.Generator().manual_seed(0)
     original = torch.randint(0, 256, (1, 1, 8, 8), generator=g, dtype=torch.uint8)
     keep = make_mask("random_strokes", 8, g)
-    x = repaint_sample(den, den.diffusion, torch.randn(4, 1, 8, 8, generator=g), make_timesteps(100, 20),
-                       x0=to_model_range(original), keep=keep, generator=g, jump_length=j, jump_n_sample=r)
+    x = repaint_sample(
+        den,
+        den.diffusion,
+        torch.randn(4, 1, 8, 8, generator=g),
+        make_timesteps(100, 20),
+        x0=to_model_range(original),
+        keep=keep,
+        generator=g,
+        jump_length=j,
+        jump_n_sample=r,
+    )
     known = keep.bool().expand(4, 1, 8, 8)
     out = to_uint8(x)
     assert torch.equal(out[known], original.expand(4, 1, 8, 8)[known])  # exact after quantisation
-    assert (out[~known].int() - original.expand(4, 1, 8, 8)[~known].int()).abs().float().mean() > 10  # generated, not copied
+    assert (
+        out[~known].int() - original.expand(4, 1, 8, 8)[~known].int()
+    ).abs().float().mean() > 10  # generated, not copied
     assert not torch.equal(out[0], out[1])  # independent completions
 
 
@@ -78,8 +97,20 @@ def test_each_reverse_step_replaces_the_known_pixels_by_the_noised_original():
     ts = make_timesteps(100, 10, "trailing")
     keep = left_half(8)
     g = torch.Generator().manual_seed(0)
-    steps = list(repaint_sample_progressive(den, diffusion, torch.randn(4000, 1, 8, 8, generator=g), ts, x0=torch.zeros(1, 1, 8, 8),
-                                            keep=keep, generator=g, jump_length=1, jump_n_sample=1, clip_x0=False))
+    steps = list(
+        repaint_sample_progressive(
+            den,
+            diffusion,
+            torch.randn(4000, 1, 8, 8, generator=g),
+            ts,
+            x0=torch.zeros(1, 1, 8, 8),
+            keep=keep,
+            generator=g,
+            jump_length=1,
+            jump_n_sample=1,
+            clip_x0=False,
+        )
+    )
     alpha_bar_next = list(diffusion.alpha_bar[ts[1:]].double()) + [torch.tensor(1.0, dtype=torch.float64)]
     for step, a in zip(steps, alpha_bar_next):
         var = step.x[:, :, :, 4:].var().item()  # known half
@@ -115,8 +146,17 @@ def test_resampling_harmonises_an_exact_oracle():
 
     def share_of_A(j, r, n=300):
         g = torch.Generator().manual_seed(0)
-        x = repaint_sample(den, diffusion, torch.randn(n, 1, 8, 8, generator=g), ts, x0=A[None], keep=keep, generator=g,
-                           jump_length=j, jump_n_sample=r)
+        x = repaint_sample(
+            den,
+            diffusion,
+            torch.randn(n, 1, 8, 8, generator=g),
+            ts,
+            x0=A[None],
+            keep=keep,
+            generator=g,
+            jump_length=j,
+            jump_n_sample=r,
+        )
         right = x[:, 0, :, 4:].mean((1, 2))
         assert ((right.abs() - 0.8).abs() < 0.05).all()  # every completion is one of the data images
         return (right < 0).float().mean().item()
@@ -135,7 +175,9 @@ def test_mask_presets_have_the_stated_shapes(size):
     cs = centre_square(size)
     rows, cols = torch.nonzero(cs == 0, as_tuple=True)
     side = size // 2
-    assert (cs == 0).sum() == side * side and rows.max() - rows.min() + 1 == side and cols.max() - cols.min() + 1 == side
+    assert (
+        (cs == 0).sum() == side * side and rows.max() - rows.min() + 1 == side and cols.max() - cols.min() + 1 == side
+    )
     assert rows.min() + rows.max() == size - 1 == cols.min() + cols.max()  # centred
     strokes = [random_strokes(size, torch.Generator().manual_seed(s)) for s in range(20)]
     holes = torch.stack([1 - m for m in strokes]).mean((1, 2))
@@ -169,7 +211,9 @@ INPAINT = ["num_samples=3", "inpaint.num_steps=10", "inpaint.jump_length=2", "in
 
 
 def test_sample_inpaints_a_dataset_image(tiny_ckpt, tmp_path):
-    cfg = compose_cfg("sample", [f"ckpt_path={tiny_ckpt}", "inpaint.index=5", "inpaint.mask=centre_square", *INPAINT], tmp_path)
+    cfg = compose_cfg(
+        "sample", [f"ckpt_path={tiny_ckpt}", "inpaint.index=5", "inpaint.mask=centre_square", *INPAINT], tmp_path
+    )
     out = sample(cfg, tmp_path)
     npz = np.load(out / "samples.npz")
     images, original, keep = npz["images"], npz["original"], npz["keep"]
@@ -190,14 +234,24 @@ def test_sample_cli_inpaints_an_image_file_with_a_mask_file(tiny_ckpt, tmp_path)
     mask = np.full((8, 8), 255, np.uint8)
     mask[2:5, 2:6] = 0
     Image.fromarray(mask).save(tmp_path / "mask.png")
-    r = run_cli("sample.py", f"ckpt_path={tiny_ckpt}", f"inpaint.image={tmp_path / 'img.png'}", f"inpaint.mask={tmp_path / 'mask.png'}",
-                *INPAINT, f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path)
+    r = run_cli(
+        "sample.py",
+        f"ckpt_path={tiny_ckpt}",
+        f"inpaint.image={tmp_path / 'img.png'}",
+        f"inpaint.mask={tmp_path / 'mask.png'}",
+        *INPAINT,
+        f"hydra.run.dir={tmp_path / 'out'}",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     npz = np.load(tmp_path / "out" / "samples.npz")
     assert npz["keep"].sum() == 64 - 12 and (tmp_path / "out" / "inpaint.png").is_file()
     assert np.diff(npz["original"][0, :, 0].astype(int)).min() >= 0  # the gradient image, resized to 8x8
     with pytest.raises(ConfigError, match="inpaint.index=100000 is not an image"):
-        sample(compose_cfg("sample", [f"ckpt_path={tiny_ckpt}", "inpaint.index=100000", *INPAINT], tmp_path / "bad"), tmp_path / "bad")
+        sample(
+            compose_cfg("sample", [f"ckpt_path={tiny_ckpt}", "inpaint.index=100000", *INPAINT], tmp_path / "bad"),
+            tmp_path / "bad",
+        )
 
 
 def test_q_step_composes_to_the_closed_form():
@@ -214,8 +268,18 @@ def test_q_step_composes_to_the_closed_form():
 
 # ------------------------------------------------------------------ RePaint through Sampler
 def test_repaint_is_a_sampler_with_every_spacing_and_the_same_validation():
-    den = Denoiser(UNet(in_channels=1, image_size=8, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                        attn_resolutions=(), num_groups=8), GaussianDiffusion(linear_betas(50))).eval()
+    den = Denoiser(
+        UNet(
+            in_channels=1,
+            image_size=8,
+            base_channels=16,
+            channel_mult=(1, 2),
+            num_res_blocks=1,
+            attn_resolutions=(),
+            num_groups=8,
+        ),
+        GaussianDiffusion(linear_betas(50)),
+    ).eval()
     x0, keep = torch.zeros(1, 1, 8, 8), left_half(8)
     for spacing in ("leading", "trailing", "linspace", "quadratic", "logsnr"):
         sampler = Sampler("repaint", 10, spacing, jump_length=2, jump_n_sample=2)
@@ -225,7 +289,8 @@ def test_repaint_is_a_sampler_with_every_spacing_and_the_same_validation():
         x = sampler(den, den.diffusion, torch.randn(2, 1, 8, 8), x0=x0, keep=keep, generator=g)
         assert torch.equal(x[..., 4:], x0.expand(2, -1, -1, -1)[..., 4:])  # known pixels kept exactly
     assert Sampler("repaint", 10, jump_length=2, jump_n_sample=2).num_evaluations(den.diffusion) == len(
-        [1 for k, k_next in zip(repaint_schedule(10, 2, 2), repaint_schedule(10, 2, 2)[1:]) if k_next < k])
+        [1 for k, k_next in zip(repaint_schedule(10, 2, 2), repaint_schedule(10, 2, 2)[1:]) if k_next < k]
+    )
     with pytest.raises(ConfigError, match="between 1 and the schedule's T=50"):  # no silent clamp to T
         Sampler("repaint", 250, "trailing")(den, den.diffusion, torch.randn(1, 1, 8, 8), x0=x0, keep=keep)
     for bad in ({"variance": "medium"}, {"jump_length": 0}, {"eta": 0.5}):

@@ -7,12 +7,17 @@ import shutil
 import pytest
 import torch
 
-from ddpmlab.training import resume_path, train
 from ddpmlab.errors import CheckpointError
+from ddpmlab.training import resume_path, train
 
 # 12 batches of 128 per epoch of the digits' training split: 9 + 9 steps cross an epoch boundary.
-EXACT = ["data.batch_size=128", "trainer.val_check_interval=4", "callbacks.checkpoint.every_n_train_steps=4",
-         "callbacks.sample_grid.every_n_steps=0", "trainer.log_every_n_steps=1"]
+EXACT = [
+    "data.batch_size=128",
+    "trainer.val_check_interval=4",
+    "callbacks.checkpoint.every_n_train_steps=4",
+    "callbacks.sample_grid.every_n_steps=0",
+    "trainer.log_every_n_steps=1",
+]
 
 
 def rows(run):
@@ -37,8 +42,9 @@ def assert_same_training_state(a, b):
     assert torch.equal(a["averaging_state"]["n_averaged"], b["averaging_state"]["n_averaged"])
 
 
-@pytest.mark.parametrize("on_device,dropout", [(False, 0.0), (True, 0.0), (False, 0.3)],
-                         ids=["dataloader", "device_loader", "dropout"])
+@pytest.mark.parametrize(
+    "on_device,dropout", [(False, 0.0), (True, 0.0), (False, 0.3)], ids=["dataloader", "device_loader", "dropout"]
+)
 def test_stopping_and_resuming_gives_the_straight_run_bit_for_bit(train_cfg, tmp_path, on_device, dropout):
     extra = [*EXACT, f"data.on_device={on_device}", f"model.dropout={dropout}"]
     train(train_cfg(*extra, "trainer.max_steps=9", run_dir=tmp_path / "a"))

@@ -21,8 +21,17 @@ NUM_SAMPLES, BATCH_SIZE, SEED = 5, 2, 123  # three batches: the generator carrie
 
 def tiny_denoiser(num_classes: int | None = None) -> Denoiser:
     torch.manual_seed(0)
-    net = UNet(in_channels=1, image_size=8, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-               attn_resolutions=(), dropout=0.0, num_groups=8, num_classes=num_classes)
+    net = UNet(
+        in_channels=1,
+        image_size=8,
+        base_channels=16,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attn_resolutions=(),
+        dropout=0.0,
+        num_groups=8,
+        num_classes=num_classes,
+    )
     return Denoiser(net, GaussianDiffusion(linear_betas(50)), "eps").eval()
 
 

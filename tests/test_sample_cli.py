@@ -12,7 +12,9 @@ from ddpmlab.samplers import Sampler
 
 
 def sample_cfg(ckpt, out, *extra):
-    return compose_cfg("sample", [f"ckpt_path={ckpt}", "num_samples=10", "batch_size=4", "sampler.num_steps=5", *extra], out)
+    return compose_cfg(
+        "sample", [f"ckpt_path={ckpt}", "num_samples=10", "batch_size=4", "sampler.num_steps=5", *extra], out
+    )
 
 
 def test_sample_writes_uint8_npz_and_grid(tiny_ckpt, tmp_path):
@@ -32,12 +34,22 @@ def test_same_seed_same_samples_other_seed_other_samples(tiny_ckpt, tmp_path):
 
 def test_ema_and_raw_weights_give_different_samples(tiny_ckpt, tmp_path):
     a = np.load(sample(sample_cfg(tiny_ckpt, tmp_path / "a"), tmp_path / "a") / "samples.npz")["images"]
-    b = np.load(sample(sample_cfg(tiny_ckpt, tmp_path / "b", "use_ema=false"), tmp_path / "b") / "samples.npz")["images"]
+    b = np.load(sample(sample_cfg(tiny_ckpt, tmp_path / "b", "use_ema=false"), tmp_path / "b") / "samples.npz")[
+        "images"
+    ]
     assert not np.array_equal(a, b)
 
 
 def test_sample_cli_round_trip(tiny_ckpt, tmp_path):
-    r = run_cli("sample.py", f"ckpt_path={tiny_ckpt}", "num_samples=3", "sampler=ddim", "sampler.num_steps=4", f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path)
+    r = run_cli(
+        "sample.py",
+        f"ckpt_path={tiny_ckpt}",
+        "num_samples=3",
+        "sampler=ddim",
+        "sampler.num_steps=4",
+        f"hydra.run.dir={tmp_path / 'out'}",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().splitlines()[-1] == str(tmp_path / "out")
     assert np.load(tmp_path / "out" / "samples.npz")["images"].shape == (3, 8, 8, 1)

@@ -159,10 +159,13 @@ def test_golden_values_of_the_linear_schedule_at_T_1000():
         for name, g, v in zip(("alpha_bar", "beta_tilde", "coef_x0", "coef_xt"), got, values):
             assert g.item() == pytest.approx(v, rel=2e-6), (t, name)
     assert d.beta_tilde[0] == 0 and d.mu_tilde_coef_x0[0] == 1 and d.mu_tilde_coef_xt[0] == 0  # x_0 is known at t=0
-    # The 50-step leading grid's respaced process (improved-diffusion): beta_0 = 1 - alpha_bar_0, beta_i = 1 - ab[20i]/ab[20(i-1)]
+    # The 50-step leading grid's respaced process (improved-diffusion):
+    # beta_0 = 1 - alpha_bar_0, beta_i = 1 - ab[20i]/ab[20(i-1)]
     r = d.respace(make_timesteps(1000, 50, "leading"))
     assert r.beta[0].item() == pytest.approx(1.0e-4, rel=1e-5)
-    assert r.beta[1].item() == pytest.approx(1 - math.prod(1 - (1e-4 + (0.02 - 1e-4) * k / 999) for k in range(1, 21)), rel=1e-5)
+    assert r.beta[1].item() == pytest.approx(
+        1 - math.prod(1 - (1e-4 + (0.02 - 1e-4) * k / 999) for k in range(1, 21)), rel=1e-5
+    )
 
 
 # ------------------------------------------------------------------------------------------------ chains

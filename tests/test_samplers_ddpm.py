@@ -13,7 +13,8 @@ from sampler_helpers import TinyNet, gen, linear, x_T
 def reference_ancestral(den, betas, x, generator, respaced_grid=None):
     """DDPM Algorithm 2 written from eq. (11) in float64, independent of the library's tables:
     x_{t-1} = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_hat) + sigma_t z, sigma_t^2 = beta_tilde_t.
-    With ``respaced_grid``, the betas are first rebuilt over the kept steps as 1 - alpha_bar_{t_i} / alpha_bar_{t_{i-1}}."""
+    With ``respaced_grid``, the betas are first rebuilt over the kept steps as
+    1 - alpha_bar_{t_i} / alpha_bar_{t_{i-1}}."""
     alpha_bar = torch.cumprod(1 - betas, 0)
     ts = list(range(betas.numel() - 1, -1, -1)) if respaced_grid is None else respaced_grid
     kept = torch.tensor(sorted(ts))

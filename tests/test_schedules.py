@@ -45,7 +45,9 @@ def test_every_schedule_is_valid(fn, T):
     assert not any(torch.isnan(b).any() for b in GaussianDiffusion(betas).buffers())
 
 
-@pytest.mark.parametrize("kwargs", [dict(beta_end=1.5), dict(beta_start=0.0), dict(beta_start=-0.1), dict(num_timesteps=0)])
+@pytest.mark.parametrize(
+    "kwargs", [dict(beta_end=1.5), dict(beta_start=0.0), dict(beta_start=-0.1), dict(num_timesteps=0)]
+)
 def test_bad_schedule_values_are_refused_clearly(kwargs):
     with pytest.raises(ConfigError, match=r"beta_end|beta_start|num_timesteps"):
         linear_betas(**kwargs)

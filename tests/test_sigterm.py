@@ -29,11 +29,22 @@ def test_sigterm_leaves_a_checkpoint_that_ckpt_path_last_resumes(train_cfg, tmp_
     run = tmp_path / "run"
     # No periodic checkpoint and no validation within reach: whatever is saved, SIGTERM saved it.
     args = [o for o in TINY if not o.startswith(("trainer.max_steps", "callbacks.checkpoint.every"))]
-    args += ["trainer.max_steps=100000", "trainer.val_check_interval=100000", "callbacks.checkpoint.every_n_train_steps=100000",
-             "callbacks.sample_grid.every_n_steps=0", f"hydra.run.dir={run}"]
+    args += [
+        "trainer.max_steps=100000",
+        "trainer.val_check_interval=100000",
+        "callbacks.checkpoint.every_n_train_steps=100000",
+        "callbacks.sample_grid.every_n_steps=0",
+        f"hydra.run.dir={run}",
+    ]
     env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
-    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.time() + 240
         while len(logged_steps(run)) < 3 and proc.poll() is None and time.time() < deadline:
@@ -53,13 +64,17 @@ def test_sigterm_leaves_a_checkpoint_that_ckpt_path_last_resumes(train_cfg, tmp_
     # resume: the same run directory, ckpt_path=last, three more steps
     assert resume_path(train_cfg("ckpt_path=last", run_dir=run), run) == str(saved)
     before = logged_steps(run)
-    train(train_cfg("ckpt_path=last", f"trainer.max_steps={k + 3}", "callbacks.checkpoint.every_n_train_steps=1", run_dir=run))
+    train(
+        train_cfg(
+            "ckpt_path=last", f"trainer.max_steps={k + 3}", "callbacks.checkpoint.every_n_train_steps=1", run_dir=run
+        )
+    )
     last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == k + 3
     assert int(next(iter(last["optimizer_states"][0]["state"].values()))["step"]) == k + 3  # Adam went on counting
     after = logged_steps(run)
     assert after[: len(before)] == before  # metrics.csv kept the first segment's rows
-    assert min(after[len(before):]) >= k  # the resumed segment logged from the saved step on
+    assert min(after[len(before) :]) >= k  # the resumed segment logged from the saved step on
     assert not saved.exists()  # a finished run removes its on_exception.ckpt
 
 
@@ -103,8 +118,12 @@ def test_a_submitit_requeue_signal_first_saves_at_a_step_boundary_then_requeues(
     monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
     previous = signal.signal(signal.SIGUSR2, submitit_handler)
     try:
-        cfg = train_cfg("trainer.max_steps=100", "+callbacks.kill._target_=test_sigterm.SendSignalAt",
-                        "+callbacks.kill.step=4", f"+callbacks.kill.signum={int(signal.SIGUSR2)}")
+        cfg = train_cfg(
+            "trainer.max_steps=100",
+            "+callbacks.kill._target_=test_sigterm.SendSignalAt",
+            "+callbacks.kill.step=4",
+            f"+callbacks.kill.signum={int(signal.SIGUSR2)}",
+        )
         with pytest.raises(SystemExit) as exit_info:
             train(cfg)
     finally:

@@ -11,7 +11,19 @@ from ddpmlab.diffusion.timesteps import SPACINGS
 from ddpmlab.errors import ConfigError
 
 # (T, S): S = T, S = 1, S dividing T and S not dividing T.
-SIZES = [(10, 1), (10, 3), (10, 10), (50, 7), (50, 50), (1000, 1), (1000, 20), (1000, 50), (1000, 333), (1000, 1000), (4000, 250)]
+SIZES = [
+    (10, 1),
+    (10, 3),
+    (10, 10),
+    (50, 7),
+    (50, 50),
+    (1000, 1),
+    (1000, 20),
+    (1000, 50),
+    (1000, 333),
+    (1000, 1000),
+    (4000, 250),
+]
 
 
 def alpha_bar_of(T: int) -> torch.Tensor:
@@ -72,7 +84,9 @@ def test_the_grids_of_the_papers():
     assert make_timesteps(1000).tolist() == list(range(999, -1, -1))  # num_steps=None: every step
 
 
-@pytest.mark.parametrize("betas", [linear_betas(1000), cosine_betas(1000), linear_betas(60)], ids=["linear", "cosine", "linear60"])
+@pytest.mark.parametrize(
+    "betas", [linear_betas(1000), cosine_betas(1000), linear_betas(60)], ids=["linear", "cosine", "linear60"]
+)
 def test_logsnr_grid_is_uniform_in_lambda(betas):
     T = betas.numel()
     alpha_bar = torch.cumprod(1 - betas, 0)
@@ -97,7 +111,12 @@ def test_logsnr_needs_the_schedule():
 
 @pytest.mark.parametrize(
     "args,match",
-    [((10, 11, "leading"), "between 1 and"), ((10, 0, "leading"), "between 1 and"), ((10, 2.5, "leading"), "integer"), ((10, 3, "cosine"), "unknown timestep spacing")],
+    [
+        ((10, 11, "leading"), "between 1 and"),
+        ((10, 0, "leading"), "between 1 and"),
+        ((10, 2.5, "leading"), "integer"),
+        ((10, 3, "cosine"), "unknown timestep spacing"),
+    ],
 )
 def test_bad_grids_are_config_errors(args, match):
     with pytest.raises(ConfigError, match=match):

@@ -29,7 +29,14 @@ def test_smoke_training_writes_checkpoint_grids_and_metrics(train_cfg, tmp_path)
 
 
 def test_training_reduces_the_loss(train_cfg, tmp_path):
-    train(train_cfg("trainer.max_steps=60", "callbacks.sample_grid.every_n_steps=0", "trainer.val_check_interval=60", "optimizer.lr=3e-3"))
+    train(
+        train_cfg(
+            "trainer.max_steps=60",
+            "callbacks.sample_grid.every_n_steps=0",
+            "trainer.val_check_interval=60",
+            "optimizer.lr=3e-3",
+        )
+    )
     losses = [float(r["train/loss"]) for r in read_metrics(tmp_path / "run") if r.get("train/loss")]
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.7 * first, (first, last)

@@ -5,8 +5,8 @@ import pytest
 
 from conftest import TINY, run_cli
 from ddpmlab.cli.sample import sample
-from ddpmlab.training import train
 from ddpmlab.errors import ConfigError
+from ddpmlab.training import train
 from fixtures_data import make_folder
 
 
@@ -34,8 +34,10 @@ def test_bad_values_are_refused_before_training(train_cfg, tmp_path, args, expec
 def test_sample_py_without_ckpt_path_is_one_line(tmp_path):
     r = run_cli("sample.py", f"hydra.run.dir={tmp_path / 'o'}", cwd=tmp_path, timeout=120)
     assert r.returncode == 2, r.stderr[-2000:]
-    assert r.stderr.strip() == "ddpmlab: error: ckpt_path is required: python sample.py " \
-                               "ckpt_path=<run dir>/checkpoints/last.ckpt"
+    assert (
+        r.stderr.strip() == "ddpmlab: error: ckpt_path is required: python sample.py "
+        "ckpt_path=<run dir>/checkpoints/last.ckpt"
+    )
 
 
 def test_sample_steps_above_the_checkpoints_T_are_refused(tmp_path):
@@ -52,9 +54,20 @@ def test_a_truncated_image_in_a_worker_is_one_line(tmp_path):
     make_folder(tmp_path / "images", classes=("a",), per_class=8)
     victim = tmp_path / "images" / "a" / "img_0.jpg"
     victim.write_bytes(victim.read_bytes()[:100])
-    r = run_cli("train.py", *TINY, "data=folder", f"data.root={tmp_path / 'images'}", "data.image_size=8",
-                "data.batch_size=8", "data.val_fraction=0", "data.num_workers=1", "trainer.max_steps=2",
-                f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=180)
+    r = run_cli(
+        "train.py",
+        *TINY,
+        "data=folder",
+        f"data.root={tmp_path / 'images'}",
+        "data.image_size=8",
+        "data.batch_size=8",
+        "data.val_fraction=0",
+        "data.num_workers=1",
+        "trainer.max_steps=2",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+        timeout=180,
+    )
     assert r.returncode == 2, r.stderr[-2000:]
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
     last = r.stderr.strip().splitlines()[-1]

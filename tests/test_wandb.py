@@ -25,7 +25,10 @@ def test_offline_wandb_run_keeps_images_config_name_and_tags(offline, train_cfg,
     run_id = (run / "wandb_run_id").read_text()
     [wandb_dir] = (run / "wandb").glob(f"offline-run-*-{run_id}")
     assert list(wandb_dir.glob("*.wandb"))  # the run's event log, what `wandb sync` uploads
-    media = {p.relative_to(wandb_dir / "files" / "media" / "images").parts[0] for p in wandb_dir.glob("files/media/images/**/*.png")}
+    media = {
+        p.relative_to(wandb_dir / "files" / "media" / "images").parts[0]
+        for p in wandb_dir.glob("files/media/images/**/*.png")
+    }
     assert {"samples", "data"} <= media  # sample grid + denoising chain, forward-process strip
     names = " ".join(p.name for p in wandb_dir.glob("files/media/images/**/*.png"))
     assert "grid" in names and "denoising_chain" in names and "forward_process" in names

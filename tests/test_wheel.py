@@ -58,6 +58,7 @@ def test_the_wheel_installs_and_trains_in_a_fresh_environment(tmp_path):
         "# @package _global_\ndefaults:\n  - override /model: unet_tiny\n  - override /schedule: cosine\n"
         "trainer:\n  max_steps: 1\n"
     )
-    r = run(train, "--config-dir", tmp_path / "my_configs", "experiment=tiny_cosine", "--cfg", "job",
-            cwd=tmp_path, env=env)
+    r = run(
+        train, "--config-dir", tmp_path / "my_configs", "experiment=tiny_cosine", "--cfg", "job", cwd=tmp_path, env=env
+    )
     assert "cosine_betas" in r.stdout and "max_steps: 1" in r.stdout

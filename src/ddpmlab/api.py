@@ -72,8 +72,9 @@ def check_targets(cfg: Any, section: str, trusted_targets=(), where: str = "chec
     allowed = REBUILDABLE.get(section, frozenset()) | frozenset(trusted_targets)
     plain = _plain(cfg)
     if not isinstance(plain, dict) or "_target_" not in plain:
-        raise CheckpointError(f"{where}: the stored config has no {section} section to rebuild "
-                              f"(got {str(plain)[:80]!r})")
+        raise CheckpointError(
+            f"{where}: the stored config has no {section} section to rebuild (got {str(plain)[:80]!r})"
+        )
 
     def walk(node: Any, key: str) -> None:
         if isinstance(node, dict):
@@ -90,8 +91,10 @@ def check_targets(cfg: Any, section: str, trusted_targets=(), where: str = "chec
             for i, v in enumerate(node):
                 walk(v, f"{key}[{i}]")
         elif isinstance(node, str) and "${" in node:  # stored configs are resolved: an interpolation is smuggled in
-            raise CheckpointError(f"{where}: refused to build {section}: {key}={node[:100]!r} is an interpolation, "
-                                  f"which a stored config never holds")
+            raise CheckpointError(
+                f"{where}: refused to build {section}: {key}={node[:100]!r} is an interpolation, "
+                f"which a stored config never holds"
+            )
 
     walk(plain, section)
     return plain
@@ -182,7 +185,7 @@ def denoiser_from_checkpoint(
     denoiser = build_denoiser(cfg, trusted=False, trusted_targets=trusted_targets, where=where)
     key = "state_dict" if ema or "current_model_state" not in ckpt else "current_model_state"
     prefix = "denoiser."
-    state = {k[len(prefix):]: v for k, v in ckpt[key].items() if k.startswith(prefix)}
+    state = {k[len(prefix) :]: v for k, v in ckpt[key].items() if k.startswith(prefix)}
     try:
         denoiser.load_state_dict(state)
     except RuntimeError as e:
@@ -224,8 +227,10 @@ def load_export(folder: str | Path, trusted_targets=()) -> tuple[Denoiser, DictC
     folder = Path(str(folder)).expanduser()
     weights, config = folder / WEIGHTS_FILE, folder / "config.yaml"
     if not weights.is_file() or not config.is_file():
-        raise CheckpointError(f"{folder} is not an exported ddpmlab model (it needs {WEIGHTS_FILE} and config.yaml); "
-                              "write one with: python export.py ckpt_path=<run dir>/checkpoints/last.ckpt")
+        raise CheckpointError(
+            f"{folder} is not an exported ddpmlab model (it needs {WEIGHTS_FILE} and config.yaml); "
+            "write one with: python export.py ckpt_path=<run dir>/checkpoints/last.ckpt"
+        )
     cfg = OmegaConf.load(config)
     denoiser = build_denoiser(cfg, trusted=False, trusted_targets=trusted_targets, where=str(folder))
     try:
@@ -258,7 +263,9 @@ def build_classifier(cfg: DictConfig, trusted: bool = True):
     if not is_classifier_config(cfg):
         raise CheckpointError(f"not a noisy-classifier config: model._target_ = {cfg.get('model', {}).get('_target_')}")
     kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "_target_"}
-    schedule = cfg.schedule if trusted else check_targets(cfg.get("schedule"), "schedule", where="classifier checkpoint")
+    schedule = (
+        cfg.schedule if trusted else check_targets(cfg.get("schedule"), "schedule", where="classifier checkpoint")
+    )
     return NoisyClassifier(**kwargs), GaussianDiffusion(instantiate(schedule))
 
 
@@ -280,7 +287,7 @@ def classifier_from_checkpoint(ckpt: dict[str, Any]):
             f"its model is {cfg.get('model', {}).get('_target_')}"
         )
     net, diffusion = build_classifier(cfg, trusted=False)
-    state = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+    state = {k[len("net.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
     try:
         net.load_state_dict(state)
     except RuntimeError as e:

@@ -22,8 +22,21 @@ UPSTREAM_NOISE = (
 # of fewer batches than log_every_n_steps (the 12 batches of the digits) still logs on schedule.
 FALSE_ALARMS = (r".*is smaller than the logging interval Trainer\(log_every_n_steps",)
 
-TREE_ORDER = ("data", "model", "schedule", "objective", "sampler", "optimizer", "ema", "trainer", "callbacks",
-              "logger", "perf", "paths", "extras")
+TREE_ORDER = (
+    "data",
+    "model",
+    "schedule",
+    "objective",
+    "sampler",
+    "optimizer",
+    "ema",
+    "trainer",
+    "callbacks",
+    "logger",
+    "perf",
+    "paths",
+    "extras",
+)
 
 
 def apply_extras(cfg: DictConfig, run_dir: str | Path | None = None) -> None:
@@ -72,8 +85,10 @@ def final_summary(step: int, seconds: float, metrics: dict[str, float], ckpt_pat
     from ddpmlab.progress import format_seconds
 
     shown = {k: v for k, v in metrics.items() if re.match(r"(train|val)/(loss|fid|kid|is|bpd)$", k)}
-    lines = [f"trained {step} steps in {format_seconds(seconds)}"
-             + ("" if not shown else ": " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(shown.items())))]
+    lines = [
+        f"trained {step} steps in {format_seconds(seconds)}"
+        + ("" if not shown else ": " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(shown.items())))
+    ]
     if ckpt_path:
         lines += [f"checkpoint: {ckpt_path}", f"sample with: {sample_command(ckpt_path)}"]
     return "\n".join(lines)

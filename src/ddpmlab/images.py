@@ -16,7 +16,14 @@ from ddpmlab.data.datasets import to_model_range, to_uint8
 from ddpmlab.errors import ConfigError
 
 __all__ = [
-    "image_grid", "load_image", "save_grid", "side_by_side", "to_hwc_uint8", "to_model_range", "to_uint8", "to_unit"
+    "image_grid",
+    "load_image",
+    "save_grid",
+    "side_by_side",
+    "to_hwc_uint8",
+    "to_model_range",
+    "to_uint8",
+    "to_unit",
 ]
 
 

@@ -76,8 +76,9 @@ def build_first_stage(net_cfg: DictConfig | dict) -> nn.Module:
     spec = OmegaConf.to_container(net_cfg, resolve=True) if isinstance(net_cfg, DictConfig) else dict(net_cfg)
     target = spec.pop("_target_", None)
     if target not in FIRST_STAGES:
-        raise CheckpointError(f"first_stage.net._target_={target!r} is not a first stage; "
-                              f"one of {sorted(FIRST_STAGES)}")
+        raise CheckpointError(
+            f"first_stage.net._target_={target!r} is not a first stage; one of {sorted(FIRST_STAGES)}"
+        )
     return FIRST_STAGES[target](**spec)
 
 
@@ -92,8 +93,10 @@ def load_first_stage(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     if p.is_dir():
         return load_diffusers_autoencoder(p)
     if not p.is_file():
-        raise CheckpointError(f"first_stage.ckpt_path={p} does not exist; pass a first-stage checkpoint "
-                              "(<autoencoder run dir>/checkpoints/last.ckpt) or a diffusers AutoencoderKL folder")
+        raise CheckpointError(
+            f"first_stage.ckpt_path={p} does not exist; pass a first-stage checkpoint "
+            "(<autoencoder run dir>/checkpoints/last.ckpt) or a diffusers AutoencoderKL folder"
+        )
     from ddpmlab.api import load_checkpoint
 
     ckpt = load_checkpoint(p)
@@ -106,12 +109,13 @@ def load_first_stage(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     net_cfg = dict(saved["first_stage"]["net"])
     first_stage = build_first_stage(net_cfg)
     prefix = "autoencoder."
-    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     try:
         first_stage.load_state_dict(state)
     except RuntimeError as e:
-        raise CheckpointError(f"{p}: the weights do not fit the autoencoder its config describes: "
-                              f"{str(e)[:200]}") from e
+        raise CheckpointError(
+            f"{p}: the weights do not fit the autoencoder its config describes: {str(e)[:200]}"
+        ) from e
     return first_stage.eval(), net_cfg
 
 
@@ -148,14 +152,17 @@ def build_autoencoder_module(cfg: DictConfig):
     # Lightning warns that manual optimisation saves the state after the step: that is the state at global_step.
     warnings.filterwarnings("ignore", message=r".*ModelCheckpoint with manual optimization")
     if cfg.trainer.get("gradient_clip_val"):
-        raise ConfigError("the autoencoder clips its own gradients (two optimizers, manual optimisation): set "
-                          "trainer.gradient_clip_val=null and first_stage.gradient_clip_val=<value> instead")
+        raise ConfigError(
+            "the autoencoder clips its own gradients (two optimizers, manual optimisation): set "
+            "trainer.gradient_clip_val=null and first_stage.gradient_clip_val=<value> instead"
+        )
     loss = cfg.first_stage.loss
     autoencoder = instantiate(cfg.first_stage.net)
     discriminator = None
     if loss.get("disc_start") is not None:
-        discriminator = PatchDiscriminator(autoencoder.in_channels, 64, loss.get("disc_layers", 2),
-                                           cfg.first_stage.net.get("num_groups", 32))
+        discriminator = PatchDiscriminator(
+            autoencoder.in_channels, 64, loss.get("disc_layers", 2), cfg.first_stage.net.get("num_groups", 32)
+        )
     return AutoencoderModule(
         autoencoder=autoencoder,
         optimizer=instantiate(cfg.optimizer),
@@ -204,8 +211,10 @@ def prepare_latent_config(cfg: DictConfig) -> tuple[DictConfig, nn.Module]:
     put its architecture into ``cfg.first_stage.net`` and the latent shape into ``cfg.model``."""
     path = cfg.first_stage.get("ckpt_path") if cfg.get("first_stage") else None
     if not path:
-        raise ConfigError("latent diffusion needs a trained first stage: first_stage.ckpt_path=<autoencoder run dir>/"
-                          "checkpoints/last.ckpt (train one with: python train.py experiment=autoencoder_mnist)")
+        raise ConfigError(
+            "latent diffusion needs a trained first stage: first_stage.ckpt_path=<autoencoder run dir>/"
+            "checkpoints/last.ckpt (train one with: python train.py experiment=autoencoder_mnist)"
+        )
     if cfg.first_stage.get("encode", "auto") not in ENCODE_MODES:
         raise ConfigError(f"first_stage.encode={cfg.first_stage.encode!r}: choose one of {list(ENCODE_MODES)}")
     first_stage, net_cfg = load_first_stage(path)
@@ -244,8 +253,9 @@ def _pixels(dataset, batch_size: int):
 
 
 @torch.no_grad()
-def encode_split(denoiser: LatentDenoiser, dataset, device: torch.device, batch_size: int = 256,
-                 limit: int | None = None) -> tuple[Tensor, Tensor]:
+def encode_split(
+    denoiser: LatentDenoiser, dataset, device: torch.device, batch_size: int = 256, limit: int | None = None
+) -> tuple[Tensor, Tensor]:
     """The unscaled latent moments (mean, std) of a split's first ``limit`` images, on ``device``."""
     means, stds, n = [], [], 0
     for x in _pixels(dataset, batch_size):
@@ -263,8 +273,18 @@ class LatentLoader:
     """(z [B,c,h,w], label [B]) batches from latent moments held on one device: a fresh shuffle every pass and a
     fresh posterior sample z = s * (mean + std * eps) every batch, like encoding each batch anew."""
 
-    def __init__(self, denoiser: LatentDenoiser, mean: Tensor, std: Tensor, labels: Tensor, batch_size: int,
-                 shuffle: bool, drop_last: bool, seed: int = 0, epoch=None):
+    def __init__(
+        self,
+        denoiser: LatentDenoiser,
+        mean: Tensor,
+        std: Tensor,
+        labels: Tensor,
+        batch_size: int,
+        shuffle: bool,
+        drop_last: bool,
+        seed: int = 0,
+        epoch=None,
+    ):
         self.denoiser, self.mean, self.std, self.labels = denoiser, mean, std, labels.to(mean.device)
         self.batch_size, self.shuffle, self.seed, self.epoch_fn = batch_size, shuffle, seed, epoch
         self.drop_last = drop_last and mean.shape[0] >= batch_size
@@ -321,8 +341,17 @@ class LatentDataModule(pl.LightningDataModule):
             print(f"latent diffusion: encoded {len(mean)} training images once in {seconds:.1f}s", flush=True)
         epoch = (lambda: self.trainer.current_epoch) if self.trainer is not None else None
         labels = dataset.labels[: len(mean)]
-        return LatentLoader(self.denoiser, mean, std, labels, self.data.batch_size, shuffle=train,
-                            drop_last=train, seed=self.seed, epoch=epoch if train else None)
+        return LatentLoader(
+            self.denoiser,
+            mean,
+            std,
+            labels,
+            self.data.batch_size,
+            shuffle=train,
+            drop_last=train,
+            seed=self.seed,
+            epoch=epoch if train else None,
+        )
 
     def train_dataloader(self):
         return self._once(self.data.train_set, True) if self.encode == "once" else self.data.train_dataloader()
@@ -357,11 +386,15 @@ def setup_latent_training(cfg: DictConfig, module, datamodule, first_stage: nn.M
     denoiser.first_stage.load_state_dict(first_stage.state_dict())
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")  # the frozen first stage, by design
     datamodule.setup("fit")
-    mean, std = encode_split(denoiser, datamodule.train_set, torch.device("cpu"),
-                             limit=cfg.first_stage.get("scale_images", 4096))
+    mean, std = encode_split(
+        denoiser, datamodule.train_set, torch.device("cpu"), limit=cfg.first_stage.get("scale_images", 4096)
+    )
     g = torch.Generator().manual_seed(cfg.seed)
     scale = denoiser.fit_scale_factor(mean + std * torch.randn(mean.shape, generator=g))
     mode = encode_mode(cfg, len(datamodule.train_set))
-    print(f"latent diffusion: first stage f={first_stage.factor}, latents {tuple(mean.shape[1:])}, "
-          f"scale factor 1/std = {scale:.4f}, encoding {mode}", flush=True)
+    print(
+        f"latent diffusion: first stage f={first_stage.factor}, latents {tuple(mean.shape[1:])}, "
+        f"scale factor 1/std = {scale:.4f}, encoding {mode}",
+        flush=True,
+    )
     return LatentDataModule(datamodule, denoiser, mode, seed=cfg.seed)

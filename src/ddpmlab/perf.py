@@ -186,7 +186,9 @@ def apply_perf(module, device: torch.device | str, perf: Mapping[str, Any] | Non
     return on
 
 
-def prepare_sampling(net: nn.Module, device: torch.device | str, perf: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def prepare_sampling(
+    net: nn.Module, device: torch.device | str, perf: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """Levers for a sampling loop, applied in place to the network (``denoiser.net``); returns what is on. Unless
     ``compile_mode`` is given, a GPU compiles with ``reduce-overhead``: CUDA graphs replay each network call with
     one launch (each call starts a new graph iteration; the samplers never read a network output after the next

@@ -29,8 +29,9 @@ class SamplingProgress:
     ``total`` is the number of evaluations expected (steps x batches). On a terminal it is a tqdm bar (left on
     screen with ``leave``); otherwise a line at 25, 50, 75 and 100%; ``enabled=False`` says nothing."""
 
-    def __init__(self, total: int, desc: str = "sampling", enabled: bool = True, leave: bool = True,
-                 unit: str = "eval"):
+    def __init__(
+        self, total: int, desc: str = "sampling", enabled: bool = True, leave: bool = True, unit: str = "eval"
+    ):
         self.total, self.desc, self.unit, self.n = max(1, int(total)), desc, unit, 0
         self.start = time.perf_counter()
         self.enabled, self._next_line = enabled, 0.25
@@ -47,8 +48,11 @@ class SamplingProgress:
         elif self.enabled and self.n >= self._next_line * self.total:
             elapsed = time.perf_counter() - self.start
             eta = elapsed / self.n * (self.total - self.n)
-            print(f"{self.desc}: {self.n}/{self.total} {self.unit}s ({100 * self.n // self.total}%), "
-                  f"{format_seconds(elapsed)} elapsed, ETA {format_seconds(eta)}", flush=True)
+            print(
+                f"{self.desc}: {self.n}/{self.total} {self.unit}s ({100 * self.n // self.total}%), "
+                f"{format_seconds(elapsed)} elapsed, ETA {format_seconds(eta)}",
+                flush=True,
+            )
             while self._next_line * self.total <= self.n:
                 self._next_line += 0.25
 

@@ -75,8 +75,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except SIGTERMException:  # Lightning stopped at a step boundary and OnExceptionCheckpoint saved there
         if trainer.is_global_zero:
-            print(f"stopped by SIGTERM at step {trainer.global_step}; continue with: python train.py "
-                  f"ckpt_path=last hydra.run.dir={run_dir} (plus this run's overrides)", flush=True)
+            print(
+                f"stopped by SIGTERM at step {trainer.global_step}; continue with: python train.py "
+                f"ckpt_path=last hydra.run.dir={run_dir} (plus this run's overrides)",
+                flush=True,
+            )
         requeue()
         raise SystemExit(128 + signal.SIGTERM) from None
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -167,8 +170,10 @@ def check_resume(ckpt_path: str, cfg: DictConfig) -> None:
     ckpt = load_checkpoint(ckpt_path, mmap=True)
     missing = [k for k in ("global_step", "optimizer_states", "loops") if k not in ckpt]
     if missing:
-        raise CheckpointError(f"{ckpt_path} cannot resume a training: it has no {', '.join(missing)} (a weights-only "
-                              f"export?); train afresh, or pass the run's last.ckpt")
+        raise CheckpointError(
+            f"{ckpt_path} cannot resume a training: it has no {', '.join(missing)} (a weights-only "
+            f"export?); train afresh, or pass the run's last.ckpt"
+        )
     try:
         check_compatible(ckpt["ddpmlab_config"], OmegaConf.to_container(cfg, resolve=True))
     except CheckpointError as e:

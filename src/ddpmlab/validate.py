@@ -31,11 +31,20 @@ def need_int(cfg: DictConfig, key: str, minimum: int, fix: str = "", allow: tupl
     raise ConfigError(f"{key}={value!r} must be an integer >= {minimum}{also}{'; ' + fix if fix else ''}")
 
 
-def need_number(cfg: DictConfig, key: str, low: float, high: float = math.inf, low_open: bool = False,
-                high_open: bool = True, fix: str = "") -> None:
+def need_number(
+    cfg: DictConfig,
+    key: str,
+    low: float,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = True,
+    fix: str = "",
+) -> None:
     value = OmegaConf.select(cfg, key, default=None)
-    if _is_num(value) and (value > low if low_open else value >= low) and (
-        value < high if high_open else value <= high
+    if (
+        _is_num(value)
+        and (value > low if low_open else value >= low)
+        and (value < high if high_open else value <= high)
     ):
         return
     interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
@@ -62,8 +71,10 @@ def check_schedule(cfg: DictConfig) -> int | None:
         if value is not None:
             need_number(cfg, f"schedule.{key}", 0.0, 1.0, low_open=True, fix="betas are variances of a step")
     if start is not None and end is not None and not start < end:
-        raise ConfigError(f"schedule.beta_start={start} must be below schedule.beta_end={end} (the noise added per "
-                          f"step grows with t; DDPM: 1e-4 to 0.02); swap them")
+        raise ConfigError(
+            f"schedule.beta_start={start} must be below schedule.beta_end={end} (the noise added per "
+            f"step grows with t; DDPM: 1e-4 to 0.02); swap them"
+        )
     return OmegaConf.select(cfg, "schedule.num_timesteps")
 
 
@@ -72,8 +83,10 @@ def check_sampler(cfg: DictConfig, T: int | None) -> None:
     if steps is not None:
         need_int(cfg, "sampler.num_steps", 1, "or null for all T steps")
         if T is not None and steps > T:
-            raise ConfigError(f"sampler.num_steps={steps} is more than the schedule's T={T} steps; use at most {T}, "
-                              f"or null for all of them")
+            raise ConfigError(
+                f"sampler.num_steps={steps} is more than the schedule's T={T} steps; use at most {T}, "
+                f"or null for all of them"
+            )
     if has(cfg, "sampler.eta"):
         need_number(cfg, "sampler.eta", 0.0, fix="0 is deterministic DDIM, 1 is DDPM-like")
 
@@ -81,8 +94,10 @@ def check_sampler(cfg: DictConfig, T: int | None) -> None:
 def check_model(cfg: DictConfig) -> None:
     mult = OmegaConf.select(cfg, "model.channel_mult")
     if mult is not None and (not OmegaConf.is_list(mult) or not mult or not all(_is_int(m) and m > 0 for m in mult)):
-        raise ConfigError(f"model.channel_mult={OmegaConf.to_container(mult) if OmegaConf.is_list(mult) else mult!r} "
-                          f"must be a non-empty list of positive integers, one per resolution (e.g. [1,2,2,2])")
+        raise ConfigError(
+            f"model.channel_mult={OmegaConf.to_container(mult) if OmegaConf.is_list(mult) else mult!r} "
+            f"must be a non-empty list of positive integers, one per resolution (e.g. [1,2,2,2])"
+        )
     for key in ("base_channels", "num_heads", "num_groups"):
         if has(cfg, f"model.{key}"):
             need_int(cfg, f"model.{key}", 1)
@@ -95,8 +110,9 @@ def check_model(cfg: DictConfig) -> None:
 def check_train_config(cfg: DictConfig) -> None:
     """Every value of a training config that can be checked without reading data."""
     if cfg.get("prediction") not in PREDICTIONS:
-        raise ConfigError(f"prediction={cfg.get('prediction')!r} is not a parameterization; choose one of "
-                          f"{', '.join(PREDICTIONS)}")
+        raise ConfigError(
+            f"prediction={cfg.get('prediction')!r} is not a parameterization; choose one of {', '.join(PREDICTIONS)}"
+        )
     need_int(cfg, "seed", 0)
     need_int(cfg, "lr_warmup_steps", 0)
     need_number(cfg, "p_uncond", 0.0, 1.0, fix="the share of labels dropped for classifier-free guidance")
@@ -122,8 +138,9 @@ def check_train_config(cfg: DictConfig) -> None:
     interval = OmegaConf.select(cfg, "trainer.val_check_interval")
     steps_or_share = (_is_int(interval) and interval >= 1) or (_is_num(interval) and 0 < interval <= 1)
     if interval is not None and not steps_or_share:
-        raise ConfigError(f"trainer.val_check_interval={interval!r} must be a number of steps >= 1 or a share of an "
-                          f"epoch in (0, 1]")
+        raise ConfigError(
+            f"trainer.val_check_interval={interval!r} must be a number of steps >= 1 or a share of an epoch in (0, 1]"
+        )
     if has(cfg, "trainer.gradient_clip_val"):
         need_number(cfg, "trainer.gradient_clip_val", 0.0, fix="or null for no clipping")
     for key in ("callbacks.checkpoint.every_n_train_steps", "callbacks.sample_grid.every_n_steps"):

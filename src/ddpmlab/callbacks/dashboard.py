@@ -52,8 +52,15 @@ class DenoisingChain(pl.Callback):
     reverse process, the first x_T and the last x_0. Drawn with the EMA weights every ``every_n_steps`` and at
     the end."""
 
-    def __init__(self, every_n_steps: int = 5000, num_images: int = 8, num_frames: int = 10, seed: int = 0,
-                 num_steps: int | None = 100, at_train_end: bool = True):
+    def __init__(
+        self,
+        every_n_steps: int = 5000,
+        num_images: int = 8,
+        num_frames: int = 10,
+        seed: int = 0,
+        num_steps: int | None = 100,
+        at_train_end: bool = True,
+    ):
         self.every_n_steps, self.num_images, self.num_frames, self.seed = every_n_steps, num_images, num_frames, seed
         self.num_steps, self.at_train_end = num_steps, at_train_end
         self._last_step = -1
@@ -71,8 +78,9 @@ class DenoisingChain(pl.Callback):
         """[num_images * F, C, H, W] in [0, 1], row-major: each row one image's x_T ... x_0."""
         evals = sampler.num_evaluations(denoiser.diffusion)
         with SamplingProgress(evals, "chain", enabled=is_terminal(), leave=False) as bar:
-            frames = generate_chain(denoiser, sampler, self.num_images, self.num_frames, seed=self.seed, perf=perf,
-                                    progress=bar.wrap)
+            frames = generate_chain(
+                denoiser, sampler, self.num_images, self.num_frames, seed=self.seed, perf=perf, progress=bar.wrap
+            )
         return to_unit(frames.flatten(0, 1))
 
     @rank_zero_only

@@ -98,8 +98,10 @@ class FID(pl.Callback):
             return
         self.net = net.eval().requires_grad_(False).to(pl_module.device)
         if self.isc and not hasattr(net, "features_and_logits"):
-            rank_zero_warn(f"no Inception Score during training: the feature network {type(net).__name__} has no "
-                           "features_and_logits method (callbacks.fid.isc=false silences this)")
+            rank_zero_warn(
+                f"no Inception Score during training: the feature network {type(net).__name__} has no "
+                "features_and_logits method (callbacks.fid.isc=false silences this)"
+            )
             self.isc = False
 
     def _load_real(self, trainer: pl.Trainer, device: torch.device) -> int:
@@ -171,4 +173,3 @@ class FID(pl.Callback):
 
     def __repr__(self) -> str:
         return f"FID(every_n_steps={self.every_n_steps}, num_samples={self.num_samples}, num_steps={self.num_steps})"
-

@@ -47,8 +47,15 @@ class StepProgressBar(ProgressBar):
             return
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=self._total(trainer), initial=trainer.global_step, desc="train", unit="step",
-                        dynamic_ncols=True, file=sys.stdout, smoothing=0.05)
+        self.bar = tqdm(
+            total=self._total(trainer),
+            initial=trainer.global_step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stdout,
+            smoothing=0.05,
+        )
 
     def summary(self, trainer, pl_module) -> dict[str, str]:
         """loss, val/loss (when validated) and img/s, formatted for the bar or the line."""
@@ -75,8 +82,11 @@ class StepProgressBar(ProgressBar):
         elapsed = time.perf_counter() - self._t0
         eta = elapsed / (step - self._step0) * (total - step)
         values = " ".join(f"{k} {v}" for k, v in self.summary(trainer, pl_module).items())
-        print(f"step {step}/{total} ({100 * step // max(1, total)}%) {values} "
-              f"[{format_seconds(elapsed)} elapsed, ETA {format_seconds(eta)}]", flush=True)
+        print(
+            f"step {step}/{total} ({100 * step // max(1, total)}%) {values} "
+            f"[{format_seconds(elapsed)} elapsed, ETA {format_seconds(eta)}]",
+            flush=True,
+        )
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.bar is not None:

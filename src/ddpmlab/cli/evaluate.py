@@ -40,7 +40,8 @@ class EvalContext:
     device: torch.device
 
     def datamodule(self):
-        """The checkpoint's data module (its data config, ``cfg.data`` merged over it, batches of ``cfg.batch_size``)."""
+        """The checkpoint's data module (its data config, ``cfg.data`` merged over it, batches of
+        ``cfg.batch_size``)."""
         data_cfg = OmegaConf.merge(self.train_cfg.data, self.cfg.get("data") or {})
         datamodule = rebuild(data_cfg, "data", batch_size=self.cfg.batch_size)  # the checkpoint's: checked targets
         datamodule.prepare_data()
@@ -88,8 +89,9 @@ def fid(ctx: EvalContext, options: DictConfig) -> dict[str, Any]:
     gpus = [torch.device("cuda", i) for i in range(torch.cuda.device_count())] if ctx.device.type == "cuda" else []
     devices = gpus if options.all_gpus and gpus else [ctx.device]
     start = time.perf_counter()
-    fake = generate_on_devices(ctx.denoiser, sampler, options.num_samples, ctx.cfg.batch_size, ctx.cfg.seed, devices,
-                               perf)
+    fake = generate_on_devices(
+        ctx.denoiser, sampler, options.num_samples, ctx.cfg.batch_size, ctx.cfg.seed, devices, perf
+    )
     seconds_sampling = time.perf_counter() - start
     datamodule = ctx.datamodule()
     real = real_images(datamodule, options.num_real)

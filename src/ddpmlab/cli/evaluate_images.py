@@ -44,8 +44,10 @@ def inpaint(ctx: EvalContext, options: DictConfig) -> dict[str, Any]:
     the mask ``mask``; MSE in the hole, PSNR, SSIM (and LPIPS with ``lpips=true``) against the originals."""
     denoiser = ctx.denoiser
     if hasattr(denoiser, "first_stage"):
-        raise ConfigError("metrics=[inpaint] runs on pixel-space checkpoints; for latent diffusion use sample.py's "
-                          "inpaint.index=... (RePaint on latents) one image at a time")
+        raise ConfigError(
+            "metrics=[inpaint] runs on pixel-space checkpoints; for latent diffusion use sample.py's "
+            "inpaint.index=... (RePaint on latents) one image at a time"
+        )
     x0, _ = held_out(ctx, options.num_images, "inpaint")
     _, H, W = denoiser.sample_shape
     keep = make_mask(str(options.mask), (H, W), torch.Generator().manual_seed(ctx.cfg.seed))  # [H,W], 1 = known
@@ -64,8 +66,10 @@ def inpaint(ctx: EvalContext, options: DictConfig) -> dict[str, Any]:
         "seed": ctx.cfg.seed, "range": "[0, 1]", "mse_hole": "mean over the hole's pixels",
         "psnr_ssim": "whole images, mean over images", "ssim_window": "gaussian sigma 1.5, 11 taps, reflect-padded",
     }  # fmt: skip
-    print(" ".join(f"{k} = {v:.4g}" for k, v in values.items())
-          + f" ({len(x0)} held-out images, mask {options.mask}, {seconds_sampling:.1f}s)")
+    print(
+        " ".join(f"{k} = {v:.4g}" for k, v in values.items())
+        + f" ({len(x0)} held-out images, mask {options.mask}, {seconds_sampling:.1f}s)"
+    )
     return {**values, "seconds_sampling": seconds_sampling, "protocol": protocol}
 
 
@@ -75,9 +79,11 @@ def judge_for(ctx: EvalContext, judge: str) -> tuple[Any, dict[str, Any]]:
 
     if judge == "svc_digits":
         if ctx.train_cfg.data.get("name") != "digits":
-            raise ConfigError(f"guided.judge=svc_digits judges the bundled 8x8 digits, but this checkpoint was "
-                              f"trained on {ctx.train_cfg.data.get('name')!r}: name a classifier checkpoint instead "
-                              "(guided.judge=<classifier run>/checkpoints/last.ckpt)")
+            raise ConfigError(
+                f"guided.judge=svc_digits judges the bundled 8x8 digits, but this checkpoint was "
+                f"trained on {ctx.train_cfg.data.get('name')!r}: name a classifier checkpoint instead "
+                "(guided.judge=<classifier run>/checkpoints/last.ckpt)"
+            )
         datamodule = ctx.datamodule()
         fit = [datamodule.train_set[i] for i in range(len(datamodule.train_set))]
         predict = svc_digits(torch.stack([x for x, _ in fit]), torch.tensor([int(y) for _, y in fit]))
@@ -85,11 +91,16 @@ def judge_for(ctx: EvalContext, judge: str) -> tuple[Any, dict[str, Any]]:
         accuracy = float((predict(x_val) == y_val.numpy()).mean())
         real = torch.cat([torch.stack([x for x, _ in fit]), x_val])  # every digit: the spread to compare with
         real_std = within_class_std(to_pixels(real), torch.cat([torch.tensor([int(y) for _, y in fit]), y_val]).numpy())
-        return predict, {"judge": "RBF-SVM (C=10) fit on the training split", "judge_heldout_accuracy": accuracy,
-                         "real_within_class_std": real_std}
+        return predict, {
+            "judge": "RBF-SVM (C=10) fit on the training split",
+            "judge_heldout_accuracy": accuracy,
+            "real_within_class_std": real_std,
+        }
     if not judge:
-        raise ConfigError("metrics=[guided] needs a judge: guided.judge=svc_digits (the bundled digits) or "
-                          "guided.judge=<noisy-classifier run>/checkpoints/last.ckpt")
+        raise ConfigError(
+            "metrics=[guided] needs a judge: guided.judge=svc_digits (the bundled digits) or "
+            "guided.judge=<noisy-classifier run>/checkpoints/last.ckpt"
+        )
     classifier, _, _ = classifier_from_checkpoint(load_checkpoint(judge))
     return classifier_judge(classifier.to(ctx.device), ctx.cfg.batch_size), {"judge": f"{judge} at t = 0"}
 
@@ -102,8 +113,10 @@ def guided(ctx: EvalContext, options: DictConfig) -> dict[str, Any]:
     wiring = classifier_guidance(options, ctx.denoiser, ctx.train_cfg, n, ctx.device)
     labels, denoiser = wiring or with_guidance(ctx.denoiser, options.get("labels"), options.get("guidance"), n)
     if labels is None:
-        raise ConfigError("metrics=[guided] needs samples drawn for labels: a class-conditional checkpoint "
-                          "(guided.guidance=w) or a classifier (guided.classifier.ckpt_path=...)")
+        raise ConfigError(
+            "metrics=[guided] needs samples drawn for labels: a class-conditional checkpoint "
+            "(guided.guidance=w) or a classifier (guided.classifier.ckpt_path=...)"
+        )
     sampler = Sampler.from_config(given(ctx.train_cfg.get("sampler")), given(options.get("sampler")))
     print(f"sampler: {sampler}")
     start = time.perf_counter()
@@ -119,6 +132,8 @@ def guided(ctx: EvalContext, options: DictConfig) -> dict[str, Any]:
         "sampler": sampler.to_config(), "steps": len(sampler.timesteps(ctx.denoiser.diffusion)),
         "seed": ctx.cfg.seed, "pixels": "uint8-quantised, on [0, 1]", **judge_info,
     }  # fmt: skip
-    print(f"agreement = {values['agreement']:.4f} within_class_std = {values['within_class_std']:.4f} "
-          f"({n} samples, {protocol['judge']})")
+    print(
+        f"agreement = {values['agreement']:.4f} within_class_std = {values['within_class_std']:.4f} "
+        f"({n} samples, {protocol['judge']})"
+    )
     return {**values, "seconds_sampling": seconds_sampling, "protocol": protocol}

@@ -37,8 +37,10 @@ def export(ckpt_path: str | Path, out_dir: str | Path | None = None, use_ema: bo
 def model_card(cfg: DictConfig, step: int | None, params: int, metrics: dict[str, Any], use_ema: bool) -> str:
     m, s, d = cfg.model, cfg.schedule, cfg.data
     schedule = ", ".join(f"{k}={v}" for k, v in s.items() if k != "_target_")
-    net = (f"{m._target_.rsplit('.', 1)[-1]}: base_channels={m.base_channels}, channel_mult={list(m.channel_mult)}, "
-           f"num_res_blocks={m.num_res_blocks}, attention at {list(m.attn_resolutions)}, dropout={m.dropout}")
+    net = (
+        f"{m._target_.rsplit('.', 1)[-1]}: base_channels={m.base_channels}, channel_mult={list(m.channel_mult)}, "
+        f"num_res_blocks={m.num_res_blocks}, attention at {list(m.attn_resolutions)}, dropout={m.dropout}"
+    )
     shown = {k: v for k, v in metrics.items() if k != "step" and not k.startswith("train/loss_q")}
     lines = [
         "# ddpmlab model",

@@ -22,9 +22,9 @@ from ddpmlab.api import (
     rebuild,
 )
 from ddpmlab.cli.common import friendly_errors
-from ddpmlab.perf import sampling_cpu_threads
 from ddpmlab.errors import ConfigError
 from ddpmlab.images import load_image, save_grid, side_by_side, to_hwc_uint8, to_unit
+from ddpmlab.perf import sampling_cpu_threads
 from ddpmlab.samplers import Sampler, generate, generate_chain, with_guidance
 from ddpmlab.samplers.classifier_guidance import ClassifierGuidedDenoiser, check_classifier_fits
 from ddpmlab.samplers.guidance import cycle_labels
@@ -78,8 +78,9 @@ def sample(cfg: DictConfig, output_dir: str | Path) -> Path:
     save_grid(to_unit(images[:100]), out / "grid.png", nrow=nrow)
     print(f"{cfg.num_samples} samples in {seconds:.1f}s ({cfg.num_samples / seconds:.1f} img/s) on {device}")
     if cfg.get("save_chain"):
-        frames = generate_chain(denoiser, sampler, cfg.chain_samples, cfg.chain_frames, seed=cfg.seed, perf=perf,
-                                progress=True)
+        frames = generate_chain(
+            denoiser, sampler, cfg.chain_samples, cfg.chain_frames, seed=cfg.seed, perf=perf, progress=True
+        )
         save_grid(to_unit(frames.flatten(0, 1)), out / "chain.png", nrow=frames.shape[1])
     return out
 
@@ -148,8 +149,10 @@ def inpaint(cfg: DictConfig, denoiser, ckpt_cfg: DictConfig, out: Path, perf=Non
     start = time.perf_counter()
     images = generate(denoiser, sampler, cfg.num_samples, seed=cfg.seed, batch_size=cfg.batch_size, labels=labels,
                       x0=known, keep=known_keep, perf=perf, progress=True)  # fmt: skip
-    print(f"{cfg.num_samples} RePaint completions ({sampler.num_evaluations(denoiser.diffusion)} network "
-          f"evaluations each) in {time.perf_counter() - start:.1f}s")
+    print(
+        f"{cfg.num_samples} RePaint completions ({sampler.num_evaluations(denoiser.diffusion)} network "
+        f"evaluations each) in {time.perf_counter() - start:.1f}s"
+    )
     write_outputs(out, images, sampler, labels, original=to_hwc_uint8(x0)[0], keep=keep.bool().numpy())
     save_grid(side_by_side(x0, keep, images), out / "inpaint.png", nrow=min(8, len(images)) + 2, min_cell=64)
     return out

@@ -49,17 +49,22 @@ class DiffusionDataModule(pl.LightningDataModule):
         if name not in DATASETS:
             raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
         if not (isinstance(image_size, int) and image_size > 0) or channels not in (1, 3):
-            raise ConfigError(f"data.image_size must be a positive integer and data.channels 1 or 3, "
-                              f"got {image_size} and {channels}")
+            raise ConfigError(
+                f"data.image_size must be a positive integer and data.channels 1 or 3, got {image_size} and {channels}"
+            )
         if not (isinstance(batch_size, int) and batch_size > 0) or not 0 <= val_fraction < 1:
-            raise ConfigError(f"data.batch_size must be >= 1 and 0 <= data.val_fraction < 1, got {batch_size} and {val_fraction}")
+            raise ConfigError(
+                f"data.batch_size must be >= 1 and 0 <= data.val_fraction < 1, got {batch_size} and {val_fraction}"
+            )
         if num_workers != "auto" and not (isinstance(num_workers, int) and num_workers >= 0):
             raise ConfigError(f"data.num_workers must be 'auto' or an integer >= 0, got {num_workers!r}")
         if on_device not in ("auto", True, False):
             raise ConfigError(f"data.on_device must be auto, true or false, got {on_device!r}")
         if on_device is True and name in FROM_FILES:
-            raise ConfigError(f"data.on_device=true needs a dataset held in memory ({', '.join(IN_MEMORY)}); "
-                              f"{name} is read from files")
+            raise ConfigError(
+                f"data.on_device=true needs a dataset held in memory ({', '.join(IN_MEMORY)}); "
+                f"{name} is read from files"
+            )
         self.name, self.root, self.download = name, root, download
         self.image_size, self.channels, self.num_classes = image_size, channels, num_classes
         self.batch_size, self.val_fraction, self.random_flip = batch_size, val_fraction, random_flip
@@ -83,8 +88,10 @@ class DiffusionDataModule(pl.LightningDataModule):
             paths, labels, _ = folder_files(self.root)
             train, val = D.holdout(len(paths), self.val_fraction)
             if len(train) == 0:
-                raise ConfigError(f"{self.root} holds {len(paths)} image(s), all held out for validation; "
-                                  f"add images or set data.val_fraction=0")
+                raise ConfigError(
+                    f"{self.root} holds {len(paths)} image(s), all held out for validation; "
+                    f"add images or set data.val_fraction=0"
+                )
             self.train_set = self._files([paths[i] for i in train], labels[train])
             self.val_set = self._files([paths[i] for i in val], labels[val]) if len(val) else None
         self._check_labels(self.train_set.labels)
@@ -109,7 +116,11 @@ class DiffusionDataModule(pl.LightningDataModule):
         return ImageFileDataset(paths, labels, self.image_size, self.channels, self.crop)
 
     def _check_labels(self, labels: torch.Tensor) -> None:
-        if self.num_classes is not None and len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < self.num_classes:
+        if (
+            self.num_classes is not None
+            and len(labels)
+            and not 0 <= int(labels.min()) <= int(labels.max()) < self.num_classes
+        ):
             raise ConfigError(
                 f"{self.name} labels run from {int(labels.min())} to {int(labels.max())} ({D.NO_LABEL} = no label) "
                 f"but data.num_classes={self.num_classes}; set data.num_classes to the number of classes, or null"
@@ -142,16 +153,31 @@ class DiffusionDataModule(pl.LightningDataModule):
         rank, world_size = self._rank()
         if self.uses_device_loader():
             return DeviceLoader(
-                ds.images, ds.labels, self.batch_size, shuffle=train, random_flip=train and self.random_flip,
-                drop_last=train, seed=self.seed, rank=rank, world_size=world_size, device=self._device(),
+                ds.images,
+                ds.labels,
+                self.batch_size,
+                shuffle=train,
+                random_flip=train and self.random_flip,
+                drop_last=train,
+                seed=self.seed,
+                rank=rank,
+                world_size=world_size,
+                device=self._device(),
                 position=where,
             )
         workers = self._num_workers()
         common = dict(num_workers=workers, persistent_workers=workers > 0, pin_memory=self._device().type == "cuda")
         if not train:
             return DataLoader(ds, batch_size=self.batch_size, collate_fn=D.CollateX0(False), **common)
-        sampler = EpochSampler(len(ds), self.batch_size, seed=self.seed, random_flip=self.random_flip, rank=rank,
-                               world_size=world_size, position=where)
+        sampler = EpochSampler(
+            len(ds),
+            self.batch_size,
+            seed=self.seed,
+            random_flip=self.random_flip,
+            rank=rank,
+            world_size=world_size,
+            position=where,
+        )
         return DataLoader(
             Flipped(ds),
             batch_size=self.batch_size,

@@ -136,7 +136,8 @@ def idx_dir(root: str | Path, name: str) -> Path:
 
 
 def load_idx(root: str | Path, name: str, split: str) -> tuple[Tensor, Tensor]:
-    """MNIST or Fashion-MNIST ``split`` ('train' | 'val' = the official test set) from ``<root>/<MNIST|FashionMNIST>/raw``."""
+    """MNIST or Fashion-MNIST ``split`` ('train' | 'val' = the official test set) from
+    ``<root>/<MNIST|FashionMNIST>/raw``."""
     title, _, url = IDX_DATASETS[name]
     raw = idx_dir(root, name)
     found = [next((p for p in (raw / f, raw / f"{f}.gz") if p.is_file()), None) for f in IDX_FILES[split]]
@@ -173,8 +174,11 @@ class CifarUnpickler(pickle.Unpickler):
     so a crafted batch cannot call anything else (plain ``pickle.load`` would run whatever it names)."""
 
     ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),  # how protocol-2 pickles hold bytes
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how protocol-2 pickles hold bytes
     }
 
     def find_class(self, module: str, name: str):
@@ -210,11 +214,14 @@ def load_cifar10(root: str | Path, split: str) -> tuple[Tensor, Tensor]:
             if len(x) != len(y):
                 raise ValueError(f"{len(x)} images but {len(y)} labels")
         except RefusedGlobal as e:
-            raise ConfigError(f"{path} is not a CIFAR-10 batch: it asks to call {e}, which was refused (a batch "
-                              f"holds only arrays and lists); extract the batches again from {CIFAR10_URL}") from e
+            raise ConfigError(
+                f"{path} is not a CIFAR-10 batch: it asks to call {e}, which was refused (a batch "
+                f"holds only arrays and lists); extract the batches again from {CIFAR10_URL}"
+            ) from e
         except Exception as e:  # any other unpickling or layout failure means the same thing: a broken file
-            raise ConfigError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}); extract it again from "
-                              f"{CIFAR10_URL}") from e
+            raise ConfigError(
+                f"{path} is truncated or corrupt ({type(e).__name__}: {e}); extract it again from {CIFAR10_URL}"
+            ) from e
         images.append(torch.from_numpy(x))
         labels.append(torch.from_numpy(y))
     return torch.cat(images), torch.cat(labels)
@@ -236,6 +243,7 @@ def download(name: str, root: str | Path) -> None:
             tv.CelebA(root, split="all", target_type=[], download=True)
     except Exception as e:  # no network, a moved mirror, a Google Drive quota, a failed checksum
         raise DatasetNotFoundError(
-            f"could not download {name} into {root} ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+            f"could not download {name} into {root} "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
             f"set data.download=false and put the files there by hand (the error without download says which)"
         ) from e

@@ -17,8 +17,8 @@ from ddpmlab.errors import ConfigError, DatasetNotFoundError
 
 
 class ImageFileDataset(Dataset):
-    """Image files -> (x0 float [C,H,W] in [-1, 1], label): optionally centre-cropped to ``crop`` first, then resized so the
-    shorter side is ``image_size`` and centre-cropped to a square. ``channels`` 1 reads grey, 3 reads RGB."""
+    """Image files -> (x0 float [C,H,W] in [-1, 1], label): optionally centre-cropped to ``crop`` first, then resized
+    so the shorter side is ``image_size`` and centre-cropped to a square. ``channels`` 1 reads grey, 3 reads RGB."""
 
     def __init__(self, paths: list[Path], labels: Tensor, image_size: int, channels: int, crop: int | None = None):
         assert len(paths) == len(labels), "one label per image"
@@ -89,8 +89,10 @@ def folder_files(root: str | Path) -> tuple[list[Path], Tensor, list[str]]:
     if not root.is_dir():
         raise DatasetNotFoundError(f"image folder {root} does not exist; set data.root to a directory of images")
     paths = sorted(
-        p for p in root.rglob("*")
-        if p.suffix.lower() in IMG_EXTENSIONS and not any(s.startswith(".") for s in p.relative_to(root).parts)
+        p
+        for p in root.rglob("*")
+        if p.suffix.lower() in IMG_EXTENSIONS
+        and not any(s.startswith(".") for s in p.relative_to(root).parts)
         and p.is_file()
     )
     if not paths:

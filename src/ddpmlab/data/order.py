@@ -47,8 +47,17 @@ class EpochSampler(DistributedSampler):
     """The DataLoader path's sampler: yields ``(index, flip)`` of this rank's share of :func:`epoch_order`, from
     the first batch not yet trained on. A DistributedSampler, so that Lightning does not replace it under DDP."""
 
-    def __init__(self, n: int, batch_size: int, *, seed: int, random_flip: bool, rank: int = 0, world_size: int = 1,
-                 position: Callable[[int], tuple[int, int] | None] | None = None):
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        *,
+        seed: int,
+        random_flip: bool,
+        rank: int = 0,
+        world_size: int = 1,
+        position: Callable[[int], tuple[int, int] | None] | None = None,
+    ):
         self.n, self.batch_size, self.seed, self.random_flip = n, batch_size, seed, random_flip
         self.rank, self.num_replicas, self.shuffle, self.drop_last = rank, world_size, True, True
         self.num_samples = n // world_size  # equal shards: every rank runs the same number of steps

@@ -88,7 +88,9 @@ class GaussianDiffusion(nn.Module):
 
     def q_sample(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """DDPM eq. (4), reparameterised: x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps."""
-        return extract(self.sqrt_alpha_bar, t, x0.shape) * x0 + extract(self.sqrt_one_minus_alpha_bar, t, x0.shape) * eps
+        return (
+            extract(self.sqrt_alpha_bar, t, x0.shape) * x0 + extract(self.sqrt_one_minus_alpha_bar, t, x0.shape) * eps
+        )
 
     def q_step(self, x_prev: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """DDPM eq. (2), one forward step q(x_t | x_{t-1}): x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) eps."""
@@ -102,23 +104,34 @@ class GaussianDiffusion(nn.Module):
     # ---------------------------------------------------------------- parameterizations
     def x0_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """Invert eq. (4): x0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)."""
-        return extract(self.sqrt_recip_alpha_bar, t, x_t.shape) * x_t - extract(self.sqrt_recipm1_alpha_bar, t, x_t.shape) * eps
+        return (
+            extract(self.sqrt_recip_alpha_bar, t, x_t.shape) * x_t
+            - extract(self.sqrt_recipm1_alpha_bar, t, x_t.shape) * eps
+        )
 
     def eps_from_x0(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
         """Invert eq. (4) for eps: eps = (x_t / sqrt(alpha_bar_t) - x0) / sqrt(1/alpha_bar_t - 1)."""
-        return (extract(self.sqrt_recip_alpha_bar, t, x_t.shape) * x_t - x0) / extract(self.sqrt_recipm1_alpha_bar, t, x_t.shape)
+        return (extract(self.sqrt_recip_alpha_bar, t, x_t.shape) * x_t - x0) / extract(
+            self.sqrt_recipm1_alpha_bar, t, x_t.shape
+        )
 
     def v_from_x0_eps(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """Salimans & Ho 2022, Sec. 4: v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0."""
-        return extract(self.sqrt_alpha_bar, t, x0.shape) * eps - extract(self.sqrt_one_minus_alpha_bar, t, x0.shape) * x0
+        return (
+            extract(self.sqrt_alpha_bar, t, x0.shape) * eps - extract(self.sqrt_one_minus_alpha_bar, t, x0.shape) * x0
+        )
 
     def x0_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
         """x0 = sqrt(alpha_bar_t) x_t - sqrt(1 - alpha_bar_t) v."""
-        return extract(self.sqrt_alpha_bar, t, x_t.shape) * x_t - extract(self.sqrt_one_minus_alpha_bar, t, x_t.shape) * v
+        return (
+            extract(self.sqrt_alpha_bar, t, x_t.shape) * x_t - extract(self.sqrt_one_minus_alpha_bar, t, x_t.shape) * v
+        )
 
     def eps_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
         """eps = sqrt(1 - alpha_bar_t) x_t + sqrt(alpha_bar_t) v."""
-        return extract(self.sqrt_one_minus_alpha_bar, t, x_t.shape) * x_t + extract(self.sqrt_alpha_bar, t, x_t.shape) * v
+        return (
+            extract(self.sqrt_one_minus_alpha_bar, t, x_t.shape) * x_t + extract(self.sqrt_alpha_bar, t, x_t.shape) * v
+        )
 
     # ---------------------------------------------------------------- reverse process
     def p_mean_variance(
@@ -138,7 +151,9 @@ class GaussianDiffusion(nn.Module):
             log_var = extract(self.log_beta_large, t, x_t.shape)
         elif variance == "learned":
             if var_interp is None:
-                raise ValueError("variance='learned' needs var_interp: the network must predict a variance (learn_sigma)")
+                raise ValueError(
+                    "variance='learned' needs var_interp: the network must predict a variance (learn_sigma)"
+                )
             log_min, log_max = extract(self.log_beta_tilde, t, x_t.shape), extract(self.log_beta, t, x_t.shape)
             log_var = var_interp * log_max + (1.0 - var_interp) * log_min  # iDDPM eq. (15)
         else:
@@ -152,4 +167,3 @@ class GaussianDiffusion(nn.Module):
         alpha_bar = self.alpha_bar64[kept]
         alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
         return GaussianDiffusion(1.0 - alpha_bar / alpha_bar_prev).to(self.beta.device)
-

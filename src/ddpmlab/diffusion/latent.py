@@ -21,8 +21,14 @@ class LatentDenoiser(Denoiser):
 
     x0_range = None  # latents: no clipping of x0_hat
 
-    def __init__(self, net: nn.Module, diffusion: GaussianDiffusion, first_stage: nn.Module,
-                 prediction: PredictionType = "eps", scale_factor: float = float("nan")):
+    def __init__(
+        self,
+        net: nn.Module,
+        diffusion: GaussianDiffusion,
+        first_stage: nn.Module,
+        prediction: PredictionType = "eps",
+        scale_factor: float = float("nan"),
+    ):
         super().__init__(net, diffusion, prediction)
         self.first_stage = first_stage.eval().requires_grad_(False)
         self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))

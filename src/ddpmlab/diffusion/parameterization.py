@@ -122,7 +122,9 @@ def check_same_diffusion(denoiser: nn.Module, diffusion: GaussianDiffusion) -> N
         )
 
 
-def clip_x0(pred: Prediction, diffusion: GaussianDiffusion, x_t: Tensor, t: Tensor, lo: float = -1.0, hi: float = 1.0) -> Prediction:
+def clip_x0(
+    pred: Prediction, diffusion: GaussianDiffusion, x_t: Tensor, t: Tensor, lo: float = -1.0, hi: float = 1.0
+) -> Prediction:
     """Clip x0_hat to the data range and re-derive eps_hat from the clipped x0_hat (so both stay consistent)."""
     x0_hat = pred.x0_hat.clamp(lo, hi)
     return pred._replace(eps_hat=diffusion.eps_from_x0(x_t, t, x0_hat), x0_hat=x0_hat)

@@ -33,7 +33,9 @@ def _logsnr_grid(alpha_bar: torch.Tensor, S: int) -> list[int]:
     lambda(T-1) to lambda(0), the code index with the nearest lambda (several may land on one index where lambda moves
     fast: near t = 0, and near T-1 for the cosine schedule)."""
     T = alpha_bar.numel()
-    lam = (0.5 * torch.log(alpha_bar / (1 - alpha_bar))).flip(0).contiguous()  # ascending; position p is code index T-1-p
+    lam = (
+        (0.5 * torch.log(alpha_bar / (1 - alpha_bar))).flip(0).contiguous()
+    )  # ascending; position p is code index T-1-p
     targets = lam[0] + torch.tensor(_linspace(float(lam[-1] - lam[0]), S), dtype=torch.float64)
     hi = torch.searchsorted(lam, targets).clamp(1, max(T - 1, 1))
     p = torch.where(targets - lam[hi - 1] <= lam[hi.clamp(max=T - 1)] - targets, hi - 1, hi).clamp(max=T - 1)
@@ -51,7 +53,9 @@ def _distinct(ts: list[int], T: int) -> list[int]:
     return ts
 
 
-def make_timesteps(T: int, num_steps: int | None = None, spacing: str = "leading", alpha_bar: torch.Tensor | None = None) -> torch.Tensor:
+def make_timesteps(
+    T: int, num_steps: int | None = None, spacing: str = "leading", alpha_bar: torch.Tensor | None = None
+) -> torch.Tensor:
     """The S = ``num_steps`` code indices (in 0..T-1) a sampler visits, in visiting (descending) order.
 
     - ``leading``: 0, k, 2k, ..., (S-1) k with k = T // S (DDIM's "uniform" skip; diffusers' "leading").

@@ -45,8 +45,9 @@ class AutoencoderModule(pl.LightningModule):
     ):
         super().__init__()
         if reconstruction not in RECONSTRUCTION:
-            raise ConfigError(f"first_stage.loss.reconstruction={reconstruction!r}: "
-                              f"choose one of {list(RECONSTRUCTION)}")
+            raise ConfigError(
+                f"first_stage.loss.reconstruction={reconstruction!r}: choose one of {list(RECONSTRUCTION)}"
+            )
         self.automatic_optimization = False  # two optimizers (autoencoder, discriminator), as in LDM
         self.autoencoder, self.discriminator, self.perceptual = autoencoder, discriminator, perceptual
         self.optimizer_factory, self.reconstruction, self.reg_weight = optimizer, reconstruction, reg_weight
@@ -119,8 +120,15 @@ class AutoencoderModule(pl.LightningModule):
         self.val_psnr(rec01, x01)
         self.val_ssim(rec01, x01)
         mse = F.mse_loss(rec01, x01)  # on the [0, 1] scale, as PSNR
-        self.log_dict({"val/loss": terms["loss"], "val/rec_loss": terms["rec_loss"], "val/reg_loss": terms["reg_loss"],
-                       "val/mse": mse}, sync_dist=True)
+        self.log_dict(
+            {
+                "val/loss": terms["loss"],
+                "val/rec_loss": terms["rec_loss"],
+                "val/reg_loss": terms["reg_loss"],
+                "val/mse": mse,
+            },
+            sync_dist=True,
+        )
         self.log("val/psnr", self.val_psnr, prog_bar=True)
         self.log("val/ssim", self.val_ssim)
 

@@ -48,8 +48,10 @@ class EMA(WeightAveraging):
     @torch.no_grad()
     def _update(self, pl_module) -> None:
         average = self._average_model
-        pairs = zip(itertools.chain(average.module.parameters(), average.module.buffers()),
-                    itertools.chain(pl_module.parameters(), pl_module.buffers()))
+        pairs = zip(
+            itertools.chain(average.module.parameters(), average.module.buffers()),
+            itertools.chain(pl_module.parameters(), pl_module.buffers()),
+        )
         averaged, current, frozen_avg, frozen = [], [], [], []
         for a, c in pairs:  # frozen parameters (a latent model's first stage) are copied: d x + (1 - d) x rounds
             is_frozen = isinstance(c, torch.nn.Parameter) and not c.requires_grad

@@ -220,8 +220,10 @@ def generate_chunks(denoiser, sampler, chunks: list[tuple[int, int]], seed: int,
     """Samples [sum n, C, H, W] in [-1, 1] on the denoiser's device; chunk (k, n) draws its n images from the
     seed ``seed + k`` (:func:`ddpmlab.samplers.generate`), so a sample set does not depend on how the chunks were
     shared out."""
-    out = [generate(denoiser, sampler, n, seed=seed + k, batch_size=n, perf=perf, to_cpu=False,
-                    progress=progress or False) for k, n in chunks]
+    out = [
+        generate(denoiser, sampler, n, seed=seed + k, batch_size=n, perf=perf, to_cpu=False, progress=progress or False)
+        for k, n in chunks
+    ]
     if not out:
         device = next(denoiser.parameters()).device
         return torch.empty(0, *denoiser.sample_shape, device=device)
@@ -238,8 +240,9 @@ def generate_on_devices(
 
     from ddpmlab.progress import SamplingProgress
 
-    evals = sampler.num_evaluations(denoiser.diffusion) * sum(len(share(num_samples, batch_size, r, len(devices)))
-                                                        for r in range(len(devices)))
+    evals = sampler.num_evaluations(denoiser.diffusion) * sum(
+        len(share(num_samples, batch_size, r, len(devices))) for r in range(len(devices))
+    )
 
     def run(rank: int) -> Tensor:
         model = denoiser if len(devices) == 1 else copy.deepcopy(denoiser).to(devices[rank])

@@ -25,9 +25,7 @@ def unit(x: Tensor) -> Tensor:
     return ((x.float() + 1) / 2).clamp(0, 1)
 
 
-def inpainting_metrics(
-    completions: Tensor, originals: Tensor, keep: Tensor, lpips: bool = False
-) -> dict[str, float]:
+def inpainting_metrics(completions: Tensor, originals: Tensor, keep: Tensor, lpips: bool = False) -> dict[str, float]:
     """``completions`` and ``originals`` [N,C,H,W] in [-1, 1], ``keep`` [H,W] (1 = known pixel): ``mse_hole``
     (mean over the hole's pixels and channels, on [0, 1]), ``psnr`` and ``ssim`` (whole images, mean over images)
     and with ``lpips=True`` ``lpips`` (mean over images; ConfigError where its weights are not cached)."""

@@ -26,7 +26,8 @@ class BitsPerDim(NamedTuple):
 
 
 def strata(T: int, stride: int) -> list[tuple[int, int]]:
-    """The KL indices 1..T-1 cut into consecutive blocks [start, stop) of ``stride`` indices (the last may be shorter)."""
+    """The KL indices 1..T-1 cut into consecutive blocks [start, stop) of ``stride`` indices (the last may be
+    shorter)."""
     if not isinstance(stride, int) or isinstance(stride, bool) or stride < 1:
         raise ConfigError(f"stride={stride!r} must be a positive integer (1: every timestep, the exact sum)")
     return [(start, min(start + stride, T)) for start in range(1, T, stride)]
@@ -107,7 +108,11 @@ def evaluate_bpd(
         take = x0.shape[0] if num_images is None else min(x0.shape[0], num_images - n)
         x0 = x0[:take].to(device)
         cond = label[:take].to(device) if conditional else None
-        parts.append(bits_per_dim(denoiser, x0, stride=stride, variance=variance, clip_x0=clip_x0, cond=cond, generator=generator))
+        parts.append(
+            bits_per_dim(
+                denoiser, x0, stride=stride, variance=variance, clip_x0=clip_x0, cond=cond, generator=generator
+            )
+        )
         n += take
     seconds = time.perf_counter() - start
     if num_images is not None and n < num_images:
@@ -126,13 +131,18 @@ def evaluate_bpd(
         "protocol": {
             "bound": "DDPM eq. (5): L_T + sum_t L_{t-1} + L_0, in bits/dim",
             "decoder": "discretised Gaussian, DDPM eq. (13): bins of half-width 1/255 on [-1, 1], edge bins to +-inf",
-            "variance": {"large": "sigma_t^2 = beta_t", "small": "sigma_t^2 = beta_tilde_t",
-                         "learned": "Sigma_theta = exp(v log beta_t + (1 - v) log beta_tilde_t), iDDPM eq. (15)"}[variance],
+            "variance": {
+                "large": "sigma_t^2 = beta_t",
+                "small": "sigma_t^2 = beta_tilde_t",
+                "learned": "Sigma_theta = exp(v log beta_t + (1 - v) log beta_tilde_t), iDDPM eq. (15)",
+            }[variance],
             "clip_x0": clip_x0,
             "T": T,
             "stride": stride,
             "timesteps_per_image": 1 + len(strata(T, stride)),
-            "kl_sum": "exact" if stride == 1 else f"stratified: one uniform t per block of {stride}, weighted by the block length",
+            "kl_sum": "exact"
+            if stride == 1
+            else f"stratified: one uniform t per block of {stride}, weighted by the block length",
             "conditional": conditional,
             "seed": seed,
         },

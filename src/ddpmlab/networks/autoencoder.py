@@ -51,8 +51,16 @@ def _mid(ch: int, num_groups: int, attention: bool) -> nn.Sequential:
 class Encoder(nn.Module):
     """x [B,C,H,W] -> [B,out_ch,H/f,W/f]; one Downsample between consecutive levels of ``channel_mult``."""
 
-    def __init__(self, in_channels: int, out_channels: int, base_channels: int, channel_mult: Sequence[int],
-                 num_res_blocks: int, num_groups: int, mid_attention: bool):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        base_channels: int,
+        channel_mult: Sequence[int],
+        num_res_blocks: int,
+        num_groups: int,
+        mid_attention: bool,
+    ):
         super().__init__()
         layers: list[nn.Module] = [nn.Conv2d(in_channels, base_channels, 3, padding=1)]
         ch = base_channels
@@ -62,8 +70,12 @@ class Encoder(nn.Module):
                 ch = base_channels * mult
             if level != len(channel_mult) - 1:
                 layers.append(Downsample(ch))
-        layers += [_mid(ch, num_groups, mid_attention), group_norm(ch, num_groups), nn.SiLU(),
-                   nn.Conv2d(ch, out_channels, 3, padding=1)]
+        layers += [
+            _mid(ch, num_groups, mid_attention),
+            group_norm(ch, num_groups),
+            nn.SiLU(),
+            nn.Conv2d(ch, out_channels, 3, padding=1),
+        ]
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -73,8 +85,16 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """z [B,c,h,w] -> [B,C,h*f,w*f], the encoder mirrored (one more ResnetBlock per level, as in LDM)."""
 
-    def __init__(self, latent_channels: int, out_channels: int, base_channels: int, channel_mult: Sequence[int],
-                 num_res_blocks: int, num_groups: int, mid_attention: bool):
+    def __init__(
+        self,
+        latent_channels: int,
+        out_channels: int,
+        base_channels: int,
+        channel_mult: Sequence[int],
+        num_res_blocks: int,
+        num_groups: int,
+        mid_attention: bool,
+    ):
         super().__init__()
         ch = base_channels * channel_mult[-1]
         layers: list[nn.Module] = [nn.Conv2d(latent_channels, ch, 3, padding=1), _mid(ch, num_groups, mid_attention)]

@@ -56,7 +56,9 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, self.num_heads, C // self.num_heads, H * W).transpose(-1, -2).unbind(1)
+        q, k, v = (
+            self.qkv(self.norm(x)).reshape(B, 3, self.num_heads, C // self.num_heads, H * W).transpose(-1, -2).unbind(1)
+        )
         h = F.scaled_dot_product_attention(q, k, v)  # [B, heads, HW, C/heads]
         return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
 

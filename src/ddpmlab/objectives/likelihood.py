@@ -33,14 +33,17 @@ def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) ->
 
 def log_normal_interval(a: Tensor, b: Tensor) -> Tensor:
     """log(Phi(b) - Phi(a)) for a < b (either may be infinite), without cancellation in either tail: an interval
-    in the upper tail is reflected into the lower one, and log(Phi(b) - Phi(a)) = log Phi(b) + log(1 - e^{log Phi(a) - log Phi(b)})."""
+    in the upper tail is reflected into the lower one, and
+    log(Phi(b) - Phi(a)) = log Phi(b) + log(1 - e^{log Phi(a) - log Phi(b)})."""
     upper = (a + b) > 0
     a, b = torch.where(upper, -b, a), torch.where(upper, -a, b)
     log_b, log_a = torch.special.log_ndtr(b), torch.special.log_ndtr(a)
     return log_b + torch.log(-torch.expm1(log_a - log_b))
 
 
-def discretized_gaussian_log_likelihood(x0: Tensor, mean: Tensor, log_scale: Tensor, half_bin: float = 1.0 / 255.0) -> Tensor:
+def discretized_gaussian_log_likelihood(
+    x0: Tensor, mean: Tensor, log_scale: Tensor, half_bin: float = 1.0 / 255.0
+) -> Tensor:
     """DDPM eq. (13): log of the mass N(mean, e^{2 log_scale}) puts on x0's bin [x0 - 1/255, x0 + 1/255], the edge
     bins stretched to -inf (x0 = -1) and +inf (x0 = 1), so the 256 bins' masses sum to 1. Per element, nats, float64."""
     x0, mean, inv_scale = x0.double(), mean.double(), torch.exp(-log_scale.double())
@@ -50,7 +53,8 @@ def discretized_gaussian_log_likelihood(x0: Tensor, mean: Tensor, log_scale: Ten
 
 
 def prior_bpd(diffusion: GaussianDiffusion, x0: Tensor) -> Tensor:
-    """L_T = KL(q(x_T | x_0) || N(0, I)) in bits/dim, [B]: q(x_T | x_0) = N(sqrt(alpha_bar_T) x0, 1 - alpha_bar_T), DDPM eq. (4)."""
+    """L_T = KL(q(x_T | x_0) || N(0, I)) in bits/dim, [B]: q(x_T | x_0) = N(sqrt(alpha_bar_T) x0, 1 - alpha_bar_T),
+    DDPM eq. (4)."""
     t = torch.full((x0.shape[0],), diffusion.T - 1, device=x0.device, dtype=torch.long)
     mean, var = diffusion.q_mean_variance(x0, t)
     zero = torch.zeros((), device=x0.device)

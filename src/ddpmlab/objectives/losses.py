@@ -27,7 +27,15 @@ class SimpleLoss:
                 "(L_simple + 0.001 L_vlb, iDDPM Sec. 3.1) or objective=vlb"
             )
 
-    def __call__(self, denoiser: Denoiser, diffusion: GaussianDiffusion, x0: Tensor, t: Tensor, eps: Tensor, cond: Tensor | None = None) -> Tensor:
+    def __call__(
+        self,
+        denoiser: Denoiser,
+        diffusion: GaussianDiffusion,
+        x0: Tensor,
+        t: Tensor,
+        eps: Tensor,
+        cond: Tensor | None = None,
+    ) -> Tensor:
         check_same_diffusion(denoiser, diffusion)
         x_t = diffusion.q_sample(x0, t, eps)
         pred = denoiser(x_t, t, cond)
@@ -41,7 +49,15 @@ class MinSNRLoss(SimpleLoss):
     def __init__(self, gamma: float = 5.0):
         self.gamma = gamma
 
-    def __call__(self, denoiser: Denoiser, diffusion: GaussianDiffusion, x0: Tensor, t: Tensor, eps: Tensor, cond: Tensor | None = None) -> Tensor:
+    def __call__(
+        self,
+        denoiser: Denoiser,
+        diffusion: GaussianDiffusion,
+        x0: Tensor,
+        t: Tensor,
+        eps: Tensor,
+        cond: Tensor | None = None,
+    ) -> Tensor:
         if denoiser.prediction != "eps":
             raise ValueError("MinSNRLoss is defined for prediction='eps'; use SimpleLoss for x0 or v")
         snr_t = extract(diffusion.snr, t, (t.shape[0],))

@@ -110,7 +110,8 @@ def check_classifier_fits(
         )
     if problems:
         raise ConfigError(
-            "this classifier was trained for another diffusion process or data: " + "; ".join(problems)
+            "this classifier was trained for another diffusion process or data: "
+            + "; ".join(problems)
             + ". Train one for this model: python train.py experiment=classifier_digits "
             "(with the model's data and schedule)"
         )

@@ -19,7 +19,9 @@ def ddim_sigma(alpha_bar_t: Tensor, alpha_bar_prev: Tensor, eta: float) -> Tenso
     return eta * ((1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)).sqrt()
 
 
-def ddim_step(pred: Prediction, alpha_bar_prev: Tensor | float, sigma_t: Tensor | float, noise: Tensor | None) -> Tensor:
+def ddim_step(
+    pred: Prediction, alpha_bar_prev: Tensor | float, sigma_t: Tensor | float, noise: Tensor | None
+) -> Tensor:
     """DDIM eq. (12): x_prev = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - sigma_t^2) eps_hat + sigma_t eps."""
     alpha_bar_prev = torch.as_tensor(alpha_bar_prev, dtype=torch.float64)
     sigma_t = torch.as_tensor(sigma_t, dtype=torch.float64)

@@ -24,7 +24,15 @@ from ddpmlab.samplers.base import SamplerStep, as_grid, final, grid_alpha_bar, p
 
 
 def dpm_solver_pp_2m_update(
-    x: Tensor, x0_hat: Tensor, x0_hat_prev: Tensor | None, lam_prev: float, lam_s: float, lam_t: float, sigma_s: float, sigma_t: float, alpha_t: float
+    x: Tensor,
+    x0_hat: Tensor,
+    x0_hat_prev: Tensor | None,
+    lam_prev: float,
+    lam_s: float,
+    lam_t: float,
+    sigma_s: float,
+    sigma_t: float,
+    alpha_t: float,
 ) -> Tensor:
     """One step from time s (with x, and x0_hat there) to time t. ``x0_hat_prev`` is the data prediction at the
     grid point before s (lambda ``lam_prev``); None gives the first-order step (DPM-Solver++(1) = DDIM)."""
@@ -61,7 +69,9 @@ def dpm_solver_sample_progressive(
     for i, t in enumerate(ts.tolist()):
         pred = predict(denoiser, diffusion, x, t, cond, clip_x0)
         lam_prev = lam[i - 1] if i > 0 else math.nan
-        x = dpm_solver_pp_2m_update(x, pred.x0_hat, x0_hat_prev, lam_prev, lam[i], lam[i + 1], sigma[i], sigma[i + 1], alpha[i + 1])
+        x = dpm_solver_pp_2m_update(
+            x, pred.x0_hat, x0_hat_prev, lam_prev, lam[i], lam[i + 1], sigma[i], sigma[i + 1], alpha[i + 1]
+        )
         x0_hat_prev = pred.x0_hat
         yield SamplerStep(t, x, pred.x0_hat)
 

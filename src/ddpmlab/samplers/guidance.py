@@ -92,10 +92,14 @@ class GuidedDenoiser(nn.Module):
 def check_labels(labels: Tensor, num_classes: int, batch_size: int) -> None:
     """Class labels for a batch: integers in 0..num_classes-1, one per sample."""
     if labels.dtype.is_floating_point or labels.shape != (batch_size,):
-        raise ConfigError(f"labels must be {batch_size} integer class indices (one per sample), got {labels.dtype} {list(labels.shape)}")
+        raise ConfigError(
+            f"labels must be {batch_size} integer class indices (one per sample), "
+            f"got {labels.dtype} {list(labels.shape)}"
+        )
     if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes:
         raise ConfigError(
-            f"labels must lie in 0..{num_classes - 1} (the model has {num_classes} classes), got {int(labels.min())}..{int(labels.max())}"
+            f"labels must lie in 0..{num_classes - 1} (the model has {num_classes} classes), "
+            f"got {int(labels.min())}..{int(labels.max())}"
         )
 
 
@@ -104,9 +108,13 @@ def cycle_labels(labels: int | list[int] | Tensor | None, num_classes: int, n: i
     if labels is None:
         base = torch.arange(num_classes)
     else:
-        values = labels.tolist() if isinstance(labels, Tensor) else [labels] if isinstance(labels, int) else list(labels)
+        values = (
+            labels.tolist() if isinstance(labels, Tensor) else [labels] if isinstance(labels, int) else list(labels)
+        )
         if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-            raise ConfigError(f"labels must be a non-empty list of class indices, e.g. labels=[0,1,2] (or null for all), got {values}")
+            raise ConfigError(
+                f"labels must be a non-empty list of class indices, e.g. labels=[0,1,2] (or null for all), got {values}"
+            )
         base = torch.tensor(values, dtype=torch.long)
     out = base.repeat(-(-n // base.numel()))[:n]
     check_labels(out, num_classes, n)

@@ -61,12 +61,16 @@ def random_strokes(
         for _ in range(num_segments):
             angle += (float(u(1)) - 0.5) * math.pi  # turn by up to +-90 degrees
             length = scale / 4 * (0.5 + float(u(1)))
-            q = (p + length * torch.tensor([math.sin(angle), math.cos(angle)])).clamp(torch.zeros(2), torch.tensor([H - 1.0, W - 1.0]))
+            q = (p + length * torch.tensor([math.sin(angle), math.cos(angle)])).clamp(
+                torch.zeros(2), torch.tensor([H - 1.0, W - 1.0])
+            )
             n = max(2, math.ceil(float((q - p).norm()) * 2))  # a point every half pixel along the segment
             points.append(p + torch.linspace(0, 1, n)[:, None] * (q - p))
             p = q
     pts = torch.cat(points)  # [P,2]
-    rows, cols = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32), indexing="ij")
+    rows, cols = torch.meshgrid(
+        torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32), indexing="ij"
+    )
     d2 = (rows[None] - pts[:, 0, None, None]) ** 2 + (cols[None] - pts[:, 1, None, None]) ** 2  # [P,H,W]
     return (d2.min(0).values > radius**2).float()
 
@@ -81,7 +85,9 @@ def load_mask(path: str | Path, size: int | tuple[int, int]) -> Tensor:
     try:
         grey = decode_image(read_file(str(p)), mode=ImageReadMode.GRAY)  # uint8 [1,h,w]
     except (OSError, RuntimeError) as e:
-        raise ConfigError(f"cannot read the mask image {p} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); give a PNG or JPEG") from e
+        raise ConfigError(
+            f"cannot read the mask image {p} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); give a PNG or JPEG"
+        ) from e
     H, W = _hw(size)
     grey = resize(grey, [H, W], interpolation=InterpolationMode.NEAREST)
     return (grey[0] >= 128).float()
@@ -90,11 +96,17 @@ def load_mask(path: str | Path, size: int | tuple[int, int]) -> Tensor:
 def make_mask(spec: str, size: int | tuple[int, int], generator: torch.Generator | None = None) -> Tensor:
     """``keep`` [H,W] from a preset name or a mask file path; refuses a mask with nothing to inpaint."""
     if spec in PRESETS:
-        keep = random_strokes(size, generator) if spec == "random_strokes" else {"left_half": left_half, "centre_square": centre_square}[spec](size)
+        keep = (
+            random_strokes(size, generator)
+            if spec == "random_strokes"
+            else {"left_half": left_half, "centre_square": centre_square}[spec](size)
+        )
     elif Path(str(spec)).expanduser().is_file():
         keep = load_mask(spec, size)
     else:
         raise ConfigError(f"mask {spec!r} is neither a preset ({', '.join(PRESETS)}) nor an image file")
     if bool(keep.all()):
-        raise ConfigError(f"mask {spec!r} keeps every pixel, so there is nothing to inpaint (white = known, black = to inpaint)")
+        raise ConfigError(
+            f"mask {spec!r} keeps every pixel, so there is nothing to inpaint (white = known, black = to inpaint)"
+        )
     return keep

@@ -39,7 +39,9 @@ def repaint_schedule(num_steps: int, jump_length: int = 10, jump_n_sample: int =
     j states, r - 1 times (the RePaint code's ``get_schedule_jump``, also diffusers' RePaintScheduler)."""
     check_jumps(jump_length, jump_n_sample)
     if jump_n_sample > 1 and jump_length >= num_steps:
-        raise ConfigError(f"jump_length={jump_length} must be smaller than the number of steps ({num_steps}) to resample")
+        raise ConfigError(
+            f"jump_length={jump_length} must be smaller than the number of steps ({num_steps}) to resample"
+        )
     jumps = {k: jump_n_sample - 1 for k in range(0, num_steps - jump_length, jump_length)}
     states, k = [], num_steps
     while k >= 1:
