@@ -122,6 +122,44 @@ def check_same_diffusion(denoiser: nn.Module, diffusion: GaussianDiffusion) -> N
         )
 
 
+class DenoiserWrapper(nn.Module):
+    """Base of the denoisers that wrap another one (guidance): they forward what samplers and ``generate`` read
+    (net, diffusion, prediction, sample_shape, num_classes, learn_sigma, x0_range, decode) to ``self.denoiser``."""
+
+    denoiser: nn.Module
+
+    @property
+    def net(self) -> nn.Module:
+        return self.denoiser.net
+
+    @property
+    def diffusion(self) -> GaussianDiffusion:
+        return self.denoiser.diffusion
+
+    @property
+    def prediction(self) -> str:
+        return self.denoiser.prediction
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return self.denoiser.sample_shape
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.denoiser.num_classes
+
+    @property
+    def learn_sigma(self) -> bool:
+        return getattr(self.denoiser, "learn_sigma", False)
+
+    @property
+    def x0_range(self):
+        return self.denoiser.x0_range
+
+    def decode(self, x0: Tensor) -> Tensor:
+        return self.denoiser.decode(x0)
+
+
 def clip_x0(
     pred: Prediction, diffusion: GaussianDiffusion, x_t: Tensor, t: Tensor, lo: float = -1.0, hi: float = 1.0
 ) -> Prediction:

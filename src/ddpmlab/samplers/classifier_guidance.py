@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ddpmlab.diffusion.gaussian import GaussianDiffusion
-from ddpmlab.diffusion.parameterization import Denoiser, Prediction
+from ddpmlab.diffusion.parameterization import Denoiser, DenoiserWrapper, Prediction
 from ddpmlab.errors import ConfigError
 
 
@@ -28,7 +28,7 @@ def grad_log_p(classifier: nn.Module, x_t: Tensor, t: Tensor, y: Tensor) -> Tens
         return torch.autograd.grad(selected.sum(), x)[0]
 
 
-class ClassifierGuidedDenoiser(nn.Module):
+class ClassifierGuidedDenoiser(DenoiserWrapper):
     """Wraps a :class:`Denoiser` (or another guided one) and a noisy classifier; ``forward(x_t, t, y)`` returns the
     model's Prediction with the classifier's scaled gradient for labels y [B] attached. The classifier sees the
     original timestep t (as the model does), also on a respaced grid."""
@@ -39,38 +39,6 @@ class ClassifierGuidedDenoiser(nn.Module):
             raise ConfigError(f"classifier.scale={scale} must be >= 0 (0: unguided)")
         self.denoiser, self.classifier, self.scale = denoiser, classifier.eval(), float(scale)
         self.conditional_model = bool(getattr(denoiser.net, "num_classes", None))
-
-    # What samplers and helpers read from a denoiser.
-    @property
-    def net(self) -> nn.Module:
-        return self.denoiser.net
-
-    @property
-    def diffusion(self) -> GaussianDiffusion:
-        return self.denoiser.diffusion
-
-    @property
-    def prediction(self) -> str:
-        return self.denoiser.prediction
-
-    @property
-    def learn_sigma(self) -> bool:
-        return getattr(self.denoiser, "learn_sigma", False)
-
-    @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        return self.denoiser.sample_shape
-
-    @property
-    def num_classes(self) -> int | None:
-        return self.denoiser.num_classes
-
-    @property
-    def x0_range(self):
-        return self.denoiser.x0_range
-
-    def decode(self, x0: Tensor) -> Tensor:
-        return self.denoiser.decode(x0)
 
     def extra_repr(self) -> str:
         return f"scale={self.scale}"

@@ -14,11 +14,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ddpmlab.diffusion.parameterization import Denoiser, Prediction
+from ddpmlab.diffusion.parameterization import Denoiser, DenoiserWrapper, Prediction
 from ddpmlab.errors import ConfigError
 
 
-class GuidedDenoiser(nn.Module):
+class GuidedDenoiser(DenoiserWrapper):
     """Wraps a class-conditional :class:`Denoiser`; ``forward(x_t, t, cond)`` returns the guided Prediction.
 
     Both terms come from ONE forward pass over the batch [x_t; x_t] with labels [cond; null] [2B]. x0_hat is
@@ -38,38 +38,6 @@ class GuidedDenoiser(nn.Module):
         if not float(w) >= 0:
             raise ConfigError(f"guidance weight w={w} must be >= 0 (0: the conditional model, unguided)")
         self.denoiser, self.w, self.null_label = denoiser, float(w), int(num_classes)
-
-    # What samplers and helpers read from a denoiser.
-    @property
-    def net(self) -> nn.Module:
-        return self.denoiser.net
-
-    @property
-    def diffusion(self):
-        return self.denoiser.diffusion
-
-    @property
-    def prediction(self) -> str:
-        return self.denoiser.prediction
-
-    @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        return self.denoiser.sample_shape
-
-    @property
-    def num_classes(self) -> int:
-        return self.denoiser.num_classes
-
-    @property
-    def learn_sigma(self) -> bool:
-        return getattr(self.denoiser, "learn_sigma", False)
-
-    @property
-    def x0_range(self):
-        return self.denoiser.x0_range
-
-    def decode(self, x0: Tensor) -> Tensor:
-        return self.denoiser.decode(x0)
 
     def extra_repr(self) -> str:
         return f"w={self.w}, null_label={self.null_label}"
