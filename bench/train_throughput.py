@@ -128,8 +128,7 @@ def bare_loop(args, module: DiffusionModule, cfg, device, precision, flops, peak
     objective), its optimizer, clipping, and the EMA callback's own update, over the same data path."""
     module = module.to(device).train()
     module.on_train_start()  # the module's noise generator, as at the start of fit
-    optimizer = module.configure_optimizers()
-    optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+    optimizer = module.build_optimizer()
     params = [p for p in module.denoiser.parameters() if p.requires_grad]
     clip = cfg.trainer.gradient_clip_val
     ema = instantiate(cfg.ema) if cfg.get("ema") else None

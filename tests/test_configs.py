@@ -45,6 +45,14 @@ def test_default_train_config_is_the_documented_one(tmp_path):
     assert cfg.data.name == "digits" and cfg.schedule._target_.endswith("linear_betas")
     assert cfg.sampler.algorithm == "ddpm" and "CSVLogger" in cfg.logger.csv._target_
     assert cfg.trainer.accelerator == "auto"
+    # the first run's recipe (experiment=digits): unet_digits, Adam 2e-3, 100 warm-up steps then a half cosine
+    assert cfg.model.num_res_blocks == 1 and cfg.model.dropout == 0 and cfg.model.attn_resolutions == []
+    assert cfg.optimizer.lr == 2e-3 and cfg.lr_schedule == "cosine" and cfg.lr_warmup_steps == 100
+    assert cfg.trainer.max_steps == 1500
+    # the command line wins over the recipe; another experiment replaces it as a whole
+    assert compose_cfg("train", ["optimizer.lr=1e-3", "model=unet_small"], tmp_path).model.num_res_blocks == 2
+    cond = compose_cfg("train", ["experiment=cond_digits"], tmp_path)
+    assert cond.optimizer.lr == 1e-3 and cond.lr_schedule == "constant" and cond.model.dropout == 0.1
     den = build_denoiser(cfg)
     assert den.prediction == "eps" and den.diffusion.T == 1000
 

@@ -59,7 +59,7 @@ def test_cpu_default_is_the_plain_fp32_eager_path(tiny_cfg):
     net = module.denoiser.net
     assert net._compiled_call_impl is None and all(w.is_contiguous() for w in conv_weights(net))
     assert module.optimizer_factory is factory and module.loss_in_progress_bar
-    assert not module.configure_optimizers().param_groups[0]["fused"]
+    assert not module.build_optimizer().param_groups[0]["fused"]
 
 
 def test_sampling_levers_are_shared_and_the_cpu_sampling_path_is_fp32_eager(tiny_cfg):
@@ -109,7 +109,7 @@ def test_levers_keep_checkpoint_keys_outputs_and_ema_copies_honest(tiny_cfg):
         for p in twin.parameters():
             p.zero_()
     assert twin(x, t).abs().max() == 0 and net(x, t).abs().max() > 0
-    opt = module.configure_optimizers()
+    opt = module.build_optimizer()
     assert opt.param_groups[0]["fused"] is True and not module.loss_in_progress_bar
 
 

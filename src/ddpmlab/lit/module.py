@@ -110,8 +110,12 @@ class DiffusionModule(pl.LightningModule):
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         return loss
 
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """The configured optimizer over the denoiser's parameters (no LR schedule: that needs the Trainer)."""
+        return self.optimizer_factory(self.denoiser.parameters())
+
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.denoiser.parameters())
+        optimizer = self.build_optimizer()
         if self.lr_warmup_steps <= 0 and self.lr_schedule == "constant":
             return optimizer
         factor = partial(lr_factor, self.lr_schedule, self.lr_warmup_steps, max(1, self.trainer.max_steps))
