@@ -2,6 +2,7 @@
 own configs, the closing summary, no empty run directory after a failed call; the thread count chooser;
 the everyday training options (AdamW, LR schedules, accumulation, declared debug flags)."""
 
+import logging
 import time
 import warnings
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from conftest import run_cli
+from ddpmlab.console import final_summary
 from ddpmlab.diffusion import GaussianDiffusion
 from ddpmlab.diffusion.parameterization import Denoiser
 from ddpmlab.diffusion.schedules import linear_betas
@@ -151,3 +153,27 @@ def test_debug_trainer_flags_are_declared(train_cfg):
         "trainer.profiler=simple",
     )  # no '+' needed
     assert cfg.trainer.fast_dev_run is True and cfg.trainer.profiler == "simple"
+
+
+def test_last_checkpoint_written_at_the_end_is_full_and_silent(train_cfg, tmp_path, caplog):
+    # 7 steps with checkpoints every 3: last.ckpt at step 7 is written when training ends
+    with caplog.at_level(logging.INFO):
+        train(train_cfg("trainer.max_steps=7"))
+    assert not [r.getMessage() for r in caplog.records if "weights_only" in r.getMessage()]
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 7 and ckpt["optimizer_states"] and ckpt["callbacks"]
+
+
+@pytest.mark.parametrize(
+    "kind,expected",
+    [
+        ("diffusion", "sample with: python sample.py ckpt_path=run/last.ckpt"),
+        ("autoencoder", "python train.py experiment=ldm_mnist first_stage.ckpt_path=run/last.ckpt"),
+        ("classifier", "python sample.py ckpt_path=<diffusion ckpt> classifier.ckpt_path=run/last.ckpt"),
+    ],
+)
+def test_closing_lines_name_the_next_command_for_what_was_trained(kind, expected):
+    metrics = {"val/psnr": 27.91, "val/ssim": 0.97, "val/acc": 0.5, "train/loss": 0.1, "lr-Adam": 1e-3}
+    out = final_summary(600, 312.0, metrics, "run/last.ckpt", kind)
+    assert expected in out and "checkpoint: run/last.ckpt" in out
+    assert "val/psnr 27.91" in out and "val/acc 0.5" in out and "lr-Adam" not in out

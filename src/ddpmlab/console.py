@@ -80,15 +80,31 @@ def sample_command(ckpt_path: str | Path) -> str:
     return f"python sample.py ckpt_path={shlex.quote(str(ckpt_path))}"
 
 
-def final_summary(step: int, seconds: float, metrics: dict[str, float], ckpt_path: str | Path | None) -> str:
-    """The closing lines of a run: steps and time, final metrics, the checkpoint and the next command."""
+def final_summary(
+    step: int, seconds: float, metrics: dict[str, float], ckpt_path: str | Path | None, kind: str = "diffusion"
+) -> str:
+    """The closing lines of a run: steps and time, final metrics, the checkpoint and the next command, which
+    depends on what was trained (``kind``: diffusion, autoencoder or classifier)."""
     from ddpmlab.progress import format_seconds
 
-    shown = {k: v for k, v in metrics.items() if re.match(r"(train|val)/(loss|fid|kid|is|bpd)$", k)}
+    shown = {k: v for k, v in metrics.items() if re.match(r"(train|val)/(loss|fid|kid|is|bpd|psnr|ssim|acc)$", k)}
     lines = [
         f"trained {step} steps in {format_seconds(seconds)}"
         + ("" if not shown else ": " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(shown.items())))
     ]
     if ckpt_path:
-        lines += [f"checkpoint: {ckpt_path}", f"sample with: {sample_command(ckpt_path)}"]
+        ckpt = shlex.quote(str(ckpt_path))
+        lines.append(f"checkpoint: {ckpt_path}")
+        if kind == "autoencoder":
+            lines.append(
+                "train a latent diffusion model on it with: python train.py experiment=ldm_mnist "
+                f"first_stage.ckpt_path={ckpt} (plus this run's data keys)"
+            )
+        elif kind == "classifier":
+            lines.append(
+                "guide a diffusion model with it: python sample.py ckpt_path=<diffusion ckpt> "
+                f"classifier.ckpt_path={ckpt}"
+            )
+        else:
+            lines.append(f"sample with: {sample_command(ckpt_path)}")
     return "\n".join(lines)

@@ -23,7 +23,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
-from ddpmlab.api import build_module, load_checkpoint
+from ddpmlab.api import build_module, is_classifier_config, load_checkpoint
 from ddpmlab.callbacks.checkpoint import AtomicCheckpointIO
 from ddpmlab.console import apply_extras, final_summary
 from ddpmlab.errors import CheckpointError
@@ -86,7 +86,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)  # what a sweep summary reads
         (run_dir / "final_metrics.json").write_text(json.dumps({"step": trainer.global_step, **metrics}, indent=2))
-        print(final_summary(trainer.global_step, time.perf_counter() - start, metrics, last_checkpoint(trainer)))
+        kind = "autoencoder" if cfg.get("stage") == "autoencoder" else "diffusion"
+        kind = "classifier" if is_classifier_config(cfg) else kind
+        seconds = time.perf_counter() - start
+        print(final_summary(trainer.global_step, seconds, metrics, last_checkpoint(trainer), kind))
         print(f"run directory: {trainer.default_root_dir}")
     if any(isinstance(logger, WandbLogger) for logger in trainer.loggers) and trainer.is_global_zero:
         import wandb

@@ -77,7 +77,8 @@ class Checkpoint(ModelCheckpoint):
             return
         super().on_train_end(trainer, pl_module)
         if self.save_last and self.dirpath and trainer.global_step != self._last_global_step_saved:
-            trainer.save_checkpoint(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
+            last = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+            trainer.save_checkpoint(last, weights_only=False)  # a full, resumable checkpoint
             self._last_global_step_saved = trainer.global_step
 
 
