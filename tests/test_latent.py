@@ -21,7 +21,7 @@ AE = [
     "data.image_size=8",
     "data.batch_size=32",
     "first_stage.net.base_channels=8",
-    "first_stage.net.channel_mult=[1,2]",  # f = 2: 8x8 digits -> 4x4x4 latents
+    "first_stage.net.channel_mult=[1,2]",  # f = 2: 8x8 digits -> 4x4x2 latents (the experiment's c = 2)
     "first_stage.net.num_groups=4",
     "optimizer.lr=3e-3",
     "trainer.max_steps=150",
@@ -111,7 +111,7 @@ def test_second_stage_trains_on_latents_of_the_frozen_first_stage(ldm_run, ae_ck
     ckpt = load_checkpoint(ldm_run / "checkpoints" / "last.ckpt")
     ae_state = load_checkpoint(ae_ckpt)["state_dict"]
     cfg = ckpt["ddpmlab_config"]
-    assert cfg["stage"] == "latent_diffusion" and cfg["model"]["in_channels"] == 4 and cfg["model"]["image_size"] == 4
+    assert cfg["stage"] == "latent_diffusion" and cfg["model"]["in_channels"] == 2 and cfg["model"]["image_size"] == 4
     for state in (ckpt["state_dict"], ckpt["current_model_state"]):  # EMA and raw weights
         first = {
             k[len("denoiser.first_stage.") :]: v for k, v in state.items() if k.startswith("denoiser.first_stage.")
@@ -127,11 +127,11 @@ def test_second_stage_trains_on_latents_of_the_frozen_first_stage(ldm_run, ae_ck
 
 def test_latent_samples_decode_to_pixels_in_the_data_range(ldm_run):
     denoiser, cfg = load(ldm_run / "checkpoints" / "last.ckpt")
-    x_T = torch.randn(16, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    x_T = torch.randn(16, 2, 4, 4, generator=torch.Generator().manual_seed(0))
     for sampler in (Sampler("ddim", num_steps=10), Sampler("ddpm", num_steps=10)):
         z = sampler(denoiser, denoiser.diffusion, x_T, generator=torch.Generator().manual_seed(1))
         x = denoiser.decode(z)
-        assert z.shape == (16, 4, 4, 4) and x.shape == (16, 1, 8, 8)
+        assert z.shape == (16, 2, 4, 4) and x.shape == (16, 1, 8, 8)
         # the decoder's range, about [-1, 1] (loosely: a model trained for 6 steps draws off-distribution latents)
         assert torch.isfinite(x).all() and x.abs().quantile(0.99) < 3.0
     assert float(denoiser.scale_factor) == pytest.approx(
@@ -210,7 +210,7 @@ def test_both_encodings_feed_unit_variance_latents(ldm_run, mode):
     batches = [latent.on_after_batch_transfer(b, 0) for b in latent.train_dataloader()]
     z = torch.cat([b[0] for b in batches])
     labels = torch.cat([b[1] for b in batches])
-    assert z.shape[1:] == (4, 4, 4) and len(z) == len(labels) == len(data.train_set) // 64 * 64
+    assert z.shape[1:] == (2, 4, 4) and len(z) == len(labels) == len(data.train_set) // 64 * 64
     assert 0.7 < float(z.std()) < 1.3
     assert latent.val_set is data.val_set  # the rest is the wrapped data module's
 
