@@ -9,7 +9,8 @@ import warnings
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import compose_cfg, run_cli
+from ddpmlab.api import build_module
 from ddpmlab.console import final_summary
 from ddpmlab.diffusion import GaussianDiffusion
 from ddpmlab.diffusion.parameterization import Denoiser
@@ -118,6 +119,32 @@ def test_cpu_threads_setting(monkeypatch):
             set_cpu_threads(module, 0, (4, 1, 8, 8))
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["experiment=classifier_digits"],
+        ["experiment=autoencoder_mnist", "first_stage=vq_f4"],
+        ["experiment=autoencoder_mnist"],
+    ],
+)
+def test_cpu_threads_auto_times_every_kind_of_training_module(overrides, tmp_path, monkeypatch):
+    # auto times a training step of what the run trains: a noisy classifier, or a first stage on 8x8 images
+    small = ["data=digits", "data.image_size=8"]
+    if "autoencoder" in overrides[0]:
+        small += ["first_stage.net.base_channels=8", "first_stage.net.num_groups=4"]
+    module = build_module(compose_cfg("train", overrides + small, tmp_path))
+    before = torch.get_num_threads()
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    try:
+        assert set_cpu_threads(module, "auto", (32, 1, 8, 8)) in (1, before)
+    finally:
+        torch.set_num_threads(before)
+    assert all(p.grad is None for p in module.parameters())
+    for k, v in module.state_dict().items():  # the probe changes nothing, a VQ codebook's EMA included
+        torch.testing.assert_close(v, state[k], msg=k)
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from ddpmlab.api import load, load_checkpoint
 from ddpmlab.data import DiffusionDataModule
 from ddpmlab.errors import CheckpointError, ConfigError
 from ddpmlab.latent import LatentDataModule, load_first_stage
+from ddpmlab.perf import set_cpu_threads
 from ddpmlab.samplers import Sampler
 from ddpmlab.training import train
 
@@ -340,3 +341,16 @@ def test_inpainting_runs_in_latent_space_and_returns_pixels(ldm_run, tmp_path):
     saved = np.load(out / "samples.npz")
     assert saved["images"].shape == (3, 8, 8, 1) and saved["keep"].shape == (8, 8)  # pixels, the pixel mask
     assert (out / "inpaint.png").is_file()
+
+
+def test_cpu_threads_auto_times_the_denoiser_on_latents(ldm_run, monkeypatch):
+    # the data config's shape is the pixels'; the probe must feed the U-Net latents
+    denoiser, _ = load(ldm_run / "checkpoints" / "last.ckpt")
+    module = type("M", (), {"denoiser": denoiser})()
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    try:
+        assert set_cpu_threads(module, "auto", (32, 1, 8, 8)) in (1, before)
+    finally:
+        torch.set_num_threads(before)
+    assert all(p.grad is None for p in denoiser.parameters())

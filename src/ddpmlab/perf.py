@@ -129,12 +129,36 @@ def set_cpu_threads(module, value: Any, batch_shape: tuple[int, ...] | None) -> 
             raise ConfigError(f"perf.cpu_threads={value!r}: use auto (measured), a positive number or null")
         torch.set_num_threads(value)
         return value
-    denoiser = module.denoiser
     # A slice of the batch: thread overhead shows as well, and on a busy machine, where a multi-threaded step can
     # take 10-20x longer, the probe stays a few seconds.
-    x = torch.randn((min(batch_shape[0], 32), *batch_shape[1:]))
-    t = torch.randint(0, denoiser.diffusion.T, (x.shape[0],))
-    return choose_cpu_threads(lambda: denoiser(x, t).eps_hat.square().mean().backward(), denoiser.parameters())
+    step, params = training_probe(module, min(batch_shape[0], 32), batch_shape[1:])
+    return choose_cpu_threads(step, params)
+
+
+def training_probe(module, n: int, image_shape: tuple[int, ...]) -> tuple[Callable[[], None], list[nn.Parameter]]:
+    """A forward and backward pass like one training step of ``module`` on ``n`` random inputs, and the
+    parameters it fills gradients of: a DiffusionModule's denoiser on x_t (latents for a latent denoiser), a
+    first stage's decode(encode(x)) on images, a noisy classifier on x_t."""
+    if hasattr(module, "denoiser"):
+        denoiser = module.denoiser
+        x = torch.randn((n, *denoiser.sample_shape))
+        t = torch.randint(0, denoiser.diffusion.T, (n,))
+        return lambda: denoiser(x, t).eps_hat.square().mean().backward(), list(denoiser.parameters())
+    x = torch.randn((n, *image_shape))
+    if hasattr(module, "autoencoder"):
+        ae = module.autoencoder
+
+        def step() -> None:
+            was_training = ae.training
+            ae.eval()  # a VQ codebook's EMA update must not see the random probe
+            try:
+                ae(x)[0].square().mean().backward()
+            finally:
+                ae.train(was_training)
+
+        return step, list(ae.parameters())
+    t = torch.randint(0, module.diffusion.T, (n,))
+    return lambda: module.net(x, t).logsumexp(-1).mean().backward(), list(module.net.parameters())
 
 
 def sampling_cpu_threads(denoiser, device: torch.device | str, batch_size: int) -> int:
