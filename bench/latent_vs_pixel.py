@@ -3,10 +3,10 @@
     python bench/latent_vs_pixel.py [--ae-ckpt <autoencoder run>/checkpoints/last.ckpt] [--batch-size 128] \
         [--steps 4] [--out bench/results/latent_vs_pixel.json]
 
-Three training steps of the same U-Net (experiment=ldm_mnist's width: base 32, channel_mult [1, 2, 2], 2 res blocks,
-attention at half resolution), timed side by side:
+Three training steps of the same U-Net (experiment=ldm_mnist's: base 32, channel_mult [1, 2, 2], one res block per
+level, attention in the middle block only), timed side by side:
 - pixel: x0 [B,1,32,32] (MNIST resized to 32x32);
-- latent, encoded once: z [B,4,8,8] already on the device (``first_stage.encode=once``; the encoding pass over the
+- latent, encoded once: z [B,c,8,8] already on the device (``first_stage.encode=once``; the encoding pass over the
   split is timed separately, per image);
 - latent, encoded per batch: the first stage's encoder on every batch, then the step (``first_stage.encode=per_batch``).
 FLOPs are counted (FlopCounterMode on the meta device); seconds are wall time of full Adam steps. The first stage is
@@ -36,7 +36,7 @@ from ddpmlab.objectives.losses import SimpleLoss
 
 
 def unet(in_channels: int, size: int, width: int) -> UNet:
-    return UNet(in_channels, None, size, width, (1, 2, 2), 2, (size // 2,), 0.0, 4, 32)
+    return UNet(in_channels, None, size, width, (1, 2, 2), 1, (), 0.0, 4, 32)
 
 
 def flops(fn) -> int:
@@ -68,13 +68,14 @@ def main() -> None:
 
         first_stage, _ = load_first_stage(args.ae_ckpt)
     else:
-        first_stage = Autoencoder(1, 32, 16, (1, 2, 2), 1, 4, "kl", num_groups=8, mid_attention=True).eval()
+        first_stage = Autoencoder(1, 32, 16, (1, 2, 2), 1, 2, "kl", num_groups=8, mid_attention=True).eval()
     diffusion = GaussianDiffusion(linear_betas(1000))
     loss_fn = SimpleLoss()
     x0 = torch.rand(B, 1, 32, 32) * 2 - 1
     results = {}
     pixel = Denoiser(unet(1, 32, args.width), diffusion)
-    latent = LatentDenoiser(unet(4, 8, args.width), diffusion, first_stage, scale_factor=1.0)
+    c = first_stage.latent_channels
+    latent = LatentDenoiser(unet(c, 8, args.width), diffusion, first_stage, scale_factor=1.0)
 
     def step_fn(denoiser, batch):
         params = [p for p in denoiser.parameters() if p.requires_grad]
@@ -94,8 +95,8 @@ def main() -> None:
         z0 = latent.encode(x0)
     cases = {
         "pixel_1x32x32": (pixel, lambda: x0),
-        "latent_4x8x8_encoded_once": (latent, lambda: z0),
-        "latent_4x8x8_encoded_per_batch": (latent, lambda: latent.encode(x0)),
+        f"latent_{c}x8x8_encoded_once": (latent, lambda: z0),
+        f"latent_{c}x8x8_encoded_per_batch": (latent, lambda: latent.encode(x0)),
     }
     for name, (denoiser, batch) in cases.items():
         step = step_fn(denoiser, batch)
@@ -115,7 +116,7 @@ def main() -> None:
         "encoder_mflop_per_image": round(enc_flops / 1e6, 1),
         "seconds_for_60k_mnist": round(60000 * enc, 1),
     }
-    ratio = results["pixel_1x32x32"]["ms_per_image"] / results["latent_4x8x8_encoded_once"]["ms_per_image"]
+    ratio = results["pixel_1x32x32"]["ms_per_image"] / results[f"latent_{c}x8x8_encoded_once"]["ms_per_image"]
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:

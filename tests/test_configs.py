@@ -63,3 +63,16 @@ def test_sample_config_composes(tmp_path):
     cfg = compose_cfg("sample", ["ckpt_path=x.ckpt", "sampler=ddim"], tmp_path)
     assert given(cfg.sampler)["algorithm"] == "ddim" and "variance" not in given(cfg.sampler)
     assert cfg.perf.sampling.precision == "auto"
+
+
+@pytest.mark.parametrize("option", sorted(p.stem for p in (Path(CONFIG_DIR) / "callbacks").glob("*.yaml")))
+def test_every_callbacks_option_shows_progress_and_saves_on_a_crash(tmp_path, option):
+    # every kind of run (diffusion, first stage, noisy classifier) gets the step progress bar, not Lightning's
+    # per-epoch one, and ddpmlab's crash checkpoint, written only after a trained step
+    from ddpmlab.callbacks import OnExceptionCheckpoint
+    from ddpmlab.callbacks.progress import StepProgressBar
+
+    cfg = compose_cfg("train", [f"callbacks={option}"], tmp_path)
+    built = [instantiate(c) for c in cfg.callbacks.values()]
+    assert any(isinstance(c, StepProgressBar) for c in built)
+    assert any(isinstance(c, OnExceptionCheckpoint) for c in built)
