@@ -76,3 +76,12 @@ def test_every_callbacks_option_shows_progress_and_saves_on_a_crash(tmp_path, op
     built = [instantiate(c) for c in cfg.callbacks.values()]
     assert any(isinstance(c, StepProgressBar) for c in built)
     assert any(isinstance(c, OnExceptionCheckpoint) for c in built)
+
+
+def test_first_stage_options_switch_the_mnist_autoencoder_as_a_whole(tmp_path):
+    kl = compose_cfg("train", ["experiment=autoencoder_mnist"], tmp_path).first_stage
+    assert (kl.net.regularizer, kl.net.latent_channels, kl.loss.reg_weight) == ("kl", 2, 1e-3)
+    vq = compose_cfg("train", ["experiment=autoencoder_mnist", "first_stage=vq_f4"], tmp_path).first_stage
+    # the VQ loss keeps its own weight: the KL weight of the MNIST preset must not leak into it
+    assert (vq.net.regularizer, vq.net.latent_channels, vq.loss.reg_weight) == ("vq", 4, 1.0)
+    assert kl.net.base_channels == vq.net.base_channels == 16  # the experiment's size applies to either
