@@ -121,6 +121,27 @@ def test_cpu_threads_setting(monkeypatch):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize(("budget", "probed"), [(60.0, 64), (0.0, 32)])
+def test_cpu_threads_auto_times_the_whole_batch_when_it_is_cheap(monkeypatch, budget, probed):
+    import ddpmlab.perf as perf
+
+    diffusion = GaussianDiffusion(linear_betas(50))
+    net = UNet(1, image_size=8, base_channels=8, channel_mult=[1], num_res_blocks=1, attn_resolutions=[], num_groups=4)
+    module = type("M", (), {"denoiser": Denoiser(net, diffusion)})()
+    sizes, probe = [], perf.training_probe
+    monkeypatch.setattr(perf, "training_probe", lambda m, n, shape: sizes.append(n) or probe(m, n, shape))
+    monkeypatch.setattr(perf, "FULL_BATCH_PROBE_SECONDS", budget)
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    rng = torch.get_rng_state()
+    before = torch.get_num_threads()
+    try:
+        set_cpu_threads(module, "auto", (64, 1, 8, 8))
+    finally:
+        torch.set_num_threads(before)
+    assert sizes[-1] == probed and sizes[0] == 32  # a slice first, to estimate what the whole batch costs
+    assert torch.equal(torch.get_rng_state(), rng) and all(p.grad is None for p in net.parameters())
+
+
 @pytest.mark.parametrize(
     "overrides",
     [

@@ -119,6 +119,9 @@ def choose_cpu_threads(step: Callable[[], Any], params, repeats: int = 2) -> int
     return chosen
 
 
+FULL_BATCH_PROBE_SECONDS = 0.5  # auto times the whole training batch when one step of it is estimated below this
+
+
 def set_cpu_threads(module, value: Any, batch_shape: tuple[int, ...] | None) -> int:
     """``perf.cpu_threads`` for a module training on the CPU: a number, null (torch's choice) or auto (measured,
     unless ``OMP_NUM_THREADS`` is set); returns the thread count in force."""
@@ -129,10 +132,21 @@ def set_cpu_threads(module, value: Any, batch_shape: tuple[int, ...] | None) -> 
             raise ConfigError(f"perf.cpu_threads={value!r}: use auto (measured), a positive number or null")
         torch.set_num_threads(value)
         return value
-    # A slice of the batch: thread overhead shows as well, and on a busy machine, where a multi-threaded step can
-    # take 10-20x longer, the probe stays a few seconds.
-    step, params = training_probe(module, min(batch_shape[0], 32), batch_shape[1:])
-    return choose_cpu_threads(step, params)
+    # The training batch where a step of it is cheap: whether threads pay depends on the work per step, and on
+    # 32 small latents one thread wins where the batch of 128 trains 1.45x faster on two. Otherwise a slice of
+    # 32, so that on a busy machine, where a multi-threaded step can take 10-20x longer, the probe stays short.
+    n = batch_shape[0]
+    with torch.random.fork_rng(devices=[]):
+        step, params = training_probe(module, min(n, 32), batch_shape[1:])
+        if n > 32:
+            step()  # warm-up
+            start = time.perf_counter()
+            step()
+            if (time.perf_counter() - start) * n / 32 < FULL_BATCH_PROBE_SECONDS:
+                step, params = training_probe(module, n, batch_shape[1:])
+        for p in params:
+            p.grad = None
+        return choose_cpu_threads(step, params)
 
 
 def training_probe(module, n: int, image_shape: tuple[int, ...]) -> tuple[Callable[[], None], list[nn.Parameter]]:
