@@ -9,6 +9,7 @@ from torch import nn
 from conftest import TINY, compose_cfg, run_cli
 from ddpmlab.cli.sample import sample
 from ddpmlab.diffusion import Denoiser, GaussianDiffusion, linear_betas, make_timesteps
+from ddpmlab.diffusion.parameterization import Prediction
 from ddpmlab.errors import ConfigError
 from ddpmlab.samplers import Sampler, ddpm_sample_progressive
 from ddpmlab.samplers.base import predict
@@ -83,6 +84,30 @@ def test_ancestral_mean_shifts_by_s_sigma_grad_log_p(toy):  # Algorithm 1
         sigma2 = process.beta_tilde.double()[-1]  # the first step is the respaced process's last index
         expected = 2.0 * sigma2 * analytic_grad(diffusion, x, torch.full((64,), int(ts[0])), y)
         torch.testing.assert_close((guided - plain).double(), expected, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("variance", ["small", "large"])
+def test_the_last_ancestral_step_shifts_by_the_unclipped_variance(toy, variance):
+    """Algorithm 1 at t = 1: Sigma_1 = beta_tilde_1 = 0 with the small variance, so the guided mean is the model's
+    own there (guided-diffusion's condition_mean reads the unclipped posterior_variance); the large variance at
+    index 0 is beta_tilde of index 1 (as improved-diffusion), and the shift follows it."""
+    from ddpmlab.samplers.ddpm import ddpm_step
+
+    diffusion, _, _ = toy
+    g = torch.Generator().manual_seed(4)
+    x_t, x0_hat, grad = (torch.randn(8, 1, 1, 2, generator=g) for _ in range(3))
+    j = torch.zeros(8, dtype=torch.long)
+    plain = Prediction(torch.zeros_like(x_t), x0_hat)
+    mean = ddpm_step(plain, diffusion, x_t, j, None, variance)
+    guided_mean = ddpm_step(plain._replace(guide_grad=grad), diffusion, x_t, j, None, variance)
+    sigma2 = 0.0 if variance == "small" else float(diffusion.beta_tilde[1])
+    torch.testing.assert_close(guided_mean - mean, sigma2 * grad)
+    if variance == "small":
+        assert torch.equal(guided_mean, mean)
+    # The likelihood still sees a finite, clipped log-variance at index 0.
+    p = diffusion.p_mean_variance(x0_hat, x_t, j, variance)
+    assert torch.isfinite(p.log_variance).all()
+    torch.testing.assert_close(p.log_variance, diffusion.beta_tilde[1].log().expand(8, 1, 1, 1))
 
 
 def test_ddim_eps_shifts_by_sqrt_one_minus_alpha_bar_s_grad(toy):  # Algorithm 2

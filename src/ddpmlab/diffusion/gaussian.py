@@ -143,10 +143,15 @@ class GaussianDiffusion(nn.Module):
         prediction. sigma_t^2 is beta_tilde_t ("small") or beta_t ("large"), DDPM Sec. 3.2, or ("learned")
         the network's interpolation ``var_interp`` = v in [0, 1] between the two, iDDPM eq. (15), per element.
         The bounds are this process's own, so a respaced process interpolates between its own beta and beta_tilde.
+        For "small" the returned variance is beta_tilde_t itself (0 at index 0) while the log-variance is clipped
+        to log beta_tilde_1 there, as improved-diffusion's ``posterior_variance`` / ``posterior_log_variance_clipped``.
         """
         mean = self.q_posterior(x0_hat, x_t, t).mean
         if variance == "small":
             log_var = extract(self.log_beta_tilde, t, x_t.shape)
+            # The variance itself is not clipped: beta_tilde at index 0 is 0, so nothing (a classifier's mean shift
+            # Sigma * grad, Dhariwal & Nichol 2021 Alg. 1) moves the last step; only its log needs a finite value.
+            return Posterior(mean, extract(self.beta_tilde, t, x_t.shape), log_var)
         elif variance == "large":
             log_var = extract(self.log_beta_large, t, x_t.shape)
         elif variance == "learned":
