@@ -301,6 +301,48 @@ def test_ddim_and_dpm_solver_ignore_the_variance_and_bits_per_dim_uses_it(diffus
     assert not torch.allclose(bpd["learned"], bpd["large"])
 
 
+def test_the_bound_defaults_to_the_models_own_variance(diffusion):
+    """Python callers of bits_per_dim / vb_terms_bpd / evaluate_bpd get the model's variance (learned where it
+    predicts one, else large), as the CLI's bpd.variance=auto does, not fixed-large on a learned-variance model."""
+    from ddpmlab.metrics.nll import bits_per_dim, evaluate_bpd
+    from ddpmlab.objectives.likelihood import vb_terms_bpd
+
+    g = torch.Generator().manual_seed(7)
+    out = torch.cat([torch.randn(4, 1, 2, 2, generator=g) * 0.1, torch.rand(4, 1, 2, 2, generator=g) * 2 - 1], 1)
+    learned = Denoiser(FixedOutput(out), diffusion)
+    fixed = Denoiser(FixedOutput(out[:, :1], learn_sigma=False), diffusion)
+    x0 = torch.rand(4, 1, 2, 2, generator=g) * 2 - 1
+    t, eps = torch.tensor([0, 1, 50, 99]), torch.randn(4, 1, 2, 2, generator=g)
+    for den, own in ((learned, "learned"), (fixed, "large")):
+        torch.testing.assert_close(
+            vb_terms_bpd(den, diffusion, x0, t, eps), vb_terms_bpd(den, diffusion, x0, t, eps, variance=own)
+        )
+        default, explicit = (
+            bits_per_dim(den, x0, stride=20, generator=torch.Generator().manual_seed(0), **v).total
+            for v in ({}, {"variance": own})
+        )
+        torch.testing.assert_close(default, explicit)
+        batches = [(x0, torch.zeros(4, dtype=torch.long))]
+        default, explicit = evaluate_bpd(den, batches, stride=20), evaluate_bpd(den, batches, stride=20, variance=own)
+        assert default["value"] == explicit["value"] and default["protocol"] == explicit["protocol"]
+    large = vb_terms_bpd(learned, diffusion, x0, t, eps, variance="large")
+    assert not torch.allclose(vb_terms_bpd(learned, diffusion, x0, t, eps), large)  # the old default differs
+
+
+def test_the_decoder_term_keeps_the_diffusions_precision(diffusion):
+    """On a float64 diffusion and float64 data the decoder's -log p(x_0 | x_1) is not rounded to float32."""
+    from ddpmlab.objectives.likelihood import vb_terms_bpd
+
+    d64 = diffusion.double()
+    g = torch.Generator().manual_seed(8)
+    den = Denoiser(FixedOutput(torch.randn(3, 1, 2, 2, generator=g, dtype=torch.float64), learn_sigma=False), d64)
+    x0 = torch.rand(3, 1, 2, 2, generator=g, dtype=torch.float64) * 2 - 1
+    eps = torch.randn(3, 1, 2, 2, generator=g, dtype=torch.float64)
+    got = vb_terms_bpd(den, d64, x0, torch.zeros(3, dtype=torch.long), eps)
+    assert got.dtype == torch.float64
+    assert not torch.equal(got, got.float().double())  # float32 rounding would lose these bits
+
+
 def test_importance_history_is_gathered_from_every_ddp_rank(tmp_path):
     """Two CPU processes: each rank's history holds both ranks' losses (all-gathered), so they sample alike."""
     from conftest import TINY, run_cli

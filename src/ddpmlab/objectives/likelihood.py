@@ -68,7 +68,7 @@ def vb_terms_bpd(
     t: Tensor,
     eps: Tensor,
     *,
-    variance: str = "large",
+    variance: str = "auto",
     clip_x0: bool = True,
     cond: Tensor | None = None,
 ) -> Tensor:
@@ -95,5 +95,6 @@ def vb_term_of(
     kl = mean_flat(normal_kl(q.mean, q.log_variance, p.mean, p.log_variance)) / LN2  # DDPM eq. (5), L_{t-1}
     if not (t == 0).any():
         return kl
-    decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(x0, p.mean, 0.5 * p.log_variance)).float() / LN2
+    # Computed in float64; returned in the dtype of the KL terms (float32, or float64 on a float64 diffusion).
+    decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(x0, p.mean, 0.5 * p.log_variance)).to(kl.dtype) / LN2
     return torch.where(t == 0, decoder_nll, kl)
