@@ -36,7 +36,7 @@ TINY = [
     "callbacks.sample_grid.num_steps=5",
 ]
 
-# The tests' networks are tiny: one thread beats OpenMP's fork/join by far (3-10x on a busy 2-core machine),
+# The tests' networks are tiny: one thread beats OpenMP's fork/join by far (3-10x where the cores are shared),
 # here and in the CLI subprocesses the tests start (they inherit OMP_NUM_THREADS).
 os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)

@@ -41,4 +41,4 @@ def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
     assert not [o for o in outputs if o.output_type == "error"]
     figures = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(figures) >= 4, f"{path.name} drew {len(figures)} figures"
-    print(f"{path.name}: {seconds:.0f}s")  # the issue asks for < 3 minutes each on the CPU
+    print(f"{path.name}: {seconds:.0f}s")  # each notebook is meant to run in under 3 minutes on a CPU

@@ -14,7 +14,7 @@ def test_linear_schedule_golden_values():
     assert betas.dtype == torch.float64
     assert betas[0].item() == pytest.approx(1e-4) and betas[-1].item() == pytest.approx(0.02)
     d = GaussianDiffusion(betas)
-    # DESIGN.md golden values (DDPM's linear schedule, T = 1000)
+    # Golden values of DDPM's linear schedule, T = 1000
     assert d.beta_tilde[487].item() == pytest.approx(0.009792, abs=5e-7)
     assert d.alpha_bar[999].item() == pytest.approx(4.04e-5, rel=5e-3)
 

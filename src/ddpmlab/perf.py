@@ -93,8 +93,8 @@ def with_fused(optimizer_factory: Callable[..., torch.optim.Optimizer]) -> Calla
 def choose_cpu_threads(step: Callable[[], Any], params, repeats: int = 2) -> int:
     """Time ``step`` (a forward and backward pass) at one thread and at torch's default thread count, set the
     faster one and return it. The global RNG is restored and the gradients of ``params`` cleared afterwards.
-    A count whose first step already takes twice the best so far is dropped without more steps (on a busy
-    machine a multi-threaded step can take seconds)."""
+    A count whose first step already takes twice the best so far is dropped without more steps (where other
+    processes hold the cores, a multi-threaded step can take seconds)."""
     params = list(params)
     default = torch.get_num_threads()
     timings = {}
@@ -134,7 +134,8 @@ def set_cpu_threads(module, value: Any, batch_shape: tuple[int, ...] | None) -> 
         return value
     # The training batch where a step of it is cheap: whether threads pay depends on the work per step, and on
     # 32 small latents one thread wins where the batch of 128 trains 1.45x faster on two. Otherwise a slice of
-    # 32, so that on a busy machine, where a multi-threaded step can take 10-20x longer, the probe stays short.
+    # 32, so that the probe stays short where other processes hold the cores (a multi-threaded step then takes
+    # 10-20x longer).
     n = batch_shape[0]
     with torch.random.fork_rng(devices=[]):
         step, params = training_probe(module, min(n, 32), batch_shape[1:])
