@@ -85,3 +85,21 @@ def test_first_stage_options_switch_the_mnist_autoencoder_as_a_whole(tmp_path):
     # the VQ loss keeps its own weight: the KL weight of the MNIST preset must not leak into it
     assert (vq.net.regularizer, vq.net.latent_channels, vq.loss.reg_weight) == ("vq", 4, 1.0)
     assert kl.net.base_channels == vq.net.base_channels == 16  # the experiment's size applies to either
+
+
+@pytest.mark.parametrize("option", sorted(p.stem for p in (Path(CONFIG_DIR) / "model").glob("*.yaml")))
+def test_every_model_config_declares_every_key_its_network_takes(option):
+    """So that ``model.<key>=...`` overrides any of them on every model, e.g. ``model.learn_sigma=true``."""
+    import inspect
+
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.load(Path(CONFIG_DIR) / "model" / f"{option}.yaml")
+    takes = set(inspect.signature(get_class(node._target_).__init__).parameters) - {"self"}
+    assert takes <= set(node) - {"_target_"}, f"model/{option}.yaml lacks {sorted(takes - set(node))}"
+
+
+def test_the_readmes_learned_variance_command_composes_on_the_default(tmp_path):
+    cfg = compose_cfg("train", ["model.learn_sigma=true", "objective=hybrid"], tmp_path)
+    assert build_denoiser(cfg).net.learn_sigma
