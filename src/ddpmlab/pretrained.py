@@ -60,10 +60,10 @@ def mismatch(e: Exception) -> str:
 
 def read_state_dict(path: str | Path, what: str, error: type[ConfigError] = ConfigError) -> dict[str, Tensor]:
     """The named tensors of the weights file ``path``, read with ``weights_only=True``: nothing in it runs.
+    ``what`` names the weights in errors ("VGG16 ImageNet weights (torchvision's vgg16-397923af.pth)").
 
     A pickle that asks for anything but tensors raises :class:`UnsafeWeightsFile`; an unreadable file (truncated,
-    not torch's format) or one that is not a mapping of names to tensors raises ``error``; ``what`` names the
-    network in both."""
+    not torch's format) or one that is not a mapping of names to tensors raises ``error``."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -71,12 +71,12 @@ def read_state_dict(path: str | Path, what: str, error: type[ConfigError] = Conf
         if refused is not None:
             raise UnsafeWeightsFile(
                 f"{path} is not a plain weights file: its pickle asks for {refused}, and ddpmlab reads weights "
-                f"as tensors only, never running a file's code: replace it with the genuine {what} weights"
+                f"as tensors only, never running a file's code: replace it with the genuine {what}"
             ) from e
-        raise error(f"{path} does not hold {what} weights ({type(e).__name__}: {mismatch(e)})") from e
+        raise error(f"{path} does not hold the {what}: {type(e).__name__}: {mismatch(e)}") from e
     named_tensors = isinstance(state, Mapping) and all(isinstance(k, str) for k in state)
     if not named_tensors or not all(isinstance(v, Tensor) for v in state.values()):
-        raise error(f"{path} does not hold {what} weights (not a state dict: a mapping of names to tensors)")
+        raise error(f"{path} does not hold the {what}: not a state dict (a mapping of names to tensors)")
     return dict(state)
 
 
@@ -131,12 +131,15 @@ def check_fidelity_cache(cache_root: str | Path, input_name: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- LPIPS
+VGG16 = "VGG16 ImageNet weights (torchvision's vgg16-397923af.pth)"
+
+
 def lpips_vgg(vgg16_file: str | Path) -> nn.Module:
     """torchmetrics' LPIPS (Zhang et al. 2018, VGG, version 0.1) with its linear layers (shipped with torchmetrics)
     on the VGG16 ImageNet weights of ``vgg16_file`` (torchvision's ``vgg16-397923af.pth``), read as tensors."""
     from torchmetrics.functional.image.lpips import _LPIPS
 
-    state = read_state_dict(vgg16_file, "torchvision's VGG16 (ImageNet)")
+    state = read_state_dict(vgg16_file, VGG16)
     net = _LPIPS(pretrained=True, net="vgg", pnet_rand=True)  # pnet_rand: torchvision does not load the VGG16
     # torchmetrics cuts VGG16's `features` into slices that keep torchvision's layer numbers (slice3.10 = features.10)
     names = {k: "features." + k.split(".", 1)[1] for k in net.net.state_dict()}

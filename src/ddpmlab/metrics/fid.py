@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from ddpmlab.errors import ConfigError
 from ddpmlab.images import to_uint8
 from ddpmlab.pretrained import (
+    VGG16,
     as_file,
     check_fidelity_cache,
     download,
@@ -35,6 +36,7 @@ from ddpmlab.samplers import generate
 
 INCEPTION = "inception-v3-compat"  # torch-fidelity's name for the TF Inception graph
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # what torch hub caches under $TORCH_HOME/hub/checkpoints
+INCEPTION_WEIGHTS = f"Inception-v3 weights (torch-fidelity's {INCEPTION_FILE})"
 
 
 class InceptionUnavailable(ConfigError):
@@ -79,7 +81,7 @@ def inception_state_dict(weights_path: str | None = None) -> tuple[str, dict[str
     """The Inception-v3 weights file (:func:`inception_weights`) and its tensors, read with ``weights_only=True``:
     torch-fidelity would unpickle the file itself, running whatever it holds (UnsafeWeightsFile instead)."""
     path = inception_weights(weights_path)
-    return path, read_state_dict(path, f"torch-fidelity's Inception-v3 ({INCEPTION_FILE})", InceptionUnavailable)
+    return path, read_state_dict(path, INCEPTION_WEIGHTS, InceptionUnavailable)
 
 
 def inception(weights_path: str | None = None, feature: int = 2048, logits: bool = False) -> nn.Module:
@@ -100,7 +102,7 @@ def inception(weights_path: str | None = None, feature: int = 2048, logits: bool
             name=INCEPTION, features_list=layers, feature_extractor_weights_path=as_file(state), antialias=False
         )
     except Exception as e:  # other names or shapes
-        raise InceptionUnavailable(f"{path} does not hold Inception-v3 weights ({mismatch(e)})") from e
+        raise InceptionUnavailable(f"{path} does not hold the {INCEPTION_WEIGHTS}: {mismatch(e)}") from e
     net.num_features = feature
     return net
 
@@ -126,7 +128,7 @@ def fidelity_weights(feature_extractor: str, weights_path: str | None):
                 ) from e
         if not path.is_file():
             raise ConfigError(f"no VGG16 weights at {path} (expected torchvision's {Path(url).name})")
-        return as_file(read_state_dict(path, "torchvision's VGG16 (ImageNet)"))
+        return as_file(read_state_dict(path, VGG16))
     if feature_extractor.startswith("clip-"):
         from torch_fidelity.feature_extractor_clip import MODEL_METADATA
 
