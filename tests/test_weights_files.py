@@ -199,6 +199,8 @@ def test_torchscript_and_hub_code_extractors(torch_home, tmp_path):
     import hashlib
 
     verify_sha256(path, hashlib.sha256(b"not the archive").hexdigest(), "test")  # the check itself passes a match
+    with pytest.raises(ConfigError, match="no CLIP weights at .*no.pt"):
+        fidelity_metrics(images, images, "ref", feature_extractor="clip-vit-b-32", weights_path=f"{tmp_path}/no.pt")
     with pytest.raises(ConfigError, match="runs the Python code of a torch hub repository"):
         fidelity_metrics(images, images, "ref", feature_extractor="dinov2-vit-s-14")
 

@@ -136,7 +136,9 @@ def fidelity_weights(feature_extractor: str, weights_path: str | None):
             sha256 = MODEL_METADATA[feature_extractor]["hash"]
             # torch-fidelity's own cache name; a missing file is downloaded by torch hub with this hash checked
             path = Path(weights_path).expanduser() if weights_path else hub_path(f"{feature_extractor}-{sha256}.pt")
-            if path.is_file() or weights_path:
+            if weights_path and not path.is_file():
+                raise ConfigError(f"no CLIP weights at {path} (expected OpenAI's {feature_extractor} TorchScript file)")
+            if path.is_file():
                 verify_sha256(path, sha256, f"CLIP ({feature_extractor})")
         return weights_path
     if feature_extractor.startswith("dinov2-"):
