@@ -191,19 +191,19 @@ class _GreyToRGB(nn.Module):
 
 def lpips(in_channels: int) -> nn.Module:
     """LPIPS (Zhang et al. 2018, VGG) from torchmetrics, per sample, on images in [-1, 1]. Its linear layers ship
-    with torchmetrics; the VGG16 ImageNet weights must already be in torch's hub cache (no download here)."""
+    with torchmetrics; the VGG16 ImageNet weights must already be in torch's hub cache (no download here), and are
+    read there as tensors only (:func:`ddpmlab.pretrained.lpips_vgg`: torchvision would unpickle the file)."""
     from torchvision.models import VGG16_Weights
 
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(VGG16_Weights.IMAGENET1K_V1.url).name
+    from ddpmlab.pretrained import hub_path, lpips_vgg
+
+    cached = hub_path(VGG16_Weights.IMAGENET1K_V1.url)
     if not cached.is_file():
         raise ConfigError(
             f"LPIPS needs the VGG16 ImageNet weights at {cached} (not found; nothing is downloaded here): copy "
             f"{Path(cached).name} there or set TORCH_HOME, or train without it: first_stage.loss.perceptual_weight=0"
         )
-    from torchmetrics.functional.image.lpips import _LPIPS
-
-    net = _LPIPS(pretrained=True, net="vgg").eval().requires_grad_(False)
-    return _GreyToRGB(net)
+    return _GreyToRGB(lpips_vgg(cached))
 
 
 def prepare_latent_config(cfg: DictConfig) -> tuple[DictConfig, nn.Module]:

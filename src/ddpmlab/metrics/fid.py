@@ -22,10 +22,21 @@ from torch import Tensor, nn
 
 from ddpmlab.errors import ConfigError
 from ddpmlab.images import to_uint8
+from ddpmlab.pretrained import (
+    VGG16,
+    as_file,
+    check_fidelity_cache,
+    download,
+    hub_path,
+    mismatch,
+    read_state_dict,
+    verify_sha256,
+)
 from ddpmlab.samplers import generate
 
 INCEPTION = "inception-v3-compat"  # torch-fidelity's name for the TF Inception graph
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # what torch hub caches under $TORCH_HOME/hub/checkpoints
+INCEPTION_WEIGHTS = f"Inception-v3 weights (torch-fidelity's {INCEPTION_FILE})"
 
 
 class InceptionUnavailable(ConfigError):
@@ -46,19 +57,18 @@ def to_inception_input(images: Tensor) -> Tensor:
 
 def inception_weights(weights_path: str | None = None) -> str:
     """The path of the Inception-v3 weights: ``weights_path`` if given, else torch hub's cache
-    ($TORCH_HOME/hub/checkpoints/INCEPTION_FILE), downloaded there where the machine has internet."""
+    ($TORCH_HOME/hub/checkpoints/INCEPTION_FILE), downloaded there (hash-checked) where the machine has internet."""
     if weights_path is not None:
         path = Path(weights_path).expanduser()
         if not path.is_file():
             raise InceptionUnavailable(f"no Inception weights at {path} (expected torch-fidelity's {INCEPTION_FILE})")
         return str(path)
-    hub = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
-    if not hub.is_file():
-        from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
+    hub = hub_path(URL_INCEPTION_V3)
+    if not hub.is_file():
         try:
-            hub.parent.mkdir(parents=True, exist_ok=True)
-            torch.hub.download_url_to_file(URL_INCEPTION_V3, str(hub), progress=False)
+            download(URL_INCEPTION_V3, hub)
         except Exception as e:  # offline: the usual case on compute nodes
             raise InceptionUnavailable(
                 f"Inception-v3 weights are not in the hub cache and could not be downloaded ({type(e).__name__}); "
@@ -67,9 +77,16 @@ def inception_weights(weights_path: str | None = None) -> str:
     return str(hub)
 
 
+def inception_state_dict(weights_path: str | None = None) -> tuple[str, dict[str, Tensor]]:
+    """The Inception-v3 weights file (:func:`inception_weights`) and its tensors, read with ``weights_only=True``:
+    torch-fidelity would unpickle the file itself, running whatever it holds (UnsafeWeightsFile instead)."""
+    path = inception_weights(weights_path)
+    return path, read_state_dict(path, INCEPTION_WEIGHTS, InceptionUnavailable)
+
+
 def inception(weights_path: str | None = None, feature: int = 2048, logits: bool = False) -> nn.Module:
     """torch-fidelity's Inception-v3 (through torchmetrics) returning ``feature``-d pool features; TF1 resize,
-    no antialiasing. Weights from :func:`inception_weights`. ``logits``: it also has ``features_and_logits(x)``,
+    no antialiasing. Weights from :func:`inception_state_dict`. ``logits``: it also has ``features_and_logits(x)``,
     the pool features and the 1008 unbiased logits (the Inception Score's) from the same forward pass."""
     from torchmetrics.image.fid import NoTrainInceptionV3
 
@@ -78,17 +95,59 @@ def inception(weights_path: str | None = None, feature: int = 2048, logits: bool
             features, logits = self._torch_fidelity_forward(x)[:2]
             return features.reshape(x.shape[0], -1), logits
 
-    path = inception_weights(weights_path)
+    path, state = inception_state_dict(weights_path)
     layers = [str(feature), "logits_unbiased"] if logits else [str(feature)]
-    try:
+    try:  # the network loads its weights from a file: it gets the tensors just read, never the file itself
         net = (InceptionWithLogits if logits else NoTrainInceptionV3)(
-            name=INCEPTION, features_list=layers, feature_extractor_weights_path=path, antialias=False
+            name=INCEPTION, features_list=layers, feature_extractor_weights_path=as_file(state), antialias=False
         )
-    except Exception as e:  # a truncated or foreign file
-        reason = f"{type(e).__name__}: {str(e)[:120]}"
-        raise InceptionUnavailable(f"{path} does not hold Inception-v3 weights ({reason})") from e
+    except Exception as e:  # other names or shapes
+        raise InceptionUnavailable(f"{path} does not hold the {INCEPTION_WEIGHTS}: {mismatch(e)}") from e
     net.num_features = feature
     return net
+
+
+def fidelity_weights(feature_extractor: str, weights_path: str | None):
+    """What torch-fidelity's ``feature_extractor`` gets as its weights path, which it would unpickle itself: for
+    Inception-v3 and VGG16 the tensors read here (a file object), for CLIP's TorchScript archive the file once its
+    SHA-256 is OpenAI's; extractors registered in-process get ``weights_path`` unchanged."""
+    if feature_extractor == INCEPTION:
+        return as_file(inception_state_dict(weights_path)[1])
+    if feature_extractor == "vgg16":
+        from torchvision.models import VGG16_Weights
+
+        url = VGG16_Weights.IMAGENET1K_V1.url
+        path = Path(weights_path).expanduser() if weights_path else hub_path(url)
+        if weights_path is None and not path.is_file():
+            try:
+                download(url, path)
+            except Exception as e:
+                raise ConfigError(
+                    f"VGG16 weights are not in the hub cache and could not be downloaded ({type(e).__name__}): "
+                    f"put {path.name} at {path} or pass its path as weights_path"
+                ) from e
+        if not path.is_file():
+            raise ConfigError(f"no VGG16 weights at {path} (expected torchvision's {Path(url).name})")
+        return as_file(read_state_dict(path, VGG16))
+    if feature_extractor.startswith("clip-"):
+        from torch_fidelity.feature_extractor_clip import MODEL_METADATA
+
+        if feature_extractor in MODEL_METADATA:
+            sha256 = MODEL_METADATA[feature_extractor]["hash"]
+            # torch-fidelity's own cache name; a missing file is downloaded by torch hub with this hash checked
+            path = Path(weights_path).expanduser() if weights_path else hub_path(f"{feature_extractor}-{sha256}.pt")
+            if weights_path and not path.is_file():
+                raise ConfigError(f"no CLIP weights at {path} (expected OpenAI's {feature_extractor} TorchScript file)")
+            if path.is_file():
+                verify_sha256(path, sha256, f"CLIP ({feature_extractor})")
+        return weights_path
+    if feature_extractor.startswith("dinov2-"):
+        raise ConfigError(
+            f"fid.feature_extractor={feature_extractor} runs the Python code of a torch hub repository "
+            "(facebookresearch/dinov2), which ddpmlab cannot check: use inception-v3-compat (the papers'), vgg16 or "
+            "a clip-* extractor"
+        )
+    return weights_path
 
 
 def extractor_id(net: nn.Module) -> str:
@@ -293,11 +352,12 @@ def fidelity_metrics(
     Returns {"fid", "kid", "kid_std", "is", "is_std"} for the metrics asked for."""
     import torch_fidelity
 
-    if feature_extractor == INCEPTION:
-        weights_path = inception_weights(weights_path)
+    weights = fidelity_weights(feature_extractor, weights_path)
+    if cache_dir is not None and (fid or kid):
+        check_fidelity_cache(Path(cache_dir).expanduser(), real_name)
     n_fake, n_real = len(fake), len(real)
     subset = min(kid_subset_size, n_fake, n_real)
-    raw = torch_fidelity.calculate_metrics(
+    options = dict(
         input1=UInt8Images(fake),
         input2=UInt8Images(real) if (fid or kid) else None,
         input2_cache_name=real_name if (fid or kid) else None,
@@ -313,13 +373,20 @@ def fidelity_metrics(
         feature_layer_fid=feature_layer,
         feature_layer_kid=feature_layer,
         feature_layer_isc=feature_layer_isc,
-        feature_extractor_weights_path=weights_path,
+        feature_extractor_weights_path=weights,
         batch_size=batch_size,
         cuda=torch.device(device).type == "cuda",
         samples_shuffle=False,
         rng_seed=seed,
         verbose=False,
     )
+    try:
+        raw = torch_fidelity.calculate_metrics(**options)
+    except RuntimeError as e:  # the tensors read for the extractor have other names or shapes
+        if "Error(s) in loading state_dict" not in str(e):
+            raise
+        source = weights_path or f"torch hub's cache ({torch.hub.get_dir()})"
+        raise ConfigError(f"{source} does not hold {feature_extractor}'s weights ({mismatch(e)})") from e
     names = {
         "frechet_inception_distance": "fid",
         "kernel_inception_distance_mean": "kid",

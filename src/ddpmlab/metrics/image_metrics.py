@@ -4,7 +4,7 @@ for (guidance), as the papers report them.
 - Inpainting: the error inside the hole (MSE on [0, 1], hole pixels only), and over the whole image PSNR and SSIM
   (torchmetrics, data range 1, the mean of the per-image values; SSIM's Gaussian window of sigma 1.5, 11 taps,
   over the reflect-padded image) and, where the VGG16 weights are in torch's hub
-  cache, LPIPS (torchmetrics' VGG LPIPS, Zhang et al. 2018).
+  cache, LPIPS (torchmetrics' VGG LPIPS, Zhang et al. 2018; the weights read as tensors only, ddpmlab.pretrained).
 - Guidance: the agreement of a judge classifier's prediction with the requested label, and the within-class pixel
   std (the std over the samples of one class, per pixel on [0, 1], averaged over pixels and classes).
 """
@@ -28,7 +28,8 @@ def unit(x: Tensor) -> Tensor:
 def inpainting_metrics(completions: Tensor, originals: Tensor, keep: Tensor, lpips: bool = False) -> dict[str, float]:
     """``completions`` and ``originals`` [N,C,H,W] in [-1, 1], ``keep`` [H,W] (1 = known pixel): ``mse_hole``
     (mean over the hole's pixels and channels, on [0, 1]), ``psnr`` and ``ssim`` (whole images, mean over images)
-    and with ``lpips=True`` ``lpips`` (mean over images; ConfigError where its weights are not cached)."""
+    and with ``lpips=True`` ``lpips`` (mean over images; ConfigError where its weights are not cached or are not
+    plain tensors)."""
     from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
     if completions.shape != originals.shape:
@@ -47,7 +48,7 @@ def inpainting_metrics(completions: Tensor, originals: Tensor, keep: Tensor, lpi
     if lpips:
         from ddpmlab.latent import lpips as lpips_net
 
-        net = lpips_net(x.shape[1])  # ConfigError naming the missing weights file
+        net = lpips_net(x.shape[1])  # ConfigError naming the missing or refused weights file
         with torch.no_grad():
             result["lpips"] = float(net(completions.float().clamp(-1, 1), originals.float()).mean())
     return result
