@@ -112,3 +112,12 @@ def test_pixel_loaders_resume_mid_epoch_without_a_not_resumable_warning(tmp_path
     warned = resume_warnings(compose_cfg("train", [*args, "trainer.max_steps=7", "ckpt_path=last"], run))
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 7
     assert not warned
+
+
+def test_a_resume_that_restarts_the_epoch_says_so(tmp_path):
+    """trainer.overfit_batches makes Lightning replace our sampler with its own, which cannot skip what was trained."""
+    args = [*TINY, "data.on_device=false", "trainer.overfit_batches=2", "callbacks.sample_grid.every_n_steps=0"]
+    run = tmp_path / "run"
+    train(compose_cfg("train", [*args, "trainer.max_steps=3"], run))  # epochs of 2 batches: step 3 is mid-epoch
+    with pytest.warns(UserWarning, match="restarts the epoch at its first batch .* SequentialSampler"):
+        train(compose_cfg("train", [*args, "trainer.max_steps=5", "ckpt_path=last"], run))
