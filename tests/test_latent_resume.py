@@ -1,6 +1,7 @@
 """Latent diffusion resumes bit for bit like pixel diffusion: a second stage killed mid-epoch (SIGKILL, no chance
-to save) and continued with ckpt_path=last ends with the uninterrupted run's weights, for both encode modes; and
-no loader of ours makes Lightning warn that a resume is not exact."""
+to save) and continued with ckpt_path=last ends with the uninterrupted run's weights, for both encode modes, and
+so does the first stage; no loader of ours makes Lightning warn that a resume is not exact, and one that does not
+resume exactly says so."""
 
 import os
 import signal
@@ -100,6 +101,19 @@ def test_latent_diffusion_killed_mid_epoch_resumes_bit_for_bit(ae_ckpt, tmp_path
     assert a["global_step"] == b["global_step"] == STEPS
     for key in ("state_dict", "current_model_state"):  # EMA weights, raw weights
         assert max_abs_diff(a[key], b[key]) == 0.0, f"{mode}: {key} differs by {max_abs_diff(a[key], b[key])}"
+    assert not warned
+
+
+def test_first_stage_resumes_bit_for_bit(tmp_path):
+    """The autoencoder's posterior sample draws from a generator seeded per step, not from the process's history."""
+    args = [o for o in AE if not o.startswith(("trainer.max_steps", "trainer.val_check"))]
+    args += ["trainer.max_steps=30", "trainer.val_check_interval=10"]
+    train(compose_cfg("train", args, tmp_path / "straight"))
+    train(compose_cfg("train", [*args, "trainer.max_steps=15"], tmp_path / "resumed"))  # mid-epoch (50 batches)
+    warned = resume_warnings(compose_cfg("train", [*args, "ckpt_path=last"], tmp_path / "resumed"))
+    a, b = (torch.load(tmp_path / r / "checkpoints" / "last.ckpt", weights_only=True) for r in ("resumed", "straight"))
+    assert a["global_step"] == b["global_step"] == 30
+    assert max_abs_diff(a["state_dict"], b["state_dict"]) == 0.0, max_abs_diff(a["state_dict"], b["state_dict"])
     assert not warned
 
 
