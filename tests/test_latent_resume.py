@@ -135,3 +135,31 @@ def test_a_resume_that_restarts_the_epoch_says_so(tmp_path):
     train(compose_cfg("train", [*args, "trainer.max_steps=3"], run))  # epochs of 2 batches: step 3 is mid-epoch
     with pytest.warns(UserWarning, match="restarts the epoch at its first batch .* SequentialSampler"):
         train(compose_cfg("train", [*args, "trainer.max_steps=5", "ckpt_path=last"], run))
+
+
+class Posterior:
+    """A stand-in denoiser: z = mean + std * eps."""
+
+    def scaled_sample(self, mean, std, generator):
+        return mean + std * torch.randn(mean.shape, generator=generator)
+
+
+def test_latent_loader_shards_by_rank_and_continues_where_a_run_stopped():
+    from ddpmlab.latent import LatentLoader
+
+    n, batch = 103, 8
+    mean, std = torch.arange(n, dtype=torch.float64).view(n, 1, 1, 1), torch.zeros(n, 1, 1, 1, dtype=torch.float64)
+    ids = lambda batches: [int(i) for z, _ in batches for i in z.flatten()]  # noqa: E731
+
+    def loader(rank, at=None, std=std):
+        return LatentLoader(
+            Posterior(), mean, std, torch.zeros(n), batch, train=True, seed=3, rank=rank, world_size=2, position=at
+        )
+
+    ranks = [ids(loader(r, lambda b: (4, 0))) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == n // 2 // batch * batch and not set(ranks[0]) & set(ranks[1])
+    assert ranks[0] != ids(loader(0, lambda b: (5, 0)))  # another epoch, another order
+    # resumed 2 batches into epoch 4: the rest of that epoch, posterior draws included
+    noisy = torch.ones(n, 1, 1, 1, dtype=torch.float64)
+    whole, rest = list(loader(0, lambda b: (4, 0), noisy)), list(loader(0, lambda b: (4, 2), noisy))
+    assert len(rest) == len(whole) - 2 and all(torch.equal(a[0], b[0]) for a, b in zip(whole[2:], rest))
