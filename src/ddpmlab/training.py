@@ -147,8 +147,6 @@ def resume_path(cfg: DictConfig, run_dir: str | Path) -> str | None:
     # Lightning itself falls back to "last" when OnExceptionCheckpoint is present, and says so loudly.
     warnings.filterwarnings("ignore", message=r".*ckpt_path=None.*was called without a model")
     warnings.filterwarnings("ignore", message=r".*there is no last checkpoint available")
-    # Our loaders resume mid-epoch from the global step (data/order.py), which Lightning cannot see.
-    warnings.filterwarnings("ignore", message=r".*ended before the epoch ended and your dataloader is not resumable")
     folder = Path(run_dir) / "checkpoints"
     found = []
     for p in sorted(folder.glob("*.ckpt")) if folder.is_dir() else []:

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from ddpmlab.data import datasets as D
 from ddpmlab.data.device_loader import DeviceLoader
 from ddpmlab.data.files import ImageFileDataset, celeba_files, folder_files
-from ddpmlab.data.order import EpochSampler, Flipped, position
+from ddpmlab.data.order import EpochDataLoader, EpochSampler, Flipped, position
 from ddpmlab.errors import ConfigError
 
 IN_MEMORY = ("digits", "mnist", "fashion_mnist", "cifar10")
@@ -178,7 +178,7 @@ class DiffusionDataModule(pl.LightningDataModule):
             world_size=world_size,
             position=where,
         )
-        return DataLoader(
+        return EpochDataLoader(
             Flipped(ds),
             batch_size=self.batch_size,
             sampler=sampler,

@@ -14,10 +14,10 @@ import torch
 from torch import Tensor
 
 from ddpmlab.data.datasets import ImageTensorDataset, mirror, to_model_range
-from ddpmlab.data.order import epoch_order
+from ddpmlab.data.order import ResumesAtStep, epoch_order
 
 
-class DeviceLoader:
+class DeviceLoader(ResumesAtStep):
     """Iterable of (x0 float [B,C,H,W] in [-1, 1], label long [B]) batches, like a DataLoader over the same
     images with ``shuffle``, ``drop_last`` and random flips, but drawn on the device the images live on."""
 

@@ -3,15 +3,19 @@
 Epoch ``e`` visits the items in the permutation drawn from a generator seeded with ``seed + e`` and flips those
 that the same generator's flip mask marks, on every rank alike (each rank takes every ``world_size``-th item).
 Nothing depends on what ran before, so a run resumed from a checkpoint written in the middle of an epoch skips
-the batches the trainer has already stepped through and sees exactly the batches the uninterrupted run saw."""
+the batches the trainer has already stepped through and sees exactly the batches the uninterrupted run saw.
+Draws made per batch (latent diffusion's posterior sample) take their seed from the batch's place in this order
+(:func:`batch_seed`), not from a generator whose state depends on what the process did before."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator
 
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ddpmlab.data.datasets import random_flip_mask
 
@@ -41,6 +45,26 @@ def position(trainer, batches_per_epoch: int) -> tuple[int, int] | None:
     elif isinstance(limit, float) and limit < 1:
         batches_per_epoch = max(1, int(batches_per_epoch * limit))
     return divmod(step * getattr(trainer, "accumulate_grad_batches", 1), batches_per_epoch)
+
+
+def batch_seed(seed: int, rank: int, epoch: int, index: int, split: str = "train") -> int:
+    """A 64-bit seed for batch ``index`` of epoch ``epoch`` on ``rank``: the same in a resumed run as in the
+    uninterrupted one, distinct for every batch in practice."""
+    digest = hashlib.blake2b(f"{split}/{seed}/{rank}/{epoch}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+class ResumesAtStep:
+    """A training loader that continues mid-epoch exactly where a checkpoint stopped: where it stands is a
+    function of the trainer's global step alone (:func:`position`), which every checkpoint holds, so it has no
+    state of its own to save. The ``state_dict`` / ``load_state_dict`` pair is how Lightning recognises a
+    resumable loader; without it Lightning warns on every mid-epoch resume that the loader is not resumable."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass
 
 
 class EpochSampler(DistributedSampler):
@@ -75,6 +99,17 @@ class EpochSampler(DistributedSampler):
         flips = [False] * self.n if flip is None else flip.tolist()
         self.epoch += 1  # plain iteration (no Lightning) gets a fresh order every pass
         return iter([(i, flips[i]) for i in shard[skip * self.batch_size :]])
+
+
+class EpochDataLoader(ResumesAtStep, DataLoader):
+    """The DataLoader path's training loader: a DataLoader whose :class:`EpochSampler` resumes mid-epoch."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if not isinstance(self.sampler, EpochSampler):  # Lightning put its own in place (trainer.overfit_batches)
+            rank_zero_warn(
+                f"ddpmlab: this resume restarts the epoch at its first batch (the training sampler is a "
+                f"{type(self.sampler).__name__}, not ddpmlab's), so it does not continue exactly where it stopped"
+            )
 
 
 class Flipped(Dataset):
