@@ -242,10 +242,13 @@ def test_an_empty_image_folder_is_refused_with_its_path(tmp_path):
 def test_a_truncated_image_is_named_when_read(tmp_path):
     make_folder(tmp_path, classes=("a",), per_class=2)
     victim = tmp_path / "a" / "img_0.jpg"
-    victim.write_bytes(victim.read_bytes()[:100])
     dm = datamodule("folder", tmp_path, "data.val_fraction=0", "data.num_workers=0")
+    victim.write_bytes(victim.read_bytes()[:100])  # broken after setup: named when read
     with pytest.raises(ConfigError, match="cannot read image") as e:
         list(dm.train_dataloader())
+    assert str(victim) in str(e.value)
+    with pytest.raises(ConfigError, match="cannot read image") as e:  # and at setup, before any training
+        datamodule("folder", tmp_path, "data.val_fraction=0", "data.num_workers=0")
     assert str(victim) in str(e.value)
 
 

@@ -13,7 +13,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from ddpmlab.config import CONFIG_DIR, register_resolvers
 from ddpmlab.diffusion import Denoiser, GaussianDiffusion
+from ddpmlab.diffusion.parameterization import PREDICTIONS
 from ddpmlab.errors import CheckpointError
+from ddpmlab.stored_config import build_checked, check_plain, config_from, read_yaml
 
 __all__ = [
     "CONFIG_DIR",
@@ -115,11 +117,22 @@ def build_denoiser(cfg: DictConfig, trusted: bool = True, trusted_targets=(), wh
         net, betas = instantiate(cfg.model), instantiate(cfg.schedule)
     else:
         model, schedule = (check_targets(cfg.get(s), s, trusted_targets, where) for s in ("model", "schedule"))
-        net, betas = instantiate(model), instantiate(schedule)
+        if cfg.get("prediction") not in PREDICTIONS:
+            raise CheckpointError(
+                f"{where}: its stored prediction={cfg.get('prediction')!r} is not one of {', '.join(PREDICTIONS)}"
+            )
+        try:
+            net, betas = instantiate(model), instantiate(schedule)
+        except Exception as e:  # a key the class does not take, a value of the wrong type
+            cause = e.__cause__ or e  # Hydra wraps what the constructor raised
+            raise CheckpointError(
+                f"{where}: its stored model or schedule config does not build ({type(cause).__name__}: "
+                f"{str(cause)[:200]})"
+            ) from e
     if cfg.get("stage") == "latent_diffusion":  # the U-Net on latents of a frozen first stage (ddpmlab.latent)
         from ddpmlab.latent import build_latent_denoiser
 
-        return build_latent_denoiser(cfg, net, GaussianDiffusion(betas))
+        return build_latent_denoiser(cfg, net, GaussianDiffusion(betas), where)
     return Denoiser(net, GaussianDiffusion(betas), cfg.prediction)
 
 
@@ -159,6 +172,7 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
         raise CheckpointError(f"{p} is not a readable checkpoint ({type(e).__name__}: {first})") from e
     if not isinstance(ckpt, dict) or "ddpmlab_config" not in ckpt or "state_dict" not in ckpt:
         raise CheckpointError(f"{p} is not a ddpmlab training checkpoint (no ddpmlab_config / state_dict in it)")
+    check_plain(ckpt["ddpmlab_config"], str(p))  # every reader of a checkpoint's config comes through here
     return ckpt
 
 
@@ -170,11 +184,8 @@ def denoiser_from_checkpoint(
     The stored config is data, not code: its model, schedule, sampler and data sections may name only ddpmlab's
     own targets (checked, all four, before anything is built: :func:`check_targets`). With EMA on, Lightning's
     WeightAveraging stores the average in ``state_dict`` and the raw weights in ``current_model_state``."""
-    stored = ckpt.get("ddpmlab_config")
-    if not isinstance(stored, dict):
-        raise CheckpointError(f"{where}: its ddpmlab_config is not a config (a {type(stored).__name__})")
+    cfg = config_from(ckpt.get("ddpmlab_config"), where)
     try:
-        cfg = OmegaConf.create(stored)
         for section in ("model", "schedule", "sampler", "data"):
             if section in cfg or section in ("model", "schedule"):
                 check_targets(cfg.get(section), section, trusted_targets, where)
@@ -231,10 +242,17 @@ def load_export(folder: str | Path, trusted_targets=()) -> tuple[Denoiser, DictC
             f"{folder} is not an exported ddpmlab model (it needs {WEIGHTS_FILE} and config.yaml); "
             "write one with: python export.py ckpt_path=<run dir>/checkpoints/last.ckpt"
         )
-    cfg = OmegaConf.load(config)
+    cfg = read_yaml(config, str(folder))
     denoiser = build_denoiser(cfg, trusted=False, trusted_targets=trusted_targets, where=str(folder))
+    load_file = safetensors_api().load_file
     try:
-        denoiser.net.load_state_dict(safetensors_api().load_file(str(weights)))
+        state = load_file(str(weights))
+    except Exception as e:  # safetensors' own error: a truncated file, a header that is not JSON
+        raise CheckpointError(
+            f"{weights} is not a readable safetensors file ({type(e).__name__}: {str(e)[:200]}); export it again"
+        ) from e
+    try:
+        denoiser.net.load_state_dict(state)
     except (RuntimeError, OSError) as e:
         raise CheckpointError(f"{weights} does not fit the network config.yaml describes: {str(e)[:300]}") from e
     return denoiser.eval(), cfg
@@ -254,7 +272,7 @@ def is_classifier_config(cfg: DictConfig) -> bool:
     return cfg.get("model", {}).get("_target_") in CLASSIFIER_TARGETS
 
 
-def build_classifier(cfg: DictConfig, trusted: bool = True):
+def build_classifier(cfg: DictConfig, trusted: bool = True, where: str = "classifier.ckpt_path"):
     """(NoisyClassifier, GaussianDiffusion) from a classifier training config. The network is built by its own
     class from the config's keys, never by instantiating whatever target a file names; ``trusted=False`` (a config
     read from a checkpoint) checks the schedule's target against ddpmlab's own first."""
@@ -263,10 +281,17 @@ def build_classifier(cfg: DictConfig, trusted: bool = True):
     if not is_classifier_config(cfg):
         raise CheckpointError(f"not a noisy-classifier config: model._target_ = {cfg.get('model', {}).get('_target_')}")
     kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "_target_"}
-    schedule = (
-        cfg.schedule if trusted else check_targets(cfg.get("schedule"), "schedule", where="classifier checkpoint")
-    )
-    return NoisyClassifier(**kwargs), GaussianDiffusion(instantiate(schedule))
+    if trusted:
+        return NoisyClassifier(**kwargs), GaussianDiffusion(instantiate(cfg.schedule))
+    net = build_checked(NoisyClassifier, kwargs, where, "model config")
+    schedule = check_targets(cfg.get("schedule"), "schedule", where=where)
+    try:
+        return net, GaussianDiffusion(instantiate(schedule))
+    except Exception as e:  # a key the schedule function does not take, a value it refuses
+        cause = e.__cause__ or e
+        raise CheckpointError(
+            f"{where}: its stored schedule config does not build ({type(cause).__name__}: {str(cause)[:200]})"
+        ) from e
 
 
 def build_classifier_module(cfg: DictConfig):
@@ -278,15 +303,15 @@ def build_classifier_module(cfg: DictConfig):
     )
 
 
-def classifier_from_checkpoint(ckpt: dict[str, Any]):
+def classifier_from_checkpoint(ckpt: dict[str, Any], where: str = "classifier.ckpt_path"):
     """(classifier in eval mode, its diffusion, its config) from a checkpoint of ``experiment=classifier_*``."""
-    cfg = OmegaConf.create(ckpt["ddpmlab_config"])
+    cfg = config_from(ckpt["ddpmlab_config"], where)
     if not is_classifier_config(cfg):
         raise CheckpointError(
             "classifier.ckpt_path is not a noisy-classifier checkpoint (train one with experiment=classifier_digits); "
             f"its model is {cfg.get('model', {}).get('_target_')}"
         )
-    net, diffusion = build_classifier(cfg, trusted=False)
+    net, diffusion = build_classifier(cfg, trusted=False, where=where)
     state = {k[len("net.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
     try:
         net.load_state_dict(state)

@@ -15,3 +15,7 @@ class CheckpointError(ConfigError):
 
 class DiskFullError(CheckpointError):
     """No room left to write a checkpoint; the checkpoints already there are intact."""
+
+
+class NotWritableError(CheckpointError):
+    """A directory a run writes into refuses files (read-only, another user's); nothing there was changed."""

@@ -27,6 +27,7 @@ from ddpmlab.data.order import ResumesAtStep, batch_seed, epoch_order, position
 from ddpmlab.diffusion.latent import LatentDenoiser
 from ddpmlab.errors import CheckpointError, ConfigError
 from ddpmlab.networks.autoencoder import Autoencoder, PatchDiscriminator
+from ddpmlab.stored_config import build_checked, check_plain, read_text
 
 AUTOENCODER, LATENT = "autoencoder", "latent_diffusion"
 ENCODE_MODES = ("auto", "once", "per_batch")
@@ -73,15 +74,20 @@ FIRST_STAGES = {
 }
 
 
-def build_first_stage(net_cfg: DictConfig | dict) -> nn.Module:
-    """The first stage's architecture (random weights) from its ``first_stage.net`` config."""
-    spec = OmegaConf.to_container(net_cfg, resolve=True) if isinstance(net_cfg, DictConfig) else dict(net_cfg)
+def build_first_stage(net_cfg: DictConfig | dict, where: str = "checkpoint") -> nn.Module:
+    """The first stage's architecture (random weights) from its ``first_stage.net`` config, as stored in the
+    checkpoint or folder ``where``: a key its class does not take is a CheckpointError, not a TypeError."""
+    spec = OmegaConf.to_container(net_cfg, resolve=True) if isinstance(net_cfg, DictConfig) else net_cfg
+    if not isinstance(spec, dict):
+        raise CheckpointError(f"{where}: its first_stage.net is not a config (a {type(spec).__name__})")
+    spec = dict(spec)
     target = spec.pop("_target_", None)
     if target not in FIRST_STAGES:
         raise CheckpointError(
-            f"first_stage.net._target_={target!r} is not a first stage; one of {sorted(FIRST_STAGES)}"
+            f"{where}: first_stage.net._target_={str(target)[:100]!r} is not a first stage; one of "
+            f"{sorted(FIRST_STAGES)}"
         )
-    return FIRST_STAGES[target](**spec)
+    return build_checked(FIRST_STAGES[target], spec, where, "first_stage.net config")
 
 
 def latent_size(first_stage: nn.Module, image_size: int) -> int:
@@ -101,15 +107,17 @@ def load_first_stage(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         )
     from ddpmlab.api import load_checkpoint
 
-    ckpt = load_checkpoint(p)
+    ckpt = load_checkpoint(p)  # its config: plain data of bounded size (ddpmlab.stored_config)
     saved = ckpt["ddpmlab_config"]
-    if stage_of(saved) != AUTOENCODER or "net" not in (saved.get("first_stage") or {}):
+    saved = saved if isinstance(saved, dict) else {}
+    net_cfg = (saved.get("first_stage") if isinstance(saved.get("first_stage"), dict) else {}).get("net")
+    if stage_of(saved) != AUTOENCODER or not isinstance(net_cfg, dict):
         raise CheckpointError(
-            f"first_stage.ckpt_path={p} is not an autoencoder checkpoint (it was written by a {stage_of(saved)} run); "
-            "train a first stage with: python train.py experiment=autoencoder_mnist"
+            f"first_stage.ckpt_path={p} is not an autoencoder checkpoint (it was written by a "
+            f"{str(stage_of(saved))[:40]} run); train a first stage with: python train.py experiment=autoencoder_mnist"
         )
-    net_cfg = dict(saved["first_stage"]["net"])
-    first_stage = build_first_stage(net_cfg)
+    net_cfg = dict(net_cfg)
+    first_stage = build_first_stage(net_cfg, f"first_stage.ckpt_path={p}")
     prefix = "autoencoder."
     state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     try:
@@ -134,13 +142,26 @@ def load_diffusers_autoencoder(folder: Path) -> tuple[nn.Module, dict[str, Any]]
             f"first_stage.ckpt_path={folder} is a folder but not a diffusers AutoencoderKL: it needs config.json and "
             "diffusion_pytorch_model.safetensors (e.g. the vae/ folder of a Stable Diffusion download)"
         )
-    config = json.loads(cfg_file.read_text())
-    if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-        raise CheckpointError(f"{folder} holds a diffusers {config['_class_name']}, not an AutoencoderKL")
-    config = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if not k.startswith("_")}
-    first_stage = DiffusersAutoencoderKL(config)
+    where = f"first_stage.ckpt_path={folder}"
     try:
-        first_stage.vae.load_state_dict(load_file(str(weights)))
+        config = json.loads(read_text(cfg_file, where))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError; nesting deeper than json allows
+        raise CheckpointError(f"{cfg_file} is not valid JSON ({str(e)[:200]}); download the VAE folder again") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{cfg_file} is not a diffusers config (a JSON {type(config).__name__}, not an object)")
+    check_plain(config, where, "config.json")
+    if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+        raise CheckpointError(f"{folder} holds a diffusers {str(config['_class_name'])[:60]}, not an AutoencoderKL")
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if not str(k).startswith("_")}
+    first_stage = build_checked(DiffusersAutoencoderKL, {"config": config}, where, "config.json")
+    try:
+        state = load_file(str(weights))
+    except Exception as e:  # safetensors' own error: a truncated file, a header that is not JSON
+        raise CheckpointError(
+            f"{weights} is not a readable safetensors file ({type(e).__name__}: {str(e)[:200]}); download it again"
+        ) from e
+    try:
+        first_stage.vae.load_state_dict(state)
     except RuntimeError as e:
         raise CheckpointError(f"{weights}: the weights do not fit its config.json: {str(e)[:200]}") from e
     return first_stage.eval(), {"_target_": "ddpmlab.latent.DiffusersAutoencoderKL", "config": config}
@@ -235,10 +256,11 @@ def prepare_latent_config(cfg: DictConfig) -> tuple[DictConfig, nn.Module]:
     return cfg, first_stage
 
 
-def build_latent_denoiser(cfg: DictConfig, net: nn.Module, diffusion) -> LatentDenoiser:
+def build_latent_denoiser(cfg: DictConfig, net: nn.Module, diffusion, where: str = "checkpoint") -> LatentDenoiser:
     """The denoiser of a latent-diffusion config: its first stage's architecture from ``cfg.first_stage.net``
     (weights: from the first-stage checkpoint when training, from the checkpoint's state_dict when loading)."""
-    return LatentDenoiser(net, diffusion, build_first_stage(cfg.first_stage.net), cfg.prediction)
+    net_cfg = cfg.first_stage.get("net") if isinstance(cfg.get("first_stage"), DictConfig) else None
+    return LatentDenoiser(net, diffusion, build_first_stage(net_cfg, where), cfg.prediction)
 
 
 # ---------------------------------------------------------------------------------------------- data

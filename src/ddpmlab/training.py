@@ -10,6 +10,7 @@ import json
 import os
 import secrets
 import signal
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -26,9 +27,9 @@ from omegaconf import DictConfig, OmegaConf
 from ddpmlab.api import build_module, is_classifier_config, load_checkpoint
 from ddpmlab.callbacks.checkpoint import AtomicCheckpointIO
 from ddpmlab.console import apply_extras, final_summary
-from ddpmlab.errors import CheckpointError
+from ddpmlab.errors import CheckpointError, NotWritableError
 from ddpmlab.latent import prepare_latent_config, setup_latent_training
-from ddpmlab.lit.module import check_compatible
+from ddpmlab.lit.module import _differences, check_compatible
 from ddpmlab.perf import apply_perf
 from ddpmlab.validate import check_train_config
 
@@ -48,6 +49,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = resume_path(cfg, run_dir)
     if ckpt_path is not None:
         check_resume(ckpt_path, cfg)
+    check_writable(run_dir, cfg, resuming=ckpt_path is not None)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     if not cfg.data.get("download"):  # fail on missing or corrupt data now, before any callback writes a checkpoint
@@ -175,10 +177,50 @@ def check_resume(ckpt_path: str, cfg: DictConfig) -> None:
             f"{ckpt_path} cannot resume a training: it has no {', '.join(missing)} (a weights-only "
             f"export?); train afresh, or pass the run's last.ckpt"
         )
+    saved, current = ckpt["ddpmlab_config"], OmegaConf.to_container(cfg, resolve=True)
+    if not isinstance(saved, dict):  # load_checkpoint has bounded it; a string or a list is no config either
+        raise CheckpointError(f"{ckpt_path}: its ddpmlab_config is not a config (a {type(saved).__name__})")
+    if saved.get("stage") != current.get("stage"):
+        raise CheckpointError(
+            f"{ckpt_path} was written by a {saved.get('stage') or 'pixel diffusion'} run, this run is "
+            f"{current.get('stage') or 'pixel diffusion'}: resume with the experiment that wrote it, or start afresh"
+        )
     try:
-        check_compatible(ckpt["ddpmlab_config"], OmegaConf.to_container(cfg, resolve=True))
+        check_compatible(saved, current)
     except CheckpointError as e:
         raise CheckpointError(f"{ckpt_path}: {e}") from None
+    if current.get("stage") == "latent_diffusion":  # the U-Net was trained on latents of one first stage
+        saved_fs = saved.get("first_stage")
+        saved_net = saved_fs.get("net") if isinstance(saved_fs, dict) else None
+        if saved_net != current["first_stage"]["net"]:
+            diff = _differences(saved_net, current["first_stage"]["net"], "first_stage.net")
+            raise CheckpointError(
+                f"{ckpt_path} was trained on latents of another first stage ({'; '.join(diff[:3])[:300]}); resume "
+                f"with the first_stage.ckpt_path it was trained with, or start afresh in a new run directory"
+            )
+
+
+def check_writable(run_dir: Path, cfg: DictConfig, resuming: bool = False) -> None:
+    """Refuse, before the first step, a directory the run must create files in but cannot (read-only, another
+    user's): the checkpoint directories (every save creates a temporary file there), and the run directory of a
+    run that starts afresh (a resumed one may only rewrite the files it already holds there). Each is probed by
+    creating and removing a file in it, or in the nearest folder above it that exists (where it will be made)."""
+    dirs = {} if resuming else {Path(run_dir): "its logs and metrics"}
+    for c in (cfg.get("callbacks") or {}).values():
+        if isinstance(c, DictConfig) and c.get("dirpath"):
+            dirs.setdefault(Path(c.dirpath), "its checkpoints")
+    for folder, what in dirs.items():
+        probe = folder.expanduser().absolute()
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        try:
+            with tempfile.TemporaryFile(dir=probe):
+                pass
+        except OSError as e:
+            raise NotWritableError(
+                f"cannot write in {probe} ({e.strerror or type(e).__name__}), where this run keeps {what}: make it "
+                "writable, or run in another directory (hydra.run.dir=<dir>)"
+            ) from e
 
 
 def wandb_resume(logger_cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> dict:

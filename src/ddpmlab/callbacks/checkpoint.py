@@ -26,7 +26,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.callbacks import OnExceptionCheckpoint as _OnExceptionCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from ddpmlab.errors import DiskFullError
+from ddpmlab.errors import DiskFullError, NotWritableError
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 UMASK = os.umask(0o022)
@@ -57,6 +57,11 @@ def atomic_write(data: bytes, path: str | Path) -> None:
             raise DiskFullError(
                 f"no space left in {path.parent} to write {path.name} ({len(data) / 1e6:.1f} MB); the checkpoints "
                 f"already there are intact: free space, then continue with ckpt_path=last"
+            ) from e
+        if isinstance(e, PermissionError) or e.errno == errno.EROFS:  # made read-only while the run went on
+            raise NotWritableError(
+                f"cannot write {path.name} in {path.parent} ({e.strerror}); the checkpoints already there are "
+                f"intact: make the directory writable, then continue with ckpt_path=last"
             ) from e
         raise
     finally:
@@ -93,6 +98,6 @@ class OnExceptionCheckpoint(_OnExceptionCheckpoint):
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if self._start_step is None or trainer.global_step <= self._start_step:
             return  # nothing trained since the start or the resume: nothing to keep
-        if isinstance(exception, DiskFullError):
-            return  # the disk is full: a second write would fail the same way
+        if isinstance(exception, (DiskFullError, NotWritableError)):
+            return  # the disk is full or the directory read-only: a second write would fail the same way
         super().on_exception(trainer, pl_module, exception)

@@ -139,6 +139,14 @@ def evaluate(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     device = pick_device(cfg.device)
     ckpt = load_checkpoint(cfg.ckpt_path)
     denoiser, train_cfg = denoiser_from_checkpoint(ckpt, ema=cfg.use_ema, where=str(cfg.ckpt_path))
+    if "bpd" in cfg.metrics and train_cfg.get("stage") == "latent_diffusion":
+        # DDPM's bound ends in a discrete decoder over the 256 levels of each pixel; a latent U-Net models
+        # continuous latents z = s * E(x), whose bound says nothing in bits per pixel dimension (LDM reports none).
+        raise ConfigError(
+            f"metrics=[bpd] (the default) bounds the likelihood of pixels under a pixel-space model, but "
+            f"{cfg.ckpt_path} is latent diffusion, whose U-Net models latents of its first stage: evaluate it with "
+            "metrics=[fid] (its samples are decoded to pixels)"
+        )
     ctx = EvalContext(denoiser.to(device), train_cfg, cfg, device)
     results: dict[str, Any] = {
         "checkpoint": {"path": str(cfg.ckpt_path), "global_step": ckpt.get("global_step"), "ema": cfg.use_ema}

@@ -19,7 +19,7 @@ from ddpmlab.cli.common import friendly_errors
 def export(ckpt_path: str | Path, out_dir: str | Path | None = None, use_ema: bool = True) -> Path:
     ckpt_path = Path(ckpt_path)
     ckpt = load_checkpoint(ckpt_path)
-    denoiser, cfg = denoiser_from_checkpoint(ckpt, ema=use_ema)
+    denoiser, cfg = denoiser_from_checkpoint(ckpt, ema=use_ema, where=str(ckpt_path))
     run_dir = ckpt_path.resolve().parent.parent
     out = Path(out_dir) if out_dir else run_dir / "export"
     out.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
@@ -13,8 +16,27 @@ from ddpmlab.training import train
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 @friendly_errors
-def main(cfg: DictConfig) -> float | None:
+def run(cfg: DictConfig) -> float | None:
     return optimized_value(cfg, train(cfg))
+
+
+def main() -> None:
+    try:
+        check_sweeper(sys.argv[1:])
+    except ConfigError as e:  # Hydra would fail composing the config, before any of ours runs, with 10 lines
+        print(f"ddpmlab: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    run()
+
+
+def check_sweeper(args: list[str]) -> None:
+    """Refuse ``hparams_search=...`` (Hydra's Optuna sweeper) where the optional sweeper is not installed."""
+    searches = [a for a in args if a.lstrip("+").startswith("hparams_search=") and not a.endswith(("=null", "="))]
+    if searches and importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None:
+        raise ConfigError(
+            f"{searches[0]} runs Hydra's Optuna sweeper, an optional extra that is not installed: "
+            "pip install -e '.[optuna]' (or pip install 'ddpmlab[optuna]')"
+        )
 
 
 def optimized_value(cfg: DictConfig, metrics: dict[str, float]) -> float | None:

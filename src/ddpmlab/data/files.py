@@ -97,9 +97,23 @@ def folder_files(root: str | Path) -> tuple[list[Path], Tensor, list[str]]:
     )
     if not paths:
         raise ConfigError(f"no images in {root}: expected files ending in {' '.join(IMG_EXTENSIONS)} anywhere under it")
+    check_images(paths)
     tops = [p.relative_to(root).parts for p in paths]
     if all(len(parts) > 1 for parts in tops):
         classes = sorted({parts[0] for parts in tops})
         index = {c: i for i, c in enumerate(classes)}
         return paths, torch.tensor([index[parts[0]] for parts in tops]), classes
     return paths, torch.full((len(paths),), NO_LABEL), []
+
+
+def check_images(paths: list[Path]) -> None:
+    """Decode every image once, before training: a truncated or corrupt file is one line now, not a failure at
+    whichever step first draws it. JPEGs are decoded in PIL's draft mode (at 1/8 scale), which still reads every
+    byte of the file but skips most of the work."""
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                img.draft(img.mode, (1, 1))  # JPEG only; other formats decode in full
+                img.load()
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # SyntaxError: a broken PNG
+            raise ConfigError(f"cannot read image {path} ({e}); replace or remove that file") from e
