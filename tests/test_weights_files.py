@@ -149,6 +149,7 @@ def test_evaluate_refuses_crafted_inception_and_vgg16_files_in_the_hub_cache(tin
     fid = ["metrics=[fid]", "fid.num_samples=4", "fid.num_steps=2", f"fid.cache_dir={tmp_path / 'cache'}"]
     r = run_cli("evaluate.py", *common, *fid, f"hydra.run.dir={tmp_path / 'fid'}", cwd=tmp_path)
     one_line_error(r, str(torch_home / INCEPTION_FILE), "posix.system")
+    assert "sampler:" not in r.stdout  # refused before drawing any sample
     crafted(torch_home / VGG16_FILE, marker)
     inpaint = ["metrics=[inpaint]", "inpaint.num_images=2", "inpaint.num_steps=4", "inpaint.jump_length=1"]
     inpaint += ["inpaint.jump_n_sample=1", "inpaint.lpips=true"]

@@ -79,8 +79,12 @@ def bpd(ctx: EvalContext, options: DictConfig) -> dict[str, Any]:
 def fid(ctx: EvalContext, options: DictConfig) -> dict[str, Any]:
     """FID, KID and IS (torch-fidelity, metrics/fid.py's protocol) of ``num_samples`` samples, generated on every
     visible GPU, against the first ``num_real`` training images (whose features torch-fidelity caches)."""
-    from ddpmlab.metrics.fid import fidelity_metrics, generate_on_devices, real_images
+    from ddpmlab.metrics.fid import fidelity_metrics, fidelity_weights, generate_on_devices, real_images
 
+    # What can be refused (weights file, missing data) is refused before the samples are drawn, not after.
+    fidelity_weights(options.feature_extractor, options.weights_path)
+    datamodule = ctx.datamodule()
+    real = real_images(datamodule, options.num_real)
     sampler = Sampler.from_config(given(ctx.train_cfg.get("sampler")), given(options.get("sampler")))
     if options.get("num_steps"):
         sampler = sampler.with_steps(options.num_steps)
@@ -93,8 +97,6 @@ def fid(ctx: EvalContext, options: DictConfig) -> dict[str, Any]:
         ctx.denoiser, sampler, options.num_samples, ctx.cfg.batch_size, ctx.cfg.seed, devices, perf
     )
     seconds_sampling = time.perf_counter() - start
-    datamodule = ctx.datamodule()
-    real = real_images(datamodule, options.num_real)
     name = getattr(datamodule, "name", ctx.train_cfg.data.get("name", "data"))
     reference = f"{name}-train-{real.shape[1]}x{real.shape[2]}x{real.shape[3]}-first{len(real)}"
     values = fidelity_metrics(
