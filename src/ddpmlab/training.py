@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ddpmlab.api import build_module, is_classifier_config, load_checkpoint
 from ddpmlab.callbacks.checkpoint import AtomicCheckpointIO
+from ddpmlab.callbacks.finite import FiniteGuard
 from ddpmlab.console import apply_extras, final_summary
 from ddpmlab.errors import CheckpointError
 from ddpmlab.latent import prepare_latent_config, setup_latent_training
@@ -55,7 +56,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     module = build_module(cfg)
     if first_stage is not None:
         datamodule = setup_latent_training(cfg, module, datamodule, first_stage)
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    # First, so that a diverged step stops training before any other callback acts on its weights.
+    callbacks = [FiniteGuard(), *(instantiate(c) for c in (cfg.get("callbacks") or {}).values())]
     if cfg.get("ema"):
         callbacks.append(instantiate(cfg.ema))
     loggers = [instantiate(c, **wandb_resume(c, run_dir, ckpt_path)) for c in (cfg.get("logger") or {}).values()]
