@@ -86,6 +86,19 @@ def test_a_nan_stops_every_kind_of_training_at_its_step_and_keeps_the_last_finit
     assert_finite_checkpoints(run / "checkpoints", step=3)  # the weights after 3 steps, which the 4th step broke
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("every,at", [(1, 3), (5, 6)], ids=["saved_every_step", "read_a_step_later"])
+def test_on_a_gpu_the_verdict_read_a_step_later_still_names_the_step_and_saves_nothing_after_it(tmp_path, every, at):
+    # every=1: the save at the next step reads the pending verdict first; every=5: the next step's end reads it.
+    run = tmp_path / "run"
+    cfg = TINY + ["trainer.accelerator=gpu", "trainer.devices=1", "trainer.max_steps=12"]
+    cfg += [f"callbacks.checkpoint.every_n_train_steps={every}", *poison(at)]
+    with pytest.raises(TrainingDivergedError, match=f"of step {at} is not finite"):
+        train(compose_cfg("train", cfg, run))
+    assert_finite_checkpoints(run / "checkpoints", step=at if every == 1 else 5)
+
+
 def test_an_infinite_gradient_stops_training_though_the_loss_is_finite(tmp_path):
     run = tmp_path / "run"
     with pytest.raises(TrainingDivergedError, match="of step 2 is not finite"):
