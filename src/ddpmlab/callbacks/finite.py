@@ -90,7 +90,7 @@ class FiniteGuard(Callback):
         # Raising here aborts the save: no file is written. Weights are checked too, for what the loss cannot show
         # (a parameter no loss of the step used).
         self._drain(trainer)
-        for key in ("state_dict", "current_model_state"):  # with EMA: the average and the raw weights
+        for key in ("state_dict", "current_model_state"):  # after EMA's swap: the average, and the raw weights
             name = first_non_finite(checkpoint.get(key) or {})
             if name is not None:
                 raise diverged(trainer, f"the weight {name} is not finite at step {trainer.global_step}")
