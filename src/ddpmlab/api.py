@@ -23,6 +23,7 @@ __all__ = [
     "build_classifier",
     "build_denoiser",
     "build_module",
+    "check_finite",
     "check_targets",
     "classifier_from_checkpoint",
     "denoiser_from_checkpoint",
@@ -197,6 +198,7 @@ def denoiser_from_checkpoint(
     key = "state_dict" if ema or "current_model_state" not in ckpt else "current_model_state"
     prefix = "denoiser."
     state = {k[len(prefix) :]: v for k, v in ckpt[key].items() if k.startswith(prefix)}
+    check_finite(state, where)
     try:
         denoiser.load_state_dict(state)
     except RuntimeError as e:
@@ -204,6 +206,17 @@ def denoiser_from_checkpoint(
             f"the checkpoint's weights do not fit the network its config describes: {str(e)[:300]}"
         ) from e
     return denoiser.eval(), cfg
+
+
+def check_finite(weights: dict[str, Any], where: str) -> None:
+    """Refuse weights that hold a NaN or an infinity (a training that diverged wrote them): a model with them samples
+    blank images without a word."""
+    for name, w in weights.items():
+        if isinstance(w, torch.Tensor) and w.is_floating_point() and not bool(torch.isfinite(w).all()):
+            raise CheckpointError(
+                f"{where}: the weight {name} is not finite (NaN or inf): the training that wrote it diverged; "
+                "use a checkpoint from before it"
+            )
 
 
 def load(
@@ -255,6 +268,7 @@ def load_export(folder: str | Path, trusted_targets=()) -> tuple[Denoiser, DictC
         denoiser.net.load_state_dict(state)
     except (RuntimeError, OSError) as e:
         raise CheckpointError(f"{weights} does not fit the network config.yaml describes: {str(e)[:300]}") from e
+    check_finite(denoiser.net.state_dict(), str(weights))
     return denoiser.eval(), cfg
 
 
@@ -313,6 +327,7 @@ def classifier_from_checkpoint(ckpt: dict[str, Any], where: str = "classifier.ck
         )
     net, diffusion = build_classifier(cfg, trusted=False, where=where)
     state = {k[len("net.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+    check_finite(state, "classifier checkpoint")
     try:
         net.load_state_dict(state)
     except RuntimeError as e:

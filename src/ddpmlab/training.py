@@ -26,6 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from ddpmlab.api import build_module, is_classifier_config, load_checkpoint
 from ddpmlab.callbacks.checkpoint import AtomicCheckpointIO
+from ddpmlab.callbacks.finite import FiniteGuard
+from ddpmlab.callbacks.run_lock import check_resume_source, hold
 from ddpmlab.console import apply_extras, final_summary
 from ddpmlab.errors import CheckpointError, NotWritableError
 from ddpmlab.latent import prepare_latent_config, setup_latent_training
@@ -37,17 +39,24 @@ from ddpmlab.validate import check_train_config
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit a model as ``cfg`` describes; return the final metrics. The CLI and the tests both call this.
 
-    Everything that can fail on bad input fails before ``trainer.fit`` and writes nothing: the config values, the
-    data files, the checkpoint to resume from (it exists, loads safely and fits the config)."""
+    Everything that can fail on bad input fails before ``trainer.fit`` and writes nothing (but the run directory's
+    lock, past the config check): the config values, the data files, the checkpoint to resume from (it exists,
+    loads safely and fits the config). Another process training in the run directory is refused."""
     start = time.perf_counter()
     check_train_config(cfg)
     first_stage = None
     if cfg.get("stage") == "latent_diffusion":  # the first stage's checkpoint fixes the latent shape of the U-Net
         cfg, first_stage = prepare_latent_config(cfg)
     run_dir = Path(cfg.trainer.get("default_root_dir") or cfg.paths.output_dir)
+    with hold(run_dir):  # one training at a time in a run directory, from choosing the checkpoint to resume on
+        return _train(cfg, run_dir, first_stage, start)
+
+
+def _train(cfg: DictConfig, run_dir: Path, first_stage, start: float) -> dict[str, float]:
     apply_extras(cfg, run_dir)  # warning filters, the config tree
     ckpt_path = resume_path(cfg, run_dir)
     if ckpt_path is not None:
+        check_resume_source(ckpt_path)
         check_resume(ckpt_path, cfg)
     check_writable(run_dir, cfg, resuming=ckpt_path is not None)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -57,7 +66,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     module = build_module(cfg)
     if first_stage is not None:
         datamodule = setup_latent_training(cfg, module, datamodule, first_stage)
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    # First, so that a diverged step stops training before any other callback acts on its weights.
+    callbacks = [FiniteGuard(), *(instantiate(c) for c in (cfg.get("callbacks") or {}).values())]
     if cfg.get("ema"):
         callbacks.append(instantiate(cfg.ema))
     loggers = [instantiate(c, **wandb_resume(c, run_dir, ckpt_path)) for c in (cfg.get("logger") or {}).values()]

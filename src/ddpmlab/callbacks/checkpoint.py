@@ -9,7 +9,8 @@
   scheduled saves otherwise loses its last steps (Lightning saves only on its schedule or at validation).
 - :class:`OnExceptionCheckpoint`: saves where a crash or a SIGTERM stopped training, but only when this run has
   trained at least one step since it started (or resumed): a failure before the first optimizer step writes
-  nothing, so it cannot shadow the checkpoint it was resuming from with an untrained one.
+  nothing, so it cannot shadow the checkpoint it was resuming from with an untrained one. Nor does a training that
+  diverged (:mod:`ddpmlab.callbacks.finite`): its weights are NaN.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.callbacks import OnExceptionCheckpoint as _OnExceptionCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from ddpmlab.callbacks.finite import TrainingDivergedError
 from ddpmlab.errors import DiskFullError, NotWritableError
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -100,4 +102,6 @@ class OnExceptionCheckpoint(_OnExceptionCheckpoint):
             return  # nothing trained since the start or the resume: nothing to keep
         if isinstance(exception, (DiskFullError, NotWritableError)):
             return  # the disk is full or the directory read-only: a second write would fail the same way
+        if isinstance(exception, TrainingDivergedError):
+            return  # the weights are NaN or inf: the last checkpoint before it is the one to keep
         super().on_exception(trainer, pl_module, exception)

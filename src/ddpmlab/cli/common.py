@@ -49,7 +49,10 @@ def discard_empty_run_dir() -> None:
         return
     if not run_dir.is_dir():
         return
-    entries = list(run_dir.iterdir())
+    from ddpmlab.callbacks.run_lock import LOCK_NAME, holds
+
+    mine = holds(run_dir)  # its lock file, if this call holds it (never another run's)
+    entries = [p for p in run_dir.iterdir() if not (mine and p.name == LOCK_NAME)]
     if all(p.name == ".hydra" or (p.name == job_log and p.stat().st_size == 0) for p in entries):
         shutil.rmtree(run_dir, ignore_errors=True)
         if run_dir.parent.is_dir() and not any(run_dir.parent.iterdir()):  # outputs/<task>/ made for this call
