@@ -161,7 +161,7 @@ def test_a_checkpoint_directory_that_cannot_be_made_is_refused_before_the_first_
     with pytest.raises(NotWritableError, match=rf"cannot write in {run / 'checkpoints'} \(.*\), where this run "
                        r"keeps its checkpoints"):  # fmt: skip
         train(train_cfg())
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints"]
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "checkpoints"]  # the run lock alone was written
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
