@@ -27,6 +27,7 @@ from ddpmlab.api import build_module, is_classifier_config, load_checkpoint
 from ddpmlab.callbacks.checkpoint import AtomicCheckpointIO
 from ddpmlab.console import apply_extras, final_summary
 from ddpmlab.errors import CheckpointError
+from ddpmlab.fileio import write_atomic
 from ddpmlab.latent import prepare_latent_config, setup_latent_training
 from ddpmlab.lit.module import check_compatible
 from ddpmlab.perf import apply_perf
@@ -85,7 +86,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)  # what a sweep summary reads
-        (run_dir / "final_metrics.json").write_text(json.dumps({"step": trainer.global_step, **metrics}, indent=2))
+        write_atomic(run_dir / "final_metrics.json", json.dumps({"step": trainer.global_step, **metrics}, indent=2))
         kind = "autoencoder" if cfg.get("stage") == "autoencoder" else "diffusion"
         kind = "classifier" if is_classifier_config(cfg) else kind
         seconds = time.perf_counter() - start
