@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
 
 from ddpmlab.data.datasets import to_model_range, to_uint8
-from ddpmlab.errors import ConfigError
+from ddpmlab.fileio import atomic_path, read_image
 
 __all__ = [
     "image_grid",
@@ -38,19 +38,11 @@ def to_hwc_uint8(images: torch.Tensor):
 
 
 def load_image(path: str | Path, channels: int, size: int, what: str = "image") -> torch.Tensor:
-    """An image file as [1,C,size,size] in [-1, 1] (antialiased resize; grey or RGB as ``channels``).
-    ``what`` names the setting in error messages (e.g. ``inpaint.image``)."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
-    from torchvision.transforms.v2.functional import resize
+    """An image file as [1,C,size,size] in [-1, 1] (antialiased resize; grey or RGB as ``channels``), decoded by
+    PIL (:func:`ddpmlab.fileio.read_image`). ``what`` names the setting in error messages (e.g. ``inpaint.image``)."""
+    from torchvision.transforms.v2.functional import pil_to_tensor, resize
 
-    p = Path(str(path)).expanduser()
-    if not p.is_file():
-        raise ConfigError(f"{what}: no file at {p}")
-    try:
-        img = decode_image(read_file(str(p)), mode=ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB)
-    except (OSError, RuntimeError) as e:
-        first = str(e).splitlines()[0][:200]
-        raise ConfigError(f"{what}: cannot read {p} as an image ({first}); give a PNG or JPEG") from e
+    img = pil_to_tensor(read_image(path, "L" if channels == 1 else "RGB", what))
     return to_model_range(resize(img, [size, size], antialias=True))[None]
 
 
@@ -77,7 +69,8 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, min_cell: int = 32
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, min_cell: int = 32) -> torch.Tensor:
+    """:func:`image_grid` written to ``path`` (PNG) atomically: the old file or the whole new one, never a part."""
     grid = image_grid(images, nrow, min_cell)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_image(grid, path)
+    with atomic_path(path) as tmp:
+        save_image(grid, tmp)
     return grid

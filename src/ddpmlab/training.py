@@ -30,6 +30,7 @@ from ddpmlab.callbacks.finite import FiniteGuard
 from ddpmlab.callbacks.run_lock import check_resume_source, hold
 from ddpmlab.console import apply_extras, final_summary
 from ddpmlab.errors import CheckpointError, NotWritableError
+from ddpmlab.fileio import write_atomic
 from ddpmlab.latent import prepare_latent_config, setup_latent_training
 from ddpmlab.lit.module import _differences, check_compatible
 from ddpmlab.perf import apply_perf
@@ -97,7 +98,7 @@ def _train(cfg: DictConfig, run_dir: Path, first_stage, start: float) -> dict[st
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)  # what a sweep summary reads
-        (run_dir / "final_metrics.json").write_text(json.dumps({"step": trainer.global_step, **metrics}, indent=2))
+        write_atomic(run_dir / "final_metrics.json", json.dumps({"step": trainer.global_step, **metrics}, indent=2))
         kind = "autoencoder" if cfg.get("stage") == "autoencoder" else "diffusion"
         kind = "classifier" if is_classifier_config(cfg) else kind
         seconds = time.perf_counter() - start

@@ -151,9 +151,20 @@ def check_train_config(cfg: DictConfig) -> None:
         raise ConfigError(f"ckpt_path={ckpt!r} must be a path to a .ckpt file, or last")
 
 
+# 20x the 50,000 samples FID is computed on. samples.npz holds them all and np.load reads it whole: a million
+# samples is 3 GB at 32x32 RGB (C*H*W bytes each), 197 GB at 256x256.
+MAX_NUM_SAMPLES = 1_000_000
+
+
 def check_sample_config(cfg: DictConfig) -> None:
     require(cfg, "ckpt_path", "python sample.py ckpt_path=<run dir>/checkpoints/last.ckpt")
     need_int(cfg, "num_samples", 1)
+    if cfg.num_samples > MAX_NUM_SAMPLES:
+        raise ConfigError(
+            f"num_samples={cfg.num_samples} is more than {MAX_NUM_SAMPLES:,}: samples.npz holds them all, C*H*W bytes "
+            f"each ({cfg.num_samples * 3072 / 1e9:,.0f} GB at 32x32 RGB), and is read whole; FID uses 50,000. Draw a "
+            f"larger set as several runs with different seeds"
+        )
     need_int(cfg, "batch_size", 1)
     need_int(cfg, "seed", 0)
     check_sampler(cfg, None)  # the checkpoint's T is checked once it is loaded (check_sampler_steps)

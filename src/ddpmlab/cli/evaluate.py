@@ -24,6 +24,7 @@ from ddpmlab.cli.common import friendly_errors
 from ddpmlab.cli.sample import given
 from ddpmlab.diffusion import Denoiser
 from ddpmlab.errors import ConfigError
+from ddpmlab.fileio import write_atomic
 from ddpmlab.metrics.nll import evaluate_bpd
 from ddpmlab.samplers import Sampler
 from ddpmlab.validate import check_evaluate_config
@@ -157,9 +158,7 @@ def evaluate(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         start = time.perf_counter()
         results[name] = METRICS[name](ctx, cfg.get(name) or OmegaConf.create())
         results[name].setdefault("seconds", time.perf_counter() - start)
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_atomic(Path(output_dir) / "metrics.json", json.dumps(results, indent=2) + "\n")
     return results
 
 

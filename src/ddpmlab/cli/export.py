@@ -14,24 +14,45 @@ from omegaconf import DictConfig, OmegaConf
 
 from ddpmlab.api import CONFIG_DIR, WEIGHTS_FILE, denoiser_from_checkpoint, load_checkpoint, safetensors_api
 from ddpmlab.cli.common import friendly_errors
+from ddpmlab.errors import ConfigError
+from ddpmlab.fileio import atomic_dir
+
+EXPORT_FILES = (WEIGHTS_FILE, "config.yaml", "README.md")
 
 
 def export(ckpt_path: str | Path, out_dir: str | Path | None = None, use_ema: bool = True) -> Path:
+    """Write the export folder ``out_dir`` (default ``<run dir>/export``) whole: the files go to a temporary folder
+    beside it, which then takes its place in one step, so a kill or an error mid-write leaves the previous export
+    as it was."""
     ckpt_path = Path(ckpt_path)
     ckpt = load_checkpoint(ckpt_path)
     denoiser, cfg = denoiser_from_checkpoint(ckpt, ema=use_ema, where=str(ckpt_path))
     run_dir = ckpt_path.resolve().parent.parent
     out = Path(out_dir) if out_dir else run_dir / "export"
-    out.mkdir(parents=True, exist_ok=True)
+    check_replaceable(out)
     state = {k: v.detach().contiguous() for k, v in denoiser.net.state_dict().items()}
     metadata = {"format": "ddpmlab", "weights": "ema" if use_ema else "raw", "step": str(ckpt.get("global_step", ""))}
-    safetensors_api().save_file(state, str(out / WEIGHTS_FILE), metadata=metadata)
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     final = run_dir / "final_metrics.json"
     metrics = json.loads(final.read_text()) if final.is_file() else {}
     params = sum(v.numel() for v in state.values())
-    (out / "README.md").write_text(model_card(cfg, ckpt.get("global_step"), params, metrics, use_ema))
+    with atomic_dir(out) as tmp:
+        safetensors_api().save_file(state, str(tmp / WEIGHTS_FILE), metadata=metadata)
+        (tmp / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        (tmp / "README.md").write_text(model_card(cfg, ckpt.get("global_step"), params, metrics, use_ema))
     return out
+
+
+def check_replaceable(out: Path) -> None:
+    """An export replaces the whole folder: refuse one that holds anything an export does not write."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out_dir={out} is a file, not a folder; give a new or empty folder for the export")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_FILES) if out.is_dir() else []
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ConfigError(
+            f"out_dir={out} holds files an export does not write ({shown}); an export replaces the whole folder, so "
+            f"give a new or empty folder"
+        )
 
 
 def model_card(cfg: DictConfig, step: int | None, params: int, metrics: dict[str, Any], use_ema: bool) -> str:

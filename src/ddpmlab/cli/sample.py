@@ -1,6 +1,10 @@
 """``python sample.py ckpt_path=... num_samples=N seed=S``: samples.npz (uint8 N x H x W x C), grid.png and
 sampler.yaml (the sampler used: the checkpoint's own unless the command line changes it). With ``inpaint.image``
-or ``inpaint.index``: RePaint completions and inpaint.png instead."""
+or ``inpaint.index``: RePaint completions and inpaint.png instead.
+
+The samples go to disk batch by batch as they are drawn (``ddpmlab.chunks``): memory holds one batch, and the
+same command run again into the same folder (``hydra.run.dir=...``) after a kill continues where it stopped and
+writes the samples an uninterrupted run writes. Every output file is written atomically."""
 
 from __future__ import annotations
 
@@ -8,7 +12,6 @@ import time
 from pathlib import Path
 
 import hydra
-import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
@@ -21,12 +24,15 @@ from ddpmlab.api import (
     pick_device,
     rebuild,
 )
+from ddpmlab.chunks import SampleChunks, tensor_hash
 from ddpmlab.cli.common import friendly_errors
 from ddpmlab.errors import ConfigError
-from ddpmlab.images import load_image, save_grid, side_by_side, to_hwc_uint8, to_unit
+from ddpmlab.fileio import write_atomic
+from ddpmlab.images import load_image, save_grid, side_by_side, to_hwc_uint8, to_model_range, to_unit
 from ddpmlab.perf import sampling_cpu_threads
-from ddpmlab.samplers import Sampler, generate, generate_chain, with_guidance
+from ddpmlab.samplers import Sampler, generate_chain, with_guidance
 from ddpmlab.samplers.classifier_guidance import ClassifierGuidedDenoiser, check_classifier_fits
+from ddpmlab.samplers.generate import generate_batches
 from ddpmlab.samplers.guidance import cycle_labels
 from ddpmlab.samplers.masks import make_mask
 from ddpmlab.validate import check_sample_config, check_sampler_steps
@@ -46,11 +52,51 @@ def chosen_sampler(cfg: DictConfig, ckpt_cfg: DictConfig) -> Sampler:
     return Sampler.from_config(given(ckpt_cfg.get("sampler")), given(cfg.get("sampler")))
 
 
-def write_outputs(out: Path, images: torch.Tensor, sampler: Sampler, labels: torch.Tensor | None, **arrays) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+GRID_SAMPLES = 100  # grid.png and inpaint.png show the first 100 samples
+
+
+def draw_to_disk(cfg: DictConfig, out: Path, denoiser, sampler: Sampler, labels, perf, **inputs) -> SampleChunks:
+    """Draw ``cfg.num_samples`` batch by batch into ``<out>/chunks`` (one batch in memory at a time), continuing
+    from the chunks a stopped run with the same settings left there."""
+    device = next(denoiser.parameters()).device
+    settings = {
+        "seed": cfg.seed,
+        "sampler": sampler.to_config(),
+        "weights": tensor_hash(modules=(denoiser,)),  # the EMA or raw weights, classifier and first stage included
+        "inputs": tensor_hash(labels, inputs.get("x0"), inputs.get("keep")),
+        "guidance": cfg.get("guidance"),
+        "classifier_scale": (cfg.get("classifier") or {}).get("scale"),
+        "device": device.type,  # CPU and CUDA generators draw different numbers
+        "perf": OmegaConf.to_container(perf, resolve=True) if isinstance(perf, DictConfig) else perf,
+    }
+    chunks = SampleChunks(out / "chunks", settings, cfg.num_samples, cfg.batch_size)
+    start, state = chunks.resume()
+    if start:
+        print(f"continuing: {start} of {cfg.num_samples} samples already drawn in {chunks.folder}")
+    if start == cfg.num_samples:  # stopped after the last batch: only the outputs are left to write
+        return chunks
+    began = time.perf_counter()
+    batches = generate_batches(
+        denoiser, sampler, cfg.num_samples, seed=cfg.seed, batch_size=cfg.batch_size, labels=labels, perf=perf,
+        progress=True, start=start, generator_state=state, **inputs,
+    )  # fmt: skip
+    for index, (x, state) in enumerate(batches, start // cfg.batch_size):
+        chunks.write(index, to_hwc_uint8(x), state)
+    seconds, drawn = time.perf_counter() - began, cfg.num_samples - start
+    print(f"{drawn} samples in {seconds:.1f}s ({drawn / seconds:.1f} img/s) on {device}")
+    return chunks
+
+
+def write_outputs(out: Path, chunks: SampleChunks, sampler: Sampler, labels: torch.Tensor | None, **arrays) -> None:
+    """samples.npz (assembled from the chunks) and sampler.yaml, each written atomically."""
     extra = {} if labels is None else {"labels": labels.numpy()}
-    np.savez_compressed(out / "samples.npz", images=to_hwc_uint8(images), **extra, **arrays)
-    OmegaConf.save(OmegaConf.create(sampler.to_config()), out / "sampler.yaml")
+    chunks.assemble(out / "samples.npz", **extra, **arrays)
+    write_atomic(out / "sampler.yaml", OmegaConf.to_yaml(OmegaConf.create(sampler.to_config())))
+
+
+def first_samples(chunks: SampleChunks) -> torch.Tensor:
+    """The first GRID_SAMPLES samples as samples.npz holds them (uint8), back in [-1, 1] for a grid."""
+    return to_model_range(torch.from_numpy(chunks.head(GRID_SAMPLES)).permute(0, 3, 1, 2))
 
 
 def sample(cfg: DictConfig, output_dir: str | Path) -> Path:
@@ -68,15 +114,12 @@ def sample(cfg: DictConfig, output_dir: str | Path) -> Path:
     labels, denoiser = guided or with_guidance(denoiser, cfg.get("labels"), cfg.get("guidance"), cfg.num_samples)
     sampler = chosen_sampler(cfg, ckpt_cfg)
     print(f"sampler: {sampler}")
-    start = time.perf_counter()
-    images = generate(denoiser, sampler, cfg.num_samples, seed=cfg.seed, batch_size=cfg.batch_size, labels=labels,
-                      perf=perf, progress=True)  # fmt: skip
-    seconds = time.perf_counter() - start
     out = Path(output_dir)
-    write_outputs(out, images, sampler, labels)
+    chunks = draw_to_disk(cfg, out, denoiser, sampler, labels, perf)
+    write_outputs(out, chunks, sampler, labels)
     nrow = None if labels is None else int(labels.unique().numel())  # a column per class
-    save_grid(to_unit(images[:100]), out / "grid.png", nrow=nrow)
-    print(f"{cfg.num_samples} samples in {seconds:.1f}s ({cfg.num_samples / seconds:.1f} img/s) on {device}")
+    save_grid(to_unit(first_samples(chunks)), out / "grid.png", nrow=nrow)
+    chunks.remove()  # samples.npz holds them all now
     if cfg.get("save_chain"):
         frames = generate_chain(
             denoiser, sampler, cfg.chain_samples, cfg.chain_frames, seed=cfg.seed, perf=perf, progress=True
@@ -145,16 +188,12 @@ def inpaint(cfg: DictConfig, denoiser, ckpt_cfg: DictConfig, out: Path, perf=Non
         raise ConfigError("inpainting with guidance= needs labels=[...], the class(es) to complete towards")
     options = {k: spec[k] for k in ("jump_length", "jump_n_sample", "variance")}
     sampler = Sampler("repaint", spec.num_steps, spec.spacing, **options)
-    print(f"sampler: {sampler}")
-    start = time.perf_counter()
-    images = generate(denoiser, sampler, cfg.num_samples, seed=cfg.seed, batch_size=cfg.batch_size, labels=labels,
-                      x0=known, keep=known_keep, perf=perf, progress=True)  # fmt: skip
-    print(
-        f"{cfg.num_samples} RePaint completions ({sampler.num_evaluations(denoiser.diffusion)} network "
-        f"evaluations each) in {time.perf_counter() - start:.1f}s"
-    )
-    write_outputs(out, images, sampler, labels, original=to_hwc_uint8(x0)[0], keep=keep.bool().numpy())
+    print(f"sampler: {sampler} ({sampler.num_evaluations(denoiser.diffusion)} network evaluations per completion)")
+    chunks = draw_to_disk(cfg, out, denoiser, sampler, labels, perf, x0=known, keep=known_keep)
+    write_outputs(out, chunks, sampler, labels, original=to_hwc_uint8(x0)[0], keep=keep.bool().numpy())
+    images = first_samples(chunks)
     save_grid(side_by_side(x0, keep, images), out / "inpaint.png", nrow=min(8, len(images)) + 2, min_cell=64)
+    chunks.remove()  # samples.npz holds them all now
     return out
 
 

@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -14,6 +13,7 @@ from torchvision.transforms.v2 import functional as F
 
 from ddpmlab.data.datasets import NO_LABEL, to_model_range
 from ddpmlab.errors import ConfigError, DatasetNotFoundError
+from ddpmlab.fileio import read_image
 
 
 class ImageFileDataset(Dataset):
@@ -30,11 +30,7 @@ class ImageFileDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
         path = self.paths[i]
-        try:
-            with Image.open(path) as img:
-                img = img.convert(self.mode)  # decodes the whole file: a truncated one fails here
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise ConfigError(f"cannot read image {path} ({e}); replace or remove that file") from e
+        img = read_image(path, self.mode, fix="replace or remove that file")  # a truncated file fails here
         if self.crop:
             img = F.center_crop(img, [self.crop])
         img = F.center_crop(F.resize(img, [self.image_size]), [self.image_size])

@@ -14,13 +14,13 @@ IS and its own cache of real statistics). Both are fed uint8 images from :func:`
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from ddpmlab.errors import ConfigError
+from ddpmlab.fileio import atomic_path
 from ddpmlab.images import to_uint8
 from ddpmlab.pretrained import (
     VGG16,
@@ -174,11 +174,8 @@ def real_features(net: nn.Module, images: Tensor, cache_file: str | Path | None,
         return torch.load(cache_file, map_location="cpu", weights_only=True)["features"]
     features = extract_features(net, images, batch_size, device)
     if cache_file is not None:
-        path = Path(cache_file)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"features": features, "num_images": len(images), "extractor": extractor_id(net)}, tmp)
-        os.replace(tmp, path)  # atomic: a reader never sees half a file
+        with atomic_path(cache_file) as tmp:  # a reader never sees half a file
+            torch.save({"features": features, "num_images": len(images), "extractor": extractor_id(net)}, tmp)
     return features
 
 

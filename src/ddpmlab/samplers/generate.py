@@ -28,16 +28,23 @@ def _device_of(denoiser: nn.Module) -> torch.device:
 
 @contextmanager
 def _sampling(denoiser: nn.Module, perf: Mapping[str, Any] | None):
-    """Eval mode (restored after), and with a ``perf`` config the sampling levers and the network's precision."""
+    """Eval mode (restored after), and with a ``perf`` config the sampling levers. Yields the device and
+    ``numerics``, the context each batch is drawn under (no autograd, the network's precision): entered per batch,
+    so the caller of :func:`generate_batches` runs its own code between batches in its own modes."""
     device = _device_of(denoiser)
     was_training = denoiser.training
     denoiser.eval()
     precision = "fp32"
     if perf is not None:
         precision = prepare_sampling(denoiser.net, device, perf)["precision"]
-    try:
+
+    @contextmanager
+    def numerics():
         with torch.no_grad(), autocast(device, precision):
-            yield device
+            yield
+
+    try:
+        yield device, numerics
     finally:
         denoiser.train(was_training)
 
@@ -85,23 +92,55 @@ def generate(
       elsewhere; a callable: the caller's own step wrapper (``SamplingProgress.wrap``), for a bar that spans
       several calls; False: silent.
     """
+    batches = generate_batches(
+        denoiser, sampler, num_samples, seed=seed, batch_size=batch_size, labels=labels, x0=x0, keep=keep, perf=perf,
+        progress=progress,
+    )  # fmt: skip
+    return torch.cat([x.cpu() if to_cpu else x for x, _ in batches])
+
+
+def generate_batches(
+    denoiser: nn.Module,
+    sampler,
+    num_samples: int,
+    *,
+    seed: int = 0,
+    batch_size: int = 256,
+    labels: Tensor | None = None,
+    x0: Tensor | None = None,
+    keep: Tensor | None = None,
+    perf: Mapping[str, Any] | None = None,
+    progress: bool | str | Callable = False,
+    start: int = 0,
+    generator_state: Tensor | None = None,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """:func:`generate`'s batches one at a time, as they are drawn: (samples [n,C,H,W] float32 on the denoiser's
+    device, the generator's state after them), so a caller can write each batch away and hold only one.
+
+    To continue a draw that stopped, pass ``start`` (a multiple of ``batch_size``: the samples already drawn) and
+    ``generator_state``, the state yielded with the batch before it: the batches that follow are the ones an
+    uninterrupted :func:`generate` would have drawn. Other arguments as for :func:`generate`."""
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"num_samples ({num_samples}) and batch_size ({batch_size}) must be >= 1")
     if labels is not None and len(labels) != num_samples:
         raise ValueError(f"labels holds {len(labels)} classes for {num_samples} samples")
-    out = []
-    evals = sampler.num_evaluations(denoiser.diffusion) * -(-num_samples // batch_size)
-    with _sampling(denoiser, perf) as device, _progress(progress, evals, f"sampling {num_samples}") as wrap:
+    aligned = start % batch_size == 0 or start == num_samples
+    if not aligned or not 0 <= start <= num_samples or (start > 0) != (generator_state is not None):
+        raise ValueError(f"start={start}: give a multiple of batch_size up to {num_samples} and the state there")
+    evals = sampler.num_evaluations(denoiser.diffusion) * -(-(num_samples - start) // batch_size)
+    with _sampling(denoiser, perf) as (device, numerics), _progress(progress, evals, f"sampling {num_samples}") as wrap:
         generator = torch.Generator(device).manual_seed(seed)
+        if generator_state is not None:
+            generator.set_state(generator_state)
         inpaint = {} if x0 is None else {"x0": x0.to(device), "keep": keep.to(device)}
-        for start in range(0, num_samples, batch_size):
-            n = min(batch_size, num_samples - start)
-            x_T = torch.randn((n, *denoiser.sample_shape), generator=generator, device=device)
-            cond = None if labels is None else labels[start : start + n].to(device)
-            x = sampler(denoiser, denoiser.diffusion, x_T, generator=generator, cond=cond, progress=wrap, **inpaint)
-            x = denoiser.decode(x).float()  # latent diffusion: z -> pixels; the identity for pixel diffusion
-            out.append(x.cpu() if to_cpu else x)
-    return torch.cat(out)
+        for lo in range(start, num_samples, batch_size):
+            n = min(batch_size, num_samples - lo)
+            with numerics():
+                x_T = torch.randn((n, *denoiser.sample_shape), generator=generator, device=device)
+                cond = None if labels is None else labels[lo : lo + n].to(device)
+                x = sampler(denoiser, denoiser.diffusion, x_T, generator=generator, cond=cond, progress=wrap, **inpaint)
+                x = denoiser.decode(x).float()  # latent diffusion: z -> pixels; the identity for pixel diffusion
+            yield x, generator.get_state()
 
 
 def generate_chain(
@@ -119,7 +158,11 @@ def generate_chain(
     on the CPU, F = ``num_frames`` snapshots evenly spaced over the sampler's steps, x_T first and x_0 last;
     ``progress`` as for :func:`generate`."""
     evals = sampler.num_evaluations(denoiser.diffusion)
-    with _sampling(denoiser, perf) as device, _progress(progress, evals, "denoising chain") as wrap:
+    with (
+        _sampling(denoiser, perf) as (device, numerics),
+        _progress(progress, evals, "denoising chain") as wrap,
+        numerics(),
+    ):
         generator = torch.Generator(device).manual_seed(seed)
         x_T = torch.randn((num_samples, *denoiser.sample_shape), generator=generator, device=device)
         cond = None if labels is None else labels.to(device)

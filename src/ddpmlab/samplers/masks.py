@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ddpmlab.errors import ConfigError
+from ddpmlab.fileio import read_image
 
 PRESETS = ("left_half", "centre_square", "random_strokes")
 
@@ -77,17 +78,10 @@ def random_strokes(
 
 def load_mask(path: str | Path, size: int | tuple[int, int]) -> Tensor:
     """A mask image file (PNG, JPEG, ...): grey level >= 128 known, < 128 to inpaint; resized nearest-neighbour."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
     from torchvision.transforms.v2 import InterpolationMode
-    from torchvision.transforms.v2.functional import resize
+    from torchvision.transforms.v2.functional import pil_to_tensor, resize
 
-    p = Path(str(path)).expanduser()
-    try:
-        grey = decode_image(read_file(str(p)), mode=ImageReadMode.GRAY)  # uint8 [1,h,w]
-    except (OSError, RuntimeError) as e:
-        raise ConfigError(
-            f"cannot read the mask image {p} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); give a PNG or JPEG"
-        ) from e
+    grey = pil_to_tensor(read_image(path, "L", "the mask image"))  # uint8 [1,h,w]
     H, W = _hw(size)
     grey = resize(grey, [H, W], interpolation=InterpolationMode.NEAREST)
     return (grey[0] >= 128).float()
