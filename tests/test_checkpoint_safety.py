@@ -4,12 +4,14 @@ written atomically, and a full disk is one line naming the directory while the e
 
 import errno
 import os
+import pathlib
 import pickle
 
 import pytest
 import torch
 
 from conftest import TINY, compose_cfg, run_cli
+from ddpmlab import fileio
 from ddpmlab.api import denoiser_from_checkpoint, load, load_checkpoint
 from ddpmlab.callbacks import checkpoint as ckpt_io
 from ddpmlab.errors import CheckpointError, ConfigError
@@ -117,7 +119,7 @@ def test_checkpoints_are_written_in_their_own_directory(tmp_path, monkeypatch):
         seen.append((os.path.dirname(src), os.path.dirname(dst)))
         return real_replace(src, dst)
 
-    monkeypatch.setattr(ckpt_io.os, "replace", replace)
+    monkeypatch.setattr(fileio.os, "replace", replace)
     ckpt_io.atomic_write(b"abc", tmp_path / "sub" / "x.ckpt")
     assert (tmp_path / "sub" / "x.ckpt").read_bytes() == b"abc"
     assert seen == [(str(tmp_path / "sub"), str(tmp_path / "sub"))]  # a rename, never a copy across filesystems
@@ -127,27 +129,16 @@ def test_checkpoints_are_written_in_their_own_directory(tmp_path, monkeypatch):
 
 
 def full_disk_after(monkeypatch, limit):
-    """Files opened for writing accept ``limit`` bytes, then fail with ENOSPC, as on a full disk."""
-    real_fdopen = os.fdopen
+    """Checkpoint files accept ``limit`` bytes, then fail with ENOSPC, as on a full disk."""
+    real_write_bytes = pathlib.Path.write_bytes
 
-    class Full:
-        def __init__(self, f):
-            self.f = f
+    def write_bytes(self, data):
+        if self.suffix != ".ckpt":
+            return real_write_bytes(self, data)
+        real_write_bytes(self, bytes(data[:limit]))
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-        def write(self, data):
-            self.f.write(bytes(data[:limit]))
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-    monkeypatch.setattr(ckpt_io.os, "fdopen", lambda fd, mode="r", *a, **k: Full(real_fdopen(fd, mode, *a, **k)))
+    monkeypatch.setattr(pathlib.Path, "write_bytes", write_bytes)
 
 
 def test_a_full_disk_keeps_the_earlier_checkpoint_and_says_which_directory(train_cfg, tmp_path, monkeypatch):

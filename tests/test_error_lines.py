@@ -5,6 +5,8 @@ import importlib.util
 import json
 import os
 import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +15,6 @@ from omegaconf import OmegaConf
 import ddpmlab
 from conftest import TINY, compose_cfg, run_cli
 from ddpmlab.api import classifier_from_checkpoint
-from ddpmlab.callbacks import checkpoint as ckpt_io
 from ddpmlab.errors import CheckpointError, ConfigError, NotWritableError
 from ddpmlab.latent import load_first_stage
 from ddpmlab.training import train
@@ -181,10 +182,14 @@ def test_a_checkpoint_directory_made_read_only_mid_run_is_one_line(train_cfg, tm
     ckpts = tmp_path / "run" / "checkpoints"
     before = {p.name: p.read_bytes() for p in ckpts.iterdir()}
 
-    def refuse(*args, **kwargs):
-        raise PermissionError(13, "Permission denied")
+    real_mkstemp = tempfile.mkstemp
 
-    monkeypatch.setattr(ckpt_io.tempfile, "mkstemp", refuse)  # after the up-front check: as a chmod mid-run
+    def refuse(*args, dir=None, **kwargs):
+        if Path(dir) == ckpts:
+            raise PermissionError(13, "Permission denied")
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)  # after the up-front check: as a chmod of checkpoints/ mid-run
     with pytest.raises(NotWritableError, match=rf"cannot write step_0000009.ckpt in {ckpts} \(Permission denied\)"):
         train(train_cfg("trainer.max_steps=12"))
     monkeypatch.undo()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ddpmlab.errors import ConfigError, DiskFullError
+from ddpmlab.errors import ConfigError, DiskFullError, NotWritableError
 
 __all__ = ["atomic_dir", "atomic_path", "read_image", "write_atomic"]
 
@@ -30,11 +30,21 @@ UMASK = os.umask(0o022)
 os.umask(UMASK)  # read back: the process's umask, unchanged
 
 
-def _disk_full(e: OSError, what: Path) -> DiskFullError:
-    return DiskFullError(
-        f"no space left in {what.parent} to write {what.name}; what was there before is intact: free space and run "
-        f"the same command again"
-    )
+AGAIN = "what was there before is intact", "run the same command again"
+
+
+def _write_error(e: OSError, path: Path, again: tuple[str, str]) -> ConfigError | None:
+    """One line for the write failures a user can fix (a full disk, a read-only directory), else None. ``again``:
+    what is intact, and how to go on once it is fixed."""
+    intact, then = again
+    if e.errno in DISK_FULL:
+        return DiskFullError(f"no space left in {path.parent} to write {path.name}; {intact}: free space, then {then}")
+    if isinstance(e, PermissionError) or e.errno == errno.EROFS:
+        return NotWritableError(
+            f"cannot write {path.name} in {path.parent} ({e.strerror}); {intact}: make the directory writable, "
+            f"then {then}"
+        )
+    return None
 
 
 def _fsync(path: str | Path) -> None:
@@ -46,30 +56,35 @@ def _fsync(path: str | Path) -> None:
 
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, again: tuple[str, str] = AGAIN) -> Iterator[Path]:
     """A temporary path beside ``path`` (same folder, same suffix, so writers that go by the extension work) to
-    write to; renamed over ``path`` when the block ends without an error, removed when it raises."""
+    write to; renamed over ``path`` when the block ends without an error, removed when it raises. A full disk or
+    a read-only directory is one line (``again``: what is intact, and how to go on)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=path.suffix, dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
         yield tmp
         os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600 files; an output gets what any new file gets
         _fsync(tmp)
         os.replace(tmp, path)  # atomic within one filesystem: a reader sees the old file or the new one
+        _fsync(path.parent)  # the rename itself survives a power cut
     except OSError as e:
-        if e.errno in DISK_FULL:
-            raise _disk_full(e, path) from e
-        raise
+        error = _write_error(e, path, again)
+        if error is None:
+            raise
+        raise error from e
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
-def write_atomic(path: str | Path, data: str | bytes) -> None:
+def write_atomic(path: str | Path, data: str | bytes, again: tuple[str, str] = AGAIN) -> None:
     """``path`` holds its old content or all of ``data`` (text is written as UTF-8), never a part."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, again) as tmp:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
 
 
@@ -114,9 +129,10 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(aside, ignore_errors=True)
         # after the swap tmp holds the old folder (or nothing): removed below
     except OSError as e:
-        if e.errno in DISK_FULL:
-            raise _disk_full(e, path) from e
-        raise
+        error = _write_error(e, path, AGAIN)
+        if error is None:
+            raise
+        raise error from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -125,10 +141,13 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
 
 
-def read_image(path: str | Path, mode: str, what: str = "image", fix: str = "give a PNG or JPEG") -> Image.Image:
+def read_image(
+    path: str | Path, mode: str, what: str = "image", fix: str = "give a PNG or JPEG", draft: bool = False
+) -> Image.Image:
     """The image file at ``path`` fully decoded by PIL and converted to ``mode`` ('L' grey, 'RGB'). A missing,
     truncated or non-image file, or one over PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``), is a
-    ConfigError naming ``what`` and the file, ending with ``fix``."""
+    ConfigError naming ``what`` and the file, ending with ``fix``. ``draft``: decode a JPEG at 1/8 scale (it still
+    reads every byte, so a truncated file still fails), to check a file cheaply."""
     p = Path(str(path)).expanduser()
     if not p.is_file():
         raise ConfigError(f"{what}: no file at {p}")
@@ -137,6 +156,8 @@ def read_image(path: str | Path, mode: str, what: str = "image", fix: str = "giv
             # PIL only warns between MAX_IMAGE_PIXELS and twice that: refuse there too
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(p) as img:
+                if draft:
+                    img.draft(img.mode, (1, 1))  # JPEG only; other formats decode in full
                 img.load()  # decodes every pixel: a truncated file fails here, not later
                 return img.convert(mode)
     except (*UNREADABLE, Image.DecompressionBombWarning) as e:

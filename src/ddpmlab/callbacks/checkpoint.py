@@ -15,10 +15,7 @@
 
 from __future__ import annotations
 
-import errno
 import io
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,46 +26,12 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from ddpmlab.callbacks.finite import TrainingDivergedError
 from ddpmlab.errors import DiskFullError, NotWritableError
-
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-UMASK = os.umask(0o022)
-os.umask(UMASK)  # read back: the process's umask, unchanged
+from ddpmlab.fileio import write_atomic
 
 
 def atomic_write(data: bytes, path: str | Path) -> None:
     """Write ``data`` to ``path`` so that ``path`` holds either its old content or all of ``data``, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp makes 0600 files; a checkpoint gets what any new file gets
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # the rename itself survives a power cut
-        finally:
-            os.close(dir_fd)
-    except OSError as e:
-        if e.errno in DISK_FULL:
-            raise DiskFullError(
-                f"no space left in {path.parent} to write {path.name} ({len(data) / 1e6:.1f} MB); the checkpoints "
-                f"already there are intact: free space, then continue with ckpt_path=last"
-            ) from e
-        if isinstance(e, PermissionError) or e.errno == errno.EROFS:  # made read-only while the run went on
-            raise NotWritableError(
-                f"cannot write {path.name} in {path.parent} ({e.strerror}); the checkpoints already there are "
-                f"intact: make the directory writable, then continue with ckpt_path=last"
-            ) from e
-        raise
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+    write_atomic(path, data, again=("the checkpoints already there are intact", "continue with ckpt_path=last"))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
