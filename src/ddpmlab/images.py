@@ -71,6 +71,12 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, min_cell: int = 32
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, min_cell: int = 32) -> torch.Tensor:
     """:func:`image_grid` written to ``path`` (PNG) atomically: the old file or the whole new one, never a part."""
     grid = image_grid(images, nrow, min_cell)
-    with atomic_path(path) as tmp:
-        save_image(grid, tmp)
+    save_png(grid, path)
     return grid
+
+
+def save_png(image: torch.Tensor, path: str | Path) -> None:
+    """One [C,H,W] image in [0, 1] written to ``path`` atomically (torchvision's ``save_image`` into a temporary
+    file beside it, renamed over it)."""
+    with atomic_path(path) as tmp:
+        save_image(image, tmp)

@@ -243,5 +243,5 @@ def wandb_resume(logger_cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -
     run_id = next((f.read_text().strip() for f in ids if f.is_file()), None) or secrets.token_hex(4)
     if rank_zero_only.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "wandb_run_id").write_text(run_id)
+        write_atomic(run_dir / "wandb_run_id", run_id)
     return {"id": run_id, "resume": "allow"}

@@ -23,10 +23,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
-from torchvision.utils import save_image
 
 from ddpmlab.callbacks.utils import dashboard_step, ema_denoiser, log_image, sampling_perf
-from ddpmlab.images import image_grid, to_unit
+from ddpmlab.images import image_grid, save_png, to_unit
 from ddpmlab.progress import SamplingProgress, is_terminal
 from ddpmlab.samplers import generate_chain
 
@@ -41,8 +40,7 @@ def log_scalars(trainer: pl.Trainer, metrics: dict[str, float], step: int | None
 
 def save_and_log(trainer: pl.Trainer, key: str, dirname: str, grid: Tensor) -> Path:
     path = Path(trainer.default_root_dir) / dirname / f"step_{trainer.global_step:07d}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(grid, path)
+    save_png(grid, path)
     log_image(trainer, key, grid, dashboard_step(trainer))
     return path
 
