@@ -83,7 +83,7 @@ def run_ddpmlab(name: str, overrides: list[str], workdir: Path) -> dict:
     g = torch.Generator().manual_seed(SAMPLE_SEED)
     x_T = torch.randn(NUM_SAMPLES, 1, 8, 8, generator=g)
     with torch.no_grad():
-        x0 = sampler(denoiser, denoiser.diffusion, x_T, generator=g)
+        x0 = sampler(denoiser, x_T, generator=g)
     samples = ((x0.clamp(-1, 1) + 1) / 2).reshape(NUM_SAMPLES, -1).double().numpy()
     metrics = json.loads((run_dir / "final_metrics.json").read_text())
     return {

@@ -111,7 +111,7 @@ def draw(denoiser, sampler: Sampler, n: int, seed: int, labels: torch.Tensor | N
         m = min(batch, n - lo)
         x_T = torch.randn(m, 1, 8, 8, generator=g)
         cond = None if labels is None else labels[lo : lo + m]
-        out.append(sampler(denoiser, denoiser.diffusion, x_T, generator=g, cond=cond))
+        out.append(sampler(denoiser, x_T, generator=g, cond=cond))
     return torch.cat(out)
 
 

@@ -84,7 +84,7 @@ def main() -> None:
         def step():
             x = batch()
             t = torch.randint(0, 1000, (x.shape[0],))
-            loss = loss_fn(denoiser, diffusion, x, t, torch.randn_like(x)).mean()
+            loss = loss_fn(denoiser, x, t, torch.randn_like(x)).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -77,9 +77,9 @@ def test_ancestral_mean_shifts_by_s_sigma_grad_log_p(toy):  # Algorithm 1
     for num_steps in (None, 10):
         ts = make_timesteps(T, num_steps, "leading")
         kwargs = dict(generator=torch.Generator().manual_seed(2), clip_x0=False, cond=y)
-        plain = next(ddpm_sample_progressive(ClassifierGuidedDenoiser(den, clf, 0.0), diffusion, x, ts, **kwargs)).x
+        plain = next(ddpm_sample_progressive(ClassifierGuidedDenoiser(den, clf, 0.0), x, ts, **kwargs)).x
         kwargs["generator"] = torch.Generator().manual_seed(2)
-        guided = next(ddpm_sample_progressive(ClassifierGuidedDenoiser(den, clf, 2.0), diffusion, x, ts, **kwargs)).x
+        guided = next(ddpm_sample_progressive(ClassifierGuidedDenoiser(den, clf, 2.0), x, ts, **kwargs)).x
         process = diffusion.respace(ts)
         sigma2 = process.beta_tilde.double()[-1]  # the first step is the respaced process's last index
         expected = 2.0 * sigma2 * analytic_grad(diffusion, x, torch.full((64,), int(ts[0])), y)
@@ -115,8 +115,8 @@ def test_ddim_eps_shifts_by_sqrt_one_minus_alpha_bar_s_grad(toy):  # Algorithm 2
     x = torch.randn(32, 1, 1, 2, generator=torch.Generator().manual_seed(3))
     y = torch.ones(32, dtype=torch.long)
     t = 40
-    plain = predict(den, diffusion, x, t, None, clip_x0=False)
-    guided = predict(ClassifierGuidedDenoiser(den, clf, 3.0), diffusion, x, t, y, clip_x0=False)
+    plain = predict(den, x, t, None, clip_x0=False)
+    guided = predict(ClassifierGuidedDenoiser(den, clf, 3.0), x, t, y, clip_x0=False)
     shift = (1 - diffusion.alpha_bar.double()[t]).sqrt() * 3.0 * analytic_grad(diffusion, x, torch.full((32,), t), y)
     torch.testing.assert_close(guided.eps_hat.double(), plain.eps_hat.double() - shift, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(guided.x0_hat, diffusion.x0_from_eps(x, torch.full((32,), t), guided.eps_hat))
@@ -132,7 +132,7 @@ def test_guided_sampling_moves_mass_to_the_requested_class(toy, algorithm, steps
     for s in (0.0, 4.0):
         sampler = Sampler(algorithm, steps, clip_x0=False)
         guided = ClassifierGuidedDenoiser(den, clf, s)
-        x0 = sampler(guided, diffusion, x_T, generator=torch.Generator().manual_seed(5), cond=y)
+        x0 = sampler(guided, x_T, generator=torch.Generator().manual_seed(5), cond=y)
         share[s] = float((x0.flatten(1).mean(1) < 0).float().mean())
     assert 0.35 < share[0.0] < 0.65  # unguided: the mixture, half and half
     assert share[4.0] > 0.95

@@ -48,7 +48,7 @@ def test_sampling_progress_counts_network_evaluations(capsys):
     sampler = Sampler("ddim", num_steps=7)
     with SamplingProgress(2 * sampler.num_evaluations(diffusion), "sampling") as bar:
         for _ in range(2):
-            sampler(denoiser, diffusion, torch.randn(2, 1, 8, 8), progress=bar.wrap)
+            sampler(denoiser, torch.randn(2, 1, 8, 8), progress=bar.wrap)
     assert bar.n == 14
     lines = capsys.readouterr().out.splitlines()  # not a terminal: a line per quarter
     assert len(lines) == 4 and lines[-1].startswith("sampling: 14/14 evals (100%)")

@@ -125,7 +125,7 @@ def test_ddpm_sampling_matches_ddpm_scheduler_on_any_grid(diffusion, spacing, S,
     x_T = torch.randn(3, 1, 8, 8, generator=gen(1))
     theirs = run_diffusers(scheduler, net, x_T, generator=gen(2))
     ours = Sampler("ddpm", S, spacing, variance=variance, clip_x0=False)(
-        Denoiser(net, diffusion), diffusion, x_T, generator=gen(2)
+        Denoiser(net, diffusion), x_T, generator=gen(2)
     )
     assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-5), (ours - theirs).abs().max()
 
@@ -149,9 +149,7 @@ def test_ddim_sampling_matches_ddim_scheduler_where_it_follows_the_paper(diffusi
     scheduler.set_timesteps(S)
     x_T = torch.randn(3, 1, 8, 8, generator=gen(1))
     theirs = run_diffusers(scheduler, net, x_T, generator=gen(2), eta=eta, use_clipped_model_output=clip)
-    ours = Sampler("ddim", S, spacing, eta=eta, clip_x0=clip)(
-        Denoiser(net, diffusion), diffusion, x_T, generator=gen(2)
-    )
+    ours = Sampler("ddim", S, spacing, eta=eta, clip_x0=clip)(Denoiser(net, diffusion), x_T, generator=gen(2))
     assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-5), (ours - theirs).abs().max()
 
 
@@ -177,5 +175,5 @@ def test_dpm_solver_matches_dpm_solver_multistep_scheduler(diffusion, spacing, S
     scheduler.sigmas = torch.cat([((1 - alpha_bar) / alpha_bar).sqrt(), torch.zeros(1, dtype=torch.float64)])
     x_T = torch.randn(3, 1, 8, 8, generator=gen(1))
     theirs = run_diffusers(scheduler, net, x_T)
-    ours = Sampler("dpm_solver", S, spacing, clip_x0=False)(Denoiser(net, diffusion), diffusion, x_T)
+    ours = Sampler("dpm_solver", S, spacing, clip_x0=False)(Denoiser(net, diffusion), x_T)
     assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-5), (ours - theirs).abs().max()

@@ -77,7 +77,7 @@ def test_w0_is_the_conditional_models_own_sampling(algorithm):
 
     def run(d):
         g = torch.Generator().manual_seed(3)
-        return sampler(d, d.diffusion, torch.randn(6, 1, 8, 8, generator=g), generator=g, cond=cond)
+        return sampler(d, torch.randn(6, 1, 8, 8, generator=g), generator=g, cond=cond)
 
     plain, w0, w2 = run(den), run(GuidedDenoiser(den, 0.0)), run(GuidedDenoiser(den, 2.0))
     assert torch.equal(plain, w0)

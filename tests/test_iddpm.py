@@ -83,7 +83,7 @@ def test_denoiser_splits_the_variance_channels_and_ancestral_sampling_uses_the_r
     torch.testing.assert_close(pred.var_interp, (r + 1) / 2)
     # One ancestral step on a 5-step grid, by hand: mean from x0_hat, variance between the respaced bounds.
     g7 = torch.Generator().manual_seed(7)
-    step = next(ddpm_sample_progressive(den, diffusion, x_T, ts, generator=g7, clip_x0=False))
+    step = next(ddpm_sample_progressive(den, x_T, ts, generator=g7, clip_x0=False))
     process = diffusion.respace(ts)
     j = torch.full((4,), 4)
     p = process.p_mean_variance(pred.x0_hat, x_T, j, "learned", var_interp=pred.var_interp)
@@ -103,9 +103,9 @@ def test_learn_sigma_false_samples_as_before(diffusion):
     assert not den.learn_sigma and net.out_channels == 1
     x_T = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(2))
     ts = make_timesteps(T, None)
-    auto = ddpm_sample(den, diffusion, x_T, ts, generator=torch.Generator().manual_seed(3), clip_x0=False)
+    auto = ddpm_sample(den, x_T, ts, generator=torch.Generator().manual_seed(3), clip_x0=False)
     g3 = torch.Generator().manual_seed(3)
-    small = ddpm_sample(den, diffusion, x_T, ts, generator=g3, clip_x0=False, variance="small")
+    small = ddpm_sample(den, x_T, ts, generator=g3, clip_x0=False, variance="small")
     assert torch.equal(auto, small)
     beta = linear_betas(T).double()
     alpha_bar, _, _, log_beta_tilde = tables64(beta)
@@ -159,7 +159,7 @@ def fixed_inputs(diffusion):
 def test_hybrid_loss_matches_the_papers_formula_and_stops_the_gradient_on_the_mean(diffusion, fixed_inputs):
     x0, t, eps, out = fixed_inputs
     den = Denoiser(FixedOutput(out), diffusion)
-    loss = HybridLoss()(den, diffusion, x0, t, eps)
+    loss = HybridLoss()(den, x0, t, eps)
     eps_hat, v = out.chunk(2, 1)
     x_t = diffusion.q_sample(x0, t, eps)
     simple = ((eps.double() - eps_hat.double()) ** 2).flatten(1).mean(1)
@@ -175,7 +175,7 @@ def test_hybrid_loss_matches_the_papers_formula_and_stops_the_gradient_on_the_me
 def test_vlb_loss_matches_the_papers_formula_and_trains_the_mean(diffusion, fixed_inputs):
     x0, t, eps, out = fixed_inputs
     den = Denoiser(FixedOutput(out), diffusion)
-    loss = VLBLoss()(den, diffusion, x0, t, eps)
+    loss = VLBLoss()(den, x0, t, eps)
     eps_hat, v = out.chunk(2, 1)
     vb = expected_vb_bpd(x0, diffusion.q_sample(x0, t, eps), t, eps_hat, (v + 1) / 2, linear_betas(T).double())
     torch.testing.assert_close(loss.double(), T * vb, rtol=1e-4, atol=1e-4)
@@ -292,7 +292,7 @@ def test_ddim_and_dpm_solver_ignore_the_variance_and_bits_per_dim_uses_it(diffus
     x_T = torch.randn(3, 1, 2, 2, generator=g)
     for name in ("ddim", "dpm_solver"):
         sampler = Sampler(name, 10)
-        torch.testing.assert_close(sampler(a, diffusion, x_T), sampler(b, diffusion, x_T))
+        torch.testing.assert_close(sampler(a, x_T), sampler(b, x_T))
     x0 = torch.rand(3, 1, 2, 2, generator=g) * 2 - 1
     bpd = {v: bits_per_dim(a, x0, stride=20, variance=v, generator=torch.Generator().manual_seed(0)).total
            for v in ("auto", "learned", "small", "large")}  # fmt: skip
@@ -314,9 +314,7 @@ def test_the_bound_defaults_to_the_models_own_variance(diffusion):
     x0 = torch.rand(4, 1, 2, 2, generator=g) * 2 - 1
     t, eps = torch.tensor([0, 1, 50, 99]), torch.randn(4, 1, 2, 2, generator=g)
     for den, own in ((learned, "learned"), (fixed, "large")):
-        torch.testing.assert_close(
-            vb_terms_bpd(den, diffusion, x0, t, eps), vb_terms_bpd(den, diffusion, x0, t, eps, variance=own)
-        )
+        torch.testing.assert_close(vb_terms_bpd(den, x0, t, eps), vb_terms_bpd(den, x0, t, eps, variance=own))
         default, explicit = (
             bits_per_dim(den, x0, stride=20, generator=torch.Generator().manual_seed(0), **v).total
             for v in ({}, {"variance": own})
@@ -325,8 +323,8 @@ def test_the_bound_defaults_to_the_models_own_variance(diffusion):
         batches = [(x0, torch.zeros(4, dtype=torch.long))]
         default, explicit = evaluate_bpd(den, batches, stride=20), evaluate_bpd(den, batches, stride=20, variance=own)
         assert default["value"] == explicit["value"] and default["protocol"] == explicit["protocol"]
-    large = vb_terms_bpd(learned, diffusion, x0, t, eps, variance="large")
-    assert not torch.allclose(vb_terms_bpd(learned, diffusion, x0, t, eps), large)  # the old default differs
+    large = vb_terms_bpd(learned, x0, t, eps, variance="large")
+    assert not torch.allclose(vb_terms_bpd(learned, x0, t, eps), large)  # the old default differs
 
 
 def test_the_decoder_term_keeps_the_diffusions_precision(diffusion):
@@ -338,7 +336,7 @@ def test_the_decoder_term_keeps_the_diffusions_precision(diffusion):
     den = Denoiser(FixedOutput(torch.randn(3, 1, 2, 2, generator=g, dtype=torch.float64), learn_sigma=False), d64)
     x0 = torch.rand(3, 1, 2, 2, generator=g, dtype=torch.float64) * 2 - 1
     eps = torch.randn(3, 1, 2, 2, generator=g, dtype=torch.float64)
-    got = vb_terms_bpd(den, d64, x0, torch.zeros(3, dtype=torch.long), eps)
+    got = vb_terms_bpd(den, x0, torch.zeros(3, dtype=torch.long), eps)
     assert got.dtype == torch.float64
     assert not torch.equal(got, got.float().double())  # float32 rounding would lose these bits
 

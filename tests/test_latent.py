@@ -130,7 +130,7 @@ def test_latent_samples_decode_to_pixels_in_the_data_range(ldm_run):
     denoiser, cfg = load(ldm_run / "checkpoints" / "last.ckpt")
     x_T = torch.randn(16, 2, 4, 4, generator=torch.Generator().manual_seed(0))
     for sampler in (Sampler("ddim", num_steps=10), Sampler("ddpm", num_steps=10)):
-        z = sampler(denoiser, denoiser.diffusion, x_T, generator=torch.Generator().manual_seed(1))
+        z = sampler(denoiser, x_T, generator=torch.Generator().manual_seed(1))
         x = denoiser.decode(z)
         assert z.shape == (16, 2, 4, 4) and x.shape == (16, 1, 8, 8)
         # the decoder's range, about [-1, 1] (loosely: a model trained for 6 steps draws off-distribution latents)
@@ -247,7 +247,7 @@ def test_diffusers_autoencoder_kl_folder_round_trip(tmp_path):
     denoiser, _ = load(tmp_path / "run" / "checkpoints" / "last.ckpt")
     with torch.no_grad():
         torch.testing.assert_close(denoiser.first_stage.decode(mean), vae.decode(dist.mean).sample)
-        z = Sampler("ddim", num_steps=3)(denoiser, denoiser.diffusion, torch.randn(2, 4, 4, 4))
+        z = Sampler("ddim", num_steps=3)(denoiser, torch.randn(2, 4, 4, 4))
     assert denoiser.decode(z).shape == (2, 1, 8, 8)
 
 

@@ -32,7 +32,7 @@ def test_every_sampler_visits_exactly_the_grid(algorithm, spacing, T, S):
         return
     assert grid.tolist() == make_timesteps(T, S, spacing, alpha_bar=torch.cumprod(1 - d.beta64, 0)).tolist()
     net = Recorder(TinyNet(d))
-    steps = list(sampler.steps(Denoiser(net, d), d, x_T(), generator=gen()))
+    steps = list(sampler.steps(Denoiser(net, d), x_T(), generator=gen()))
     assert net.seen == grid.tolist()  # the network saw these t, in this order, once each
     assert [s.t for s in steps] == grid.tolist()
     assert all(s.x.shape == (3, 1, 2, 4) and torch.isfinite(s.x).all() for s in steps)
@@ -43,8 +43,8 @@ def test_the_progressive_twin_ends_where_the_final_sampler_ends():
     den = Denoiser(TinyNet(d), d)
     for algorithm in ALGORITHMS:
         sampler = Sampler(algorithm, 17, "trailing")
-        last = list(sampler.steps(den, d, x_T(), generator=gen()))[-1].x
-        assert torch.equal(sampler(den, d, x_T(), generator=gen()), last)
+        last = list(sampler.steps(den, x_T(), generator=gen()))[-1].x
+        assert torch.equal(sampler(den, x_T(), generator=gen()), last)
 
 
 @pytest.mark.parametrize(
@@ -67,19 +67,19 @@ def test_bad_sampler_configs_are_config_errors(kwargs, match):
 @pytest.mark.parametrize(
     "sampler,match",
     [
-        (Sampler("ddim", 51), "between 1 and the schedule's T=50"),
+        (Sampler("ddim", 51), "sampler.num_steps=51 is more than the schedule's T=50"),
     ],
 )
 def test_bad_values_are_config_errors_at_sampling_time(sampler, match):
     d = linear(50)
     with pytest.raises(ConfigError, match=match):
-        sampler(Denoiser(TinyNet(d), d), d, x_T())
+        sampler(Denoiser(TinyNet(d), d), x_T())
 
 
-def test_a_grid_that_is_not_strictly_descending_is_refused():
+def test_a_grid_that_is_not_strictly_descending_is_the_callers_mistake():
     d = linear(50)
-    with pytest.raises(ConfigError, match="strictly descending"):
-        list(ddim_sample_progressive(Denoiser(TinyNet(d), d), d, x_T(), [3, 10, 20]))
+    with pytest.raises(AssertionError, match="strictly descending"):
+        list(ddim_sample_progressive(Denoiser(TinyNet(d), d), x_T(), [3, 10, 20]))
 
 
 def test_deterministic_samplers_ignore_the_generator_and_ancestral_ones_use_it():
@@ -87,11 +87,11 @@ def test_deterministic_samplers_ignore_the_generator_and_ancestral_ones_use_it()
     den = Denoiser(TinyNet(d), d)
     for algorithm, options in [("ddim", dict(eta=0.0)), ("dpm_solver", {})]:
         s = Sampler(algorithm, 10, **options)
-        assert torch.equal(s(den, d, x_T(), generator=gen(1)), s(den, d, x_T(), generator=gen(2)))
+        assert torch.equal(s(den, x_T(), generator=gen(1)), s(den, x_T(), generator=gen(2)))
     for algorithm, options in [("ddim", dict(eta=0.5)), ("ddpm", {})]:
         s = Sampler(algorithm, 10, **options)
-        assert torch.equal(s(den, d, x_T(), generator=gen(1)), s(den, d, x_T(), generator=gen(1)))
-        assert not torch.allclose(s(den, d, x_T(), generator=gen(1)), s(den, d, x_T(), generator=gen(2)))
+        assert torch.equal(s(den, x_T(), generator=gen(1)), s(den, x_T(), generator=gen(1)))
+        assert not torch.allclose(s(den, x_T(), generator=gen(1)), s(den, x_T(), generator=gen(2)))
 
 
 # ------------------------------------------------------------------------------------------------ clipping
@@ -106,9 +106,9 @@ class Wild(nn.Module):
 def test_clipping_keeps_x0_hat_in_the_data_range_and_eps_consistent_with_it(algorithm):
     d = linear(1000)
     den = Denoiser(Wild(), d)
-    steps = list(Sampler(algorithm, 10, "linspace", clip_x0=True).steps(den, d, x_T(), generator=gen()))
+    steps = list(Sampler(algorithm, 10, "linspace", clip_x0=True).steps(den, x_T(), generator=gen()))
     assert all(s.x0_hat.abs().max() <= 1 for s in steps)
-    unclipped = list(Sampler(algorithm, 10, "linspace", clip_x0=False).steps(den, d, x_T(), generator=gen()))
+    unclipped = list(Sampler(algorithm, 10, "linspace", clip_x0=False).steps(den, x_T(), generator=gen()))
     assert max(s.x0_hat.abs().max() for s in unclipped) > 1.5
     # The DDIM step uses the eps re-derived from the clipped x0_hat: x_prev = sqrt(a') x0c + sqrt(1 - a') eps(x0c).
     if algorithm == "ddim":
@@ -140,7 +140,7 @@ def test_samplers_recover_the_mean_and_variance_of_gaussian_data(oracle, sampler
     have their discretisation error (DDIM with 50 quadratic steps ~3-4% low, DPM-Solver++ with 20 logsnr steps 1-2%,
     with 10 steps 2-3%)."""
     d, _, den, x = oracle
-    x0 = sampler(den, d, x, generator=gen())
+    x0 = sampler(den, x, generator=gen())
     assert x0.mean().item() == pytest.approx(M, abs=0.012)
     assert x0.std().item() == pytest.approx(SD, rel=tol_std)
 
@@ -173,12 +173,12 @@ def test_the_chain_runs_from_x_T_to_the_final_sample():
     d = linear(100)
     den = Denoiser(TinyNet(d), d)
     sampler = Sampler("ddpm", 30, "trailing")
-    frames = sampler.chain(den, d, x_T(), num_frames=7, generator=gen())
+    frames = sampler.chain(den, x_T(), num_frames=7, generator=gen())
     assert frames.shape == (3, 7, 1, 2, 4)
     assert torch.equal(frames[:, 0], x_T())
-    assert torch.equal(frames[:, -1], sampler(den, d, x_T(), generator=gen()))
-    steps = [s.x for s in sampler.steps(den, d, x_T(), generator=gen())]
+    assert torch.equal(frames[:, -1], sampler(den, x_T(), generator=gen()))
+    steps = [s.x for s in sampler.steps(den, x_T(), generator=gen())]
     assert torch.equal(frames[:, 3], steps[15 - 1])  # frame k is the state after round(k * 30 / 6) steps
-    assert Sampler("ddim", 3).chain(den, d, x_T(), num_frames=10).shape[1] == 4  # never more frames than states
+    assert Sampler("ddim", 3).chain(den, x_T(), num_frames=10).shape[1] == 4  # never more frames than states
     with pytest.raises(ConfigError, match="at least 2 frames"):
-        sampler.chain(den, d, x_T(), num_frames=1)
+        sampler.chain(den, x_T(), num_frames=1)

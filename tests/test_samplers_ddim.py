@@ -19,8 +19,8 @@ def test_ddim_with_eta_1_on_the_full_grid_is_ancestral_sampling_with_beta_tilde(
     d = linear(T)
     den = Denoiser(TinyNet(d), d)
     grid = make_timesteps(T)
-    ddim = list(ddim_sample_progressive(den, d, x_T(), grid, generator=gen(), eta=1.0, clip_x0=clip))
-    ddpm = list(ddpm_sample_progressive(den, d, x_T(), grid, generator=gen(), variance="small", clip_x0=clip))
+    ddim = list(ddim_sample_progressive(den, x_T(), grid, generator=gen(), eta=1.0, clip_x0=clip))
+    ddpm = list(ddpm_sample_progressive(den, x_T(), grid, generator=gen(), variance="small", clip_x0=clip))
     assert len(ddim) == len(ddpm) == T
     for a, b in zip(ddim, ddpm):
         assert a.t == b.t

@@ -37,7 +37,7 @@ def test_respaced_ancestral_sampling_with_S_equal_T_is_plain_ancestral_sampling(
     T = 300
     d = linear(T)
     den = Denoiser(TinyNet(d), d)
-    ours = Sampler("ddpm", T, "trailing", clip_x0=False)(den, d, x_T(), generator=gen())  # goes through respace()
+    ours = Sampler("ddpm", T, "trailing", clip_x0=False)(den, x_T(), generator=gen())  # goes through respace()
     plain = reference_ancestral(den, d.beta64, x_T(), gen())
     assert torch.allclose(ours, plain, atol=1e-5, rtol=1e-5), (ours - plain).abs().max()
 
@@ -48,6 +48,6 @@ def test_respaced_ancestral_sampling_uses_the_betas_rebuilt_from_the_kept_alpha_
     d = linear(T)
     den = Denoiser(TinyNet(d), d)
     grid = make_timesteps(T, 25, spacing)
-    ours = Sampler("ddpm", 25, spacing, clip_x0=False)(den, d, x_T(), generator=gen())
+    ours = Sampler("ddpm", 25, spacing, clip_x0=False)(den, x_T(), generator=gen())
     ref = reference_ancestral(den, d.beta64, x_T(), gen(), respaced_grid=grid.tolist())
     assert torch.allclose(ours, ref, atol=1e-5, rtol=1e-5), (ours - ref).abs().max()

@@ -17,10 +17,10 @@ def test_dpm_solver_first_step_is_a_ddim_step_and_one_step_returns_x0_hat():
     d = linear(1000)
     den = Denoiser(TinyNet(d), d)
     grid = make_timesteps(1000, 10, "linspace")
-    first_dpm = next(iter(dpm_solver_sample_progressive(den, d, x_T(), grid)))
-    first_ddim = next(iter(ddim_sample_progressive(den, d, x_T(), grid)))
+    first_dpm = next(iter(dpm_solver_sample_progressive(den, x_T(), grid)))
+    first_ddim = next(iter(ddim_sample_progressive(den, x_T(), grid)))
     assert torch.allclose(first_dpm.x, first_ddim.x, atol=1e-5)
-    one = list(dpm_solver_sample_progressive(den, d, x_T(), [500]))
+    one = list(dpm_solver_sample_progressive(den, x_T(), [500]))
     assert len(one) == 1 and torch.allclose(one[0].x, one[0].x0_hat, atol=1e-6)
 
 
@@ -33,7 +33,7 @@ def test_dpm_solver_follows_the_exact_probability_flow_better_than_ddim(oracle):
 
     def rms_error(algorithm, S, spacing="logsnr"):
         grid = make_timesteps(1000, S, spacing, alpha_bar=net.alpha_bar)
-        *_, last = ALGORITHMS[algorithm](den, d, x, grid, clip_x0=False)
+        *_, last = ALGORITHMS[algorithm](den, x, grid, clip_x0=False)
         return (last.x.double() - net.flow_map(x.double(), int(grid[0]))).pow(2).mean().sqrt().item() / SD
 
     ddim = {S: rms_error("ddim", S) for S in (20, 40)}
@@ -49,6 +49,6 @@ def test_dpm_solver_recovers_the_flow_map_on_a_cosine_schedule_too():
     net = GaussianOracle(d, M, SD)
     x = x_T(1000, seed=4, shape=(1, 2, 2))
     grid = make_timesteps(1000, 20, "quadratic")
-    out = dpm_solver_sample(Denoiser(net, d), d, x, grid, clip_x0=False)
+    out = dpm_solver_sample(Denoiser(net, d), x, grid, clip_x0=False)
     err = (out.double() - net.flow_map(x.double(), int(grid[0]))).pow(2).mean().sqrt().item() / SD
     assert err < 0.05

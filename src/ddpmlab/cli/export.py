@@ -91,7 +91,7 @@ def model_card(cfg: DictConfig, step: int | None, params: int, metrics: dict[str
         "from ddpmlab.samplers import Sampler",
         "denoiser, cfg = ddpmlab.load('<this folder>')",
         f"x_T = torch.randn(16, {d.channels}, {d.image_size}, {d.image_size})",
-        "x0 = Sampler('ddim', num_steps=50)(denoiser, denoiser.diffusion, x_T)   # in [-1, 1]",
+        "x0 = Sampler('ddim', num_steps=50)(denoiser, x_T)   # in [-1, 1]",
         "```",
         "",
         "Files: `model.safetensors` (the network's weights), `config.yaml` (the resolved training config).",

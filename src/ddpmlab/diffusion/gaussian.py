@@ -14,6 +14,8 @@ from torch import Tensor, nn
 from ddpmlab.diffusion.schedules import validate_betas
 
 Variance = Literal["small", "large", "learned"]
+# What a sampler or the likelihood may be told: a Variance, or "auto" (the network's own where it predicts one).
+VARIANCES = ("auto", "small", "large", "learned")
 
 
 def extract(table: Tensor, t: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:

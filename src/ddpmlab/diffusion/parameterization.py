@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Literal, NamedTuple
 
-import torch
 from torch import Tensor, nn
 
 from ddpmlab.diffusion.gaussian import GaussianDiffusion, extract
@@ -108,18 +107,6 @@ class Denoiser(nn.Module):
         if self.prediction == "x0":
             return x0
         return self.diffusion.v_from_x0_eps(x0, t, eps)
-
-
-def check_same_diffusion(denoiser: nn.Module, diffusion: GaussianDiffusion) -> None:
-    """Refuse a (denoiser, diffusion) pair whose schedules differ: the network was trained on its own
-    diffusion's timesteps, so any other schedule would feed it the wrong noise levels."""
-    own = getattr(denoiser, "diffusion", None)
-    if own is None or own is diffusion:
-        return
-    if own.T != diffusion.T or not torch.equal(own.beta64, diffusion.beta64):
-        raise ValueError(
-            f"the diffusion given (T={diffusion.T}) is not the denoiser's own (T={own.T}); pass denoiser.diffusion"
-        )
 
 
 class DenoiserWrapper(nn.Module):

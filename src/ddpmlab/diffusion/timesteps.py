@@ -15,8 +15,6 @@ import math
 
 import torch
 
-from ddpmlab.errors import ConfigError
-
 SPACINGS = ("leading", "trailing", "linspace", "quadratic", "logsnr")
 
 
@@ -71,16 +69,13 @@ def make_timesteps(
     t = 0 (DDIM's own code then visits t = 0 twice); here a repeat moves to the next free index, so every grid has
     S distinct steps and equals the reference wherever the reference has no repeats.
     """
-    if spacing not in SPACINGS:
-        raise ConfigError(f"unknown timestep spacing {spacing!r}; choose one of {list(SPACINGS)}")
     S = T if num_steps is None else num_steps
     if isinstance(S, float) and S.is_integer():
         S = int(S)
-    if not isinstance(S, int) or isinstance(S, bool) or not 1 <= S <= T:
-        raise ConfigError(
-            f"num_steps={num_steps!r} (sampler.num_steps, inpaint.num_steps) must be an integer between 1 and the "
-            f"schedule's T={T}"
-        )
+    # A Sampler's configuration is checked where it enters (samplers.sampler.check_sampler_config); here a bad
+    # value is a caller's mistake.
+    assert spacing in SPACINGS, f"unknown timestep spacing {spacing!r}; choose one of {list(SPACINGS)}"
+    assert isinstance(S, int) and not isinstance(S, bool) and 1 <= S <= T, f"num_steps={num_steps!r} for T={T}"
     if spacing == "leading":
         ts = [i * (T // S) for i in range(S)]
     elif spacing == "trailing":
@@ -91,7 +86,6 @@ def make_timesteps(
     elif spacing == "quadratic":
         ts = [int(v**2) for v in _linspace(math.sqrt(T * 0.8), S)]
     else:
-        if alpha_bar is None or alpha_bar.numel() != T:
-            raise ConfigError(f"spacing 'logsnr' needs the schedule's alpha_bar of length T={T}")
+        assert alpha_bar is not None and alpha_bar.numel() == T, f"spacing 'logsnr' needs alpha_bar of length T={T}"
         ts = _logsnr_grid(alpha_bar.detach().double().cpu(), S)
     return torch.tensor(_distinct(ts, T)[::-1], dtype=torch.long)

@@ -91,7 +91,7 @@ class DiffusionModule(pl.LightningModule):
         self._seed_noise()
         t, weight = self.timestep_sampler.sample(x0.shape[0], self.diffusion.T, x0.device, self._noise)
         eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=self._noise)
-        loss_per_sample = self.objective(self.denoiser, self.diffusion, x0, t, eps, self._labels(y, self._noise))
+        loss_per_sample = self.objective(self.denoiser, x0, t, eps, self._labels(y, self._noise))
         loss = (loss_per_sample * weight).mean()  # weight = 1 / (T p_t): 1 for uniform t
         if not isinstance(self.timestep_sampler, UniformSampler):  # every rank keeps the same loss history
             gathered = self.all_gather(torch.stack([t.to(loss_per_sample.dtype), loss_per_sample.detach()]))
@@ -106,7 +106,7 @@ class DiffusionModule(pl.LightningModule):
         g = torch.Generator(x0.device).manual_seed(self.seed + 1_000 * batch_idx + 17 * self.global_rank)
         t, eps = self._draw(x0, g)
         labels = y if self.denoiser.num_classes else None
-        loss = self.objective(self.denoiser, self.diffusion, x0, t, eps, labels).mean()
+        loss = self.objective(self.denoiser, x0, t, eps, labels).mean()
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         return loss
 

@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from ddpmlab.diffusion.gaussian import VARIANCES
 from ddpmlab.diffusion.parameterization import Denoiser
 from ddpmlab.errors import ConfigError
 from ddpmlab.objectives.likelihood import prior_bpd, vb_terms_bpd
@@ -53,7 +54,7 @@ def bits_per_dim(
 
     def term(t: Tensor) -> Tensor:
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        return vb_terms_bpd(denoiser, diffusion, x0, t, eps, variance=variance, clip_x0=clip_x0, cond=cond)
+        return vb_terms_bpd(denoiser, x0, t, eps, variance=variance, clip_x0=clip_x0, cond=cond)
 
     decoder = term(torch.zeros(B, device=x0.device, dtype=torch.long))
     kl = torch.zeros(B, device=x0.device)
@@ -91,7 +92,7 @@ def evaluate_bpd(
     and independent), the number of images, the wall time, the mean of each term, and how it was measured."""
     if num_images is not None and num_images < 1:
         raise ConfigError(f"num_images={num_images} must be >= 1 (or null for the whole split)")
-    if variance not in ("auto", "small", "large", "learned"):
+    if variance not in VARIANCES:
         raise ConfigError(f"variance={variance!r} must be 'small' (beta_tilde), 'large' (beta), 'learned' or 'auto'")
     if variance == "auto":  # the network's own variance where it predicts one (iDDPM eq. 15), else beta
         variance = "learned" if denoiser.learn_sigma else "large"

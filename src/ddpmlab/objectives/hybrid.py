@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ddpmlab.diffusion.gaussian import GaussianDiffusion
 from ddpmlab.diffusion.parameterization import Denoiser, Prediction
 from ddpmlab.errors import ConfigError
 from ddpmlab.objectives.likelihood import vb_term_of
-from ddpmlab.objectives.losses import mean_flat
+from ddpmlab.objectives.losses import noised_prediction, simple_term
 from ddpmlab.objectives.timestep_samplers import TimestepSampler, UniformSampler
 
 
@@ -41,14 +40,11 @@ class HybridLoss:
     def check(self, denoiser: Denoiser) -> None:
         _needs_learned_sigma(denoiser, self.name)
 
-    def __call__(
-        self, denoiser: Denoiser, diffusion: GaussianDiffusion, x0: Tensor, t: Tensor, eps: Tensor,
-        cond: Tensor | None = None,
-    ) -> Tensor:  # fmt: skip
-        x_t = diffusion.q_sample(x0, t, eps)
-        pred = denoiser(x_t, t, cond)
-        simple = mean_flat((denoiser.output_of(pred, x_t, t) - denoiser.target(x0, t, eps)) ** 2)  # DDPM eq. (14)
+    def __call__(self, denoiser: Denoiser, x0: Tensor, t: Tensor, eps: Tensor, cond: Tensor | None = None) -> Tensor:
+        x_t, pred = noised_prediction(denoiser, x0, t, eps, cond)
+        simple = simple_term(denoiser, pred, x0, x_t, t, eps)  # DDPM eq. (14)
         frozen = Prediction(pred.eps_hat.detach(), pred.x0_hat.detach(), pred.var_interp)  # stop-grad on mu_theta
+        diffusion = denoiser.diffusion
         vlb = diffusion.T * vb_term_of(frozen, diffusion, x0, x_t, t, variance="learned")  # T L_t ~ L_vlb
         return simple + self.lambda_vlb * vlb
 
@@ -65,10 +61,7 @@ class VLBLoss:
     def check(self, denoiser: Denoiser) -> None:
         _needs_learned_sigma(denoiser, self.name)
 
-    def __call__(
-        self, denoiser: Denoiser, diffusion: GaussianDiffusion, x0: Tensor, t: Tensor, eps: Tensor,
-        cond: Tensor | None = None,
-    ) -> Tensor:  # fmt: skip
-        x_t = diffusion.q_sample(x0, t, eps)
-        pred = denoiser(x_t, t, cond)
+    def __call__(self, denoiser: Denoiser, x0: Tensor, t: Tensor, eps: Tensor, cond: Tensor | None = None) -> Tensor:
+        x_t, pred = noised_prediction(denoiser, x0, t, eps, cond)
+        diffusion = denoiser.diffusion
         return diffusion.T * vb_term_of(pred, diffusion, x0, x_t, t, variance="learned")  # T L_t ~ L_vlb

@@ -19,9 +19,9 @@ import torch
 from torch import Tensor
 
 from ddpmlab.diffusion.gaussian import GaussianDiffusion
-from ddpmlab.diffusion.parameterization import Denoiser, Prediction, check_same_diffusion
+from ddpmlab.diffusion.parameterization import Denoiser, Prediction
 from ddpmlab.diffusion.parameterization import clip_x0 as _clip
-from ddpmlab.objectives.losses import mean_flat
+from ddpmlab.objectives.losses import mean_flat, noised_prediction
 
 LN2 = math.log(2.0)
 
@@ -63,7 +63,6 @@ def prior_bpd(diffusion: GaussianDiffusion, x0: Tensor) -> Tensor:
 
 def vb_terms_bpd(
     denoiser: Denoiser,
-    diffusion: GaussianDiffusion,
     x0: Tensor,
     t: Tensor,
     eps: Tensor,
@@ -75,10 +74,10 @@ def vb_terms_bpd(
     """One term of the bound per sample, bits/dim [B]: at x_t = q_sample(x0, t, eps), the KL L_t for index t >= 1
     and the decoder's -log p(x_0 | x_1) for index t = 0. p_theta has mean mu_tilde(x_t, x0_hat) and variance
     beta ("large") or beta_tilde ("small"), DDPM Sec. 3.2, or the network's own ("learned", iDDPM eq. 15; "auto":
-    learned where the network predicts a variance, else large); ``clip_x0`` clips x0_hat to [-1, 1] first."""
-    check_same_diffusion(denoiser, diffusion)
-    x_t = diffusion.q_sample(x0, t, eps)
-    pred = denoiser(x_t, t, cond)
+    learned where the network predicts a variance, else large); ``clip_x0`` clips x0_hat to [-1, 1] first. On the
+    denoiser's own diffusion."""
+    diffusion = denoiser.diffusion
+    x_t, pred = noised_prediction(denoiser, x0, t, eps, cond)
     if clip_x0:
         pred = _clip(pred, diffusion, x_t, t)
     return vb_term_of(pred, diffusion, x0, x_t, t, variance=variance)

@@ -1,18 +1,31 @@
-"""Training objectives: callables ``(denoiser, diffusion, x0, t, eps, cond=None) -> per-sample loss [B]``.
-
-``diffusion`` must be the denoiser's own (``denoiser.diffusion``); another schedule is refused."""
+"""Training objectives: callables ``(denoiser, x0, t, eps, cond=None) -> per-sample loss [B]``, on the denoiser's
+own diffusion (``denoiser.diffusion``)."""
 
 from __future__ import annotations
 
 from torch import Tensor
 
-from ddpmlab.diffusion.gaussian import GaussianDiffusion, extract
-from ddpmlab.diffusion.parameterization import Denoiser, check_same_diffusion
+from ddpmlab.diffusion.gaussian import extract
+from ddpmlab.diffusion.parameterization import Denoiser, Prediction
 from ddpmlab.errors import ConfigError
 
 
 def mean_flat(x: Tensor) -> Tensor:
     return x.flatten(1).mean(1)
+
+
+def noised_prediction(
+    denoiser: Denoiser, x0: Tensor, t: Tensor, eps: Tensor, cond: Tensor | None = None
+) -> tuple[Tensor, Prediction]:
+    """(x_t, the denoiser's Prediction at x_t): x_t = q_sample(x0, t, eps), DDPM eq. (4), on the denoiser's own
+    diffusion, where every term of every loss is evaluated."""
+    x_t = denoiser.diffusion.q_sample(x0, t, eps)
+    return x_t, denoiser(x_t, t, cond)
+
+
+def simple_term(denoiser: Denoiser, pred: Prediction, x0: Tensor, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+    """DDPM eq. (14)'s squared error per sample, [B], in what the network predicts (eps, x0 or v)."""
+    return mean_flat((denoiser.output_of(pred, x_t, t) - denoiser.target(x0, t, eps)) ** 2)
 
 
 class SimpleLoss:
@@ -27,19 +40,9 @@ class SimpleLoss:
                 "(L_simple + 0.001 L_vlb, iDDPM Sec. 3.1) or objective=vlb"
             )
 
-    def __call__(
-        self,
-        denoiser: Denoiser,
-        diffusion: GaussianDiffusion,
-        x0: Tensor,
-        t: Tensor,
-        eps: Tensor,
-        cond: Tensor | None = None,
-    ) -> Tensor:
-        check_same_diffusion(denoiser, diffusion)
-        x_t = diffusion.q_sample(x0, t, eps)
-        pred = denoiser(x_t, t, cond)
-        return mean_flat((denoiser.output_of(pred, x_t, t) - denoiser.target(x0, t, eps)) ** 2)
+    def __call__(self, denoiser: Denoiser, x0: Tensor, t: Tensor, eps: Tensor, cond: Tensor | None = None) -> Tensor:
+        x_t, pred = noised_prediction(denoiser, x0, t, eps, cond)
+        return simple_term(denoiser, pred, x0, x_t, t, eps)
 
 
 class MinSNRLoss(SimpleLoss):
@@ -49,16 +52,8 @@ class MinSNRLoss(SimpleLoss):
     def __init__(self, gamma: float = 5.0):
         self.gamma = gamma
 
-    def __call__(
-        self,
-        denoiser: Denoiser,
-        diffusion: GaussianDiffusion,
-        x0: Tensor,
-        t: Tensor,
-        eps: Tensor,
-        cond: Tensor | None = None,
-    ) -> Tensor:
+    def __call__(self, denoiser: Denoiser, x0: Tensor, t: Tensor, eps: Tensor, cond: Tensor | None = None) -> Tensor:
         if denoiser.prediction != "eps":
             raise ValueError("MinSNRLoss is defined for prediction='eps'; use SimpleLoss for x0 or v")
-        snr_t = extract(diffusion.snr, t, (t.shape[0],))
-        return super().__call__(denoiser, diffusion, x0, t, eps, cond) * snr_t.clamp(max=self.gamma) / snr_t
+        snr_t = extract(denoiser.diffusion.snr, t, (t.shape[0],))
+        return super().__call__(denoiser, x0, t, eps, cond) * snr_t.clamp(max=self.gamma) / snr_t

@@ -1,6 +1,7 @@
-"""Samplers: pure functions ``(denoiser, diffusion, x_T, timesteps, *, generator, ...) -> x_0``, each with
-a progressive twin that yields every step; :class:`Sampler` (sampler.py) binds one to its grid, as configs
-choose it; :func:`generate` (generate.py) is the one way to draw images with it."""
+"""Samplers: pure functions ``(denoiser, x_T, timesteps, *, generator, ...) -> x_0`` that read the diffusion from
+the denoiser (``denoiser.diffusion``, as EDM's samplers read ``net``), each with a progressive twin that yields every
+step; :class:`Sampler` (sampler.py) binds one to its grid, as configs choose it, and checks its configuration;
+:func:`generate` (generate.py) is the one way to draw images with it."""
 
 from ddpmlab.samplers.base import SamplerStep, chain, final
 from ddpmlab.samplers.ddim import ddim_sample, ddim_sample_progressive, ddim_step

@@ -30,12 +30,12 @@ def batch_t(t: Tensor | int, x: Tensor) -> Tensor:
 
 
 def as_grid(timesteps: Tensor | list[int], T: int) -> Tensor:
-    """Validate a visiting grid: distinct, strictly descending code indices in 0..T-1."""
+    """A visiting grid as a CPU LongTensor: distinct, strictly descending code indices in 0..T-1, as
+    ``make_timesteps`` builds them (``Sampler`` checks the configuration it is built from)."""
     ts = torch.as_tensor(timesteps, dtype=torch.long).flatten().cpu()
-    if ts.numel() == 0 or ts.min() < 0 or ts.max() >= T or (ts.numel() > 1 and not (ts[1:] < ts[:-1]).all()):
-        raise ConfigError(
-            f"timesteps must be strictly descending indices in [0, {T - 1}] (use make_timesteps), got {ts.tolist()[:8]}"
-        )
+    assert ts.numel() > 0 and 0 <= ts.min() and ts.max() < T and bool((ts[1:] < ts[:-1]).all()), (
+        f"timesteps must be strictly descending indices in [0, {T - 1}] (use make_timesteps), got {ts.tolist()[:8]}"
+    )
     return ts
 
 
@@ -49,20 +49,20 @@ def grid_alpha_bar(diffusion: GaussianDiffusion, ts: Tensor) -> tuple[Tensor, Te
 
 def predict(
     denoiser: Denoiser,
-    diffusion: GaussianDiffusion,
     x_t: Tensor,
     t: int,
     cond: Tensor | None,
     clip_x0: bool,
     keep_guide_grad: bool = False,
 ) -> Prediction:
-    """The network's Prediction(eps_hat, x0_hat) at code timestep ``t``; with ``clip_x0``, x0_hat is clipped to the
-    data range (the denoiser's ``x0_range``, [-1, 1]; None for latents: no clipping) and eps_hat re-derived from the
-    clipped x0_hat (so the step stays consistent).
+    """The network's Prediction(eps_hat, x0_hat) at code timestep ``t`` of its own ``denoiser.diffusion``; with
+    ``clip_x0``, x0_hat is clipped to the data range (the denoiser's ``x0_range``, [-1, 1]; None for latents: no
+    clipping) and eps_hat re-derived from the clipped x0_hat (so the step stays consistent).
 
     A classifier-guided prediction's gradient is applied to eps_hat here (Dhariwal & Nichol 2021, Algorithm 2), as
     every eps-based sampler needs it, unless ``keep_guide_grad``: ancestral sampling shifts its mean instead
     (Algorithm 1)."""
+    diffusion = denoiser.diffusion  # the network's own schedule, also on a respaced grid: t is an original index
     t_batch = batch_t(t, x_t)
     pred = denoiser(x_t, t_batch, cond)
     x0_range = getattr(denoiser, "x0_range", (-1.0, 1.0))

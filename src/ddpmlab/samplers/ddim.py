@@ -7,9 +7,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from ddpmlab.diffusion.gaussian import GaussianDiffusion
-from ddpmlab.diffusion.parameterization import Denoiser, Prediction, check_same_diffusion
-from ddpmlab.errors import ConfigError
+from ddpmlab.diffusion.parameterization import Denoiser, Prediction
 from ddpmlab.samplers.base import SamplerStep, as_grid, final, grid_alpha_bar, predict, randn_like
 
 
@@ -34,7 +32,6 @@ def ddim_step(
 @torch.no_grad()
 def ddim_sample_progressive(
     denoiser: Denoiser,
-    diffusion: GaussianDiffusion,
     x_T: Tensor,
     timesteps: Tensor | list[int],
     *,
@@ -46,16 +43,14 @@ def ddim_sample_progressive(
     """Yield x_{t_prev} for every t of ``timesteps``. alpha_bar_prev is alpha_bar at the next grid entry (1 after
     the last), never arithmetic on t; coefficients are computed in float64. eta = 0 is the deterministic DDIM,
     eta = 1 on the full grid is DDPM ancestral sampling with beta_tilde."""
-    if eta < 0:
-        raise ConfigError(f"sampler.eta={eta} must be >= 0 (0: deterministic DDIM, 1: DDPM-like)")
-    check_same_diffusion(denoiser, diffusion)
-    ts = as_grid(timesteps, diffusion.T)
-    alpha_bar, alpha_bar_prev = grid_alpha_bar(diffusion, ts)
+    assert eta >= 0, eta  # Sampler checks the configuration
+    ts = as_grid(timesteps, denoiser.diffusion.T)
+    alpha_bar, alpha_bar_prev = grid_alpha_bar(denoiser.diffusion, ts)
     sigma = ddim_sigma(alpha_bar, alpha_bar_prev, eta)
     S = ts.numel()
     x = x_T
     for i, t in enumerate(ts.tolist()):
-        pred = predict(denoiser, diffusion, x, t, cond, clip_x0)
+        pred = predict(denoiser, x, t, cond, clip_x0)
         # sigma = 0 at the last step (a_prev = 1); no noise is drawn there, as in ancestral sampling.
         noise = randn_like(x, generator) if eta > 0 and i < S - 1 else None
         x = ddim_step(pred, alpha_bar_prev[i], sigma[i], noise)

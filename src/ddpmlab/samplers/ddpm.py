@@ -7,12 +7,9 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from ddpmlab.diffusion.gaussian import GaussianDiffusion
-from ddpmlab.diffusion.parameterization import Denoiser, Prediction, check_same_diffusion
-from ddpmlab.errors import ConfigError
+from ddpmlab.diffusion.gaussian import VARIANCES, GaussianDiffusion
+from ddpmlab.diffusion.parameterization import Denoiser, Prediction
 from ddpmlab.samplers.base import SamplerStep, as_grid, batch_t, final, predict, randn_like
-
-VARIANCES = ("auto", "small", "large", "learned")
 
 
 def ddpm_step(
@@ -36,7 +33,6 @@ def ddpm_step(
 @torch.no_grad()
 def ddpm_sample_progressive(
     denoiser: Denoiser,
-    diffusion: GaussianDiffusion,
     x_T: Tensor,
     timesteps: Tensor | list[int],
     *,
@@ -49,18 +45,17 @@ def ddpm_sample_progressive(
 
     Any grid, the full one included, samples the respaced process (improved-diffusion, Sec. 4): its betas are
     rebuilt from the kept alpha_bar, 1 - alpha_bar_{t_i} / alpha_bar_{t_{i-1}}, which on the full grid are the
-    original betas again. The network still sees the original timestep; a learned variance interpolates between
-    the respaced process's beta and beta_tilde (both recomputed there, as improved-diffusion does).
+    original betas again. The network still sees the original timestep (of ``denoiser.diffusion``); a learned
+    variance interpolates between the respaced process's beta and beta_tilde (both recomputed there, as
+    improved-diffusion does).
     """
-    if variance not in VARIANCES:
-        raise ConfigError(f"sampler.variance={variance!r} must be one of {list(VARIANCES)}")
-    check_same_diffusion(denoiser, diffusion)
-    ts = as_grid(timesteps, diffusion.T)
-    process = diffusion.respace(ts)  # its index j is the j-th smallest grid entry: step i is j = S-1-i
+    assert variance in VARIANCES, variance  # Sampler checks the configuration
+    ts = as_grid(timesteps, denoiser.diffusion.T)
+    process = denoiser.diffusion.respace(ts)  # its index j is the j-th smallest grid entry: step i is j = S-1-i
     S = ts.numel()
     x = x_T
     for i, t in enumerate(ts.tolist()):
-        pred = predict(denoiser, diffusion, x, t, cond, clip_x0, keep_guide_grad=True)
+        pred = predict(denoiser, x, t, cond, clip_x0, keep_guide_grad=True)
         noise = randn_like(x, generator) if i < S - 1 else None
         x = ddpm_step(pred, process, x, batch_t(S - 1 - i, x), noise, variance)
         yield SamplerStep(t, x, pred.x0_hat)

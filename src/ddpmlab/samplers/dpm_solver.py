@@ -18,8 +18,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from ddpmlab.diffusion.gaussian import GaussianDiffusion
-from ddpmlab.diffusion.parameterization import Denoiser, check_same_diffusion
+from ddpmlab.diffusion.parameterization import Denoiser
 from ddpmlab.samplers.base import SamplerStep, as_grid, final, grid_alpha_bar, predict
 
 
@@ -49,7 +48,6 @@ def dpm_solver_pp_2m_update(
 @torch.no_grad()
 def dpm_solver_sample_progressive(
     denoiser: Denoiser,
-    diffusion: GaussianDiffusion,
     x_T: Tensor,
     timesteps: Tensor | list[int],
     *,
@@ -58,16 +56,15 @@ def dpm_solver_sample_progressive(
     cond: Tensor | None = None,
 ) -> Iterator[SamplerStep]:
     """Yield the solver's state after each of the S steps (one network evaluation each); the last is x_0."""
-    check_same_diffusion(denoiser, diffusion)
-    ts = as_grid(timesteps, diffusion.T)
-    alpha_bar, _ = grid_alpha_bar(diffusion, ts)
+    ts = as_grid(timesteps, denoiser.diffusion.T)
+    alpha_bar, _ = grid_alpha_bar(denoiser.diffusion, ts)
     # S+1 time points: the grid, then x_0 (alpha = 1, sigma = 0, lambda = +inf). float64 throughout.
     alpha = alpha_bar.sqrt().tolist() + [1.0]
     sigma = (1 - alpha_bar).sqrt().tolist() + [0.0]
     lam = [math.log(a) - math.log(s) if s > 0 else math.inf for a, s in zip(alpha, sigma)]
     x, x0_hat_prev = x_T, None  # x0_hat_prev: the buffer Q of Algorithm 2
     for i, t in enumerate(ts.tolist()):
-        pred = predict(denoiser, diffusion, x, t, cond, clip_x0)
+        pred = predict(denoiser, x, t, cond, clip_x0)
         lam_prev = lam[i - 1] if i > 0 else math.nan
         x = dpm_solver_pp_2m_update(
             x, pred.x0_hat, x0_hat_prev, lam_prev, lam[i], lam[i + 1], sigma[i], sigma[i + 1], alpha[i + 1]

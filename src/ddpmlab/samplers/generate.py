@@ -138,7 +138,7 @@ def generate_batches(
             with numerics():
                 x_T = torch.randn((n, *denoiser.sample_shape), generator=generator, device=device)
                 cond = None if labels is None else labels[lo : lo + n].to(device)
-                x = sampler(denoiser, denoiser.diffusion, x_T, generator=generator, cond=cond, progress=wrap, **inpaint)
+                x = sampler(denoiser, x_T, generator=generator, cond=cond, progress=wrap, **inpaint)
                 x = denoiser.decode(x).float()  # latent diffusion: z -> pixels; the identity for pixel diffusion
             yield x, generator.get_state()
 
@@ -166,8 +166,6 @@ def generate_chain(
         generator = torch.Generator(device).manual_seed(seed)
         x_T = torch.randn((num_samples, *denoiser.sample_shape), generator=generator, device=device)
         cond = None if labels is None else labels.to(device)
-        frames = sampler.chain(
-            denoiser, denoiser.diffusion, x_T, num_frames, generator=generator, cond=cond, progress=wrap
-        )
+        frames = sampler.chain(denoiser, x_T, num_frames, generator=generator, cond=cond, progress=wrap)
         frames = denoiser.decode(frames.flatten(0, 1)).unflatten(0, frames.shape[:2])  # latents: each state as pixels
     return frames.float().cpu()

@@ -18,30 +18,19 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from ddpmlab.diffusion.gaussian import GaussianDiffusion, Variance
-from ddpmlab.diffusion.parameterization import Denoiser, check_same_diffusion
-from ddpmlab.errors import ConfigError
+from ddpmlab.diffusion.gaussian import VARIANCES, Variance
+from ddpmlab.diffusion.parameterization import Denoiser
 from ddpmlab.samplers.base import SamplerStep, as_grid, batch_t, final, predict, randn_like
-from ddpmlab.samplers.ddpm import VARIANCES, ddpm_step
-
-
-def check_jumps(jump_length: int, jump_n_sample: int) -> None:
-    def positive_int(n) -> bool:
-        return isinstance(n, int) and not isinstance(n, bool) and n >= 1
-
-    if not (positive_int(jump_length) and positive_int(jump_n_sample)):
-        raise ConfigError(f"jump_length ({jump_length}) and jump_n_sample ({jump_n_sample}) must be integers >= 1")
+from ddpmlab.samplers.ddpm import ddpm_step
 
 
 def repaint_schedule(num_steps: int, jump_length: int = 10, jump_n_sample: int = 10) -> list[int]:
     """The states visited, from S-1 (x_T) down to -1 (x_0), one unit apart: a decrease is a reverse step, an
     increase a forward (re-noising) step. At every state k = 0, j, 2j, ... below S - j the walk jumps back up by
-    j states, r - 1 times (the RePaint code's ``get_schedule_jump``, also diffusers' RePaintScheduler)."""
-    check_jumps(jump_length, jump_n_sample)
-    if jump_n_sample > 1 and jump_length >= num_steps:
-        raise ConfigError(
-            f"jump_length={jump_length} must be smaller than the number of steps ({num_steps}) to resample"
-        )
+    j states, r - 1 times (the RePaint code's ``get_schedule_jump``, also diffusers' RePaintScheduler).
+    ``Sampler`` checks the configuration: j, r >= 1, and j < S where it resamples."""
+    assert jump_length >= 1 and jump_n_sample >= 1, (jump_length, jump_n_sample)
+    assert jump_n_sample == 1 or jump_length < num_steps, (jump_length, num_steps)
     jumps = {k: jump_n_sample - 1 for k in range(0, num_steps - jump_length, jump_length)}
     states, k = [], num_steps
     while k >= 1:
@@ -58,7 +47,6 @@ def repaint_schedule(num_steps: int, jump_length: int = 10, jump_n_sample: int =
 @torch.no_grad()
 def repaint_sample_progressive(
     denoiser: Denoiser,
-    diffusion: GaussianDiffusion,
     x_T: Tensor,
     timesteps: Tensor | list[int],
     *,
@@ -75,11 +63,9 @@ def repaint_sample_progressive(
 
     ``x0``: the original image(s) in [-1, 1], [B or 1, C, H, W]; ``keep``: 1 = known, 0 = to inpaint, broadcastable
     to x0 (e.g. [H,W] from ``samplers.masks``). Known pixels of the result equal ``x0`` exactly."""
-    if variance not in VARIANCES:
-        raise ConfigError(f"variance={variance!r} must be one of {list(VARIANCES)}")
-    check_same_diffusion(denoiser, diffusion)
-    ts = as_grid(timesteps, diffusion.T)
-    process = diffusion.respace(ts)  # its index k is the k-th smallest grid entry
+    assert variance in VARIANCES, variance  # Sampler checks the configuration
+    ts = as_grid(timesteps, denoiser.diffusion.T)
+    process = denoiser.diffusion.respace(ts)  # its index k is the k-th smallest grid entry; the network sees t_of[k]
     t_of = ts.flip(0).tolist()  # t_of[k]: the network's code timestep at state k
     x0, keep = x0.to(x_T), keep.to(x_T)
     x = x_T
@@ -88,7 +74,7 @@ def repaint_sample_progressive(
         if k_next > k:  # Algorithm 1, line 10: back up one step, x_k ~ q(x_k | x_{k-1}) (DDPM eq. 2)
             x = process.q_step(x, batch_t(k_next, x), randn_like(x, generator))
             continue
-        pred = predict(denoiser, diffusion, x, t_of[k], cond, clip_x0)
+        pred = predict(denoiser, x, t_of[k], cond, clip_x0)
         z = randn_like(x, generator) if k > 0 else None
         x_unknown = ddpm_step(pred, process, x, batch_t(k, x), z, variance)  # lines 6-7: p_theta(x_{t-1} | x_t)
         if k > 0:  # line 5: x_{t-1}^known ~ q(x_{t-1} | x_0), DDPM eq. (4), with fresh noise

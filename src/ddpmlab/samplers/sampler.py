@@ -1,8 +1,10 @@
-"""``Sampler``: an algorithm chosen by name, its options bound and checked once, and the grid it runs on."""
+"""``Sampler``: an algorithm chosen by name, its options bound, and the grid it runs on; and
+:func:`check_sampler_config`, the one place a sampler's configuration is checked."""
 
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 from typing import Any
@@ -10,13 +12,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ddpmlab.diffusion.gaussian import VARIANCES
 from ddpmlab.diffusion.timesteps import SPACINGS, make_timesteps
 from ddpmlab.errors import ConfigError
 from ddpmlab.samplers.base import SamplerStep, chain, final
 from ddpmlab.samplers.ddim import ddim_sample_progressive
-from ddpmlab.samplers.ddpm import VARIANCES, ddpm_sample_progressive
+from ddpmlab.samplers.ddpm import ddpm_sample_progressive
 from ddpmlab.samplers.dpm_solver import dpm_solver_sample_progressive
-from ddpmlab.samplers.repaint import check_jumps, repaint_sample_progressive, repaint_schedule
+from ddpmlab.samplers.repaint import repaint_sample_progressive, repaint_schedule
 
 # Samplers that draw from noise alone (what a training run's sampler config may choose) ...
 ALGORITHMS: dict[str, Callable[..., Iterator[SamplerStep]]] = {
@@ -37,21 +40,66 @@ def _options_of(fn: Callable) -> dict[str, inspect.Parameter]:
     return {p.name: p for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in _CALL_ARGS}
 
 
-def _check_options(algorithm: str, options: dict) -> None:
-    """Every option of every algorithm, checked where the config enters (not at the first sampling step)."""
-    allowed = _options_of(SAMPLERS[algorithm])
-    unknown = set(options) - set(allowed)
-    if unknown:
+def _with_defaults(algorithm: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """Every option of ``algorithm``: the given ones, the function's defaults for the rest."""
+    return {name: options.get(name, p.default) for name, p in _options_of(SAMPLERS[algorithm]).items()}
+
+
+def _positive_int(n: Any) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 1
+
+
+def _check_option(key: str, name: str, value: Any) -> None:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if name == "eta" and not (number and value >= 0):
+        what = "is outside" if number else "must be a number in"
+        raise ConfigError(f"{key}.eta={value!r} {what} [0, inf); 0 is deterministic DDIM, 1 is DDPM-like")
+    if name == "variance" and value not in VARIANCES:
+        raise ConfigError(f"{key}.variance={value!r} must be one of {list(VARIANCES)}")
+    if name == "clip_x0" and not isinstance(value, bool):
+        raise ConfigError(f"{key}.clip_x0={value!r} must be true or false")
+    if name in ("jump_length", "jump_n_sample") and not _positive_int(value):
+        raise ConfigError(f"{key}.{name}={value!r} must be an integer >= 1 (1 and 1: no resampling)")
+
+
+def check_sampler_config(config: Mapping[str, Any], T: int | None = None) -> None:
+    """The one check of a sampler's configuration: the algorithm, ``num_steps``, ``spacing`` and every option, each
+    key where ``config`` has it (a command line may give a few keys before the checkpoint that completes them is
+    read), and, with the schedule's ``T``, the grid (num_steps at most T; RePaint's jumps shorter than the grid).
+    The sampling functions only assert what this refuses. Messages name the key as configs spell it (``sampler.``;
+    ``inpaint.`` for RePaint, whose options are the inpaint section's)."""
+    algorithm = config.get("algorithm")
+    if algorithm is not None and algorithm not in SAMPLERS:
+        raise ConfigError(f"unknown sampler {algorithm!r}; choose one of {sorted(SAMPLERS)}")
+    key = "inpaint" if algorithm in INPAINTING else "sampler"
+    num_steps, spacing = config.get("num_steps"), config.get("spacing")
+    if num_steps is not None and not _positive_int(num_steps):
+        raise ConfigError(f"{key}.num_steps={num_steps!r} must be a positive integer, or null for all T steps")
+    if T is not None and num_steps is not None and num_steps > T:
         raise ConfigError(
-            f"sampler {algorithm!r} has no option(s) {sorted(unknown)}; its options are {sorted(allowed)}"
+            f"{key}.num_steps={num_steps} is more than the schedule's T={T} steps; use at most {T}, "
+            f"or null for all of them"
         )
-    value = {name: options.get(name, p.default) for name, p in allowed.items()}
-    if "variance" in value and value["variance"] not in VARIANCES:
-        raise ConfigError(f"sampler.variance={value['variance']!r} must be one of {list(VARIANCES)}")
-    if "eta" in value and not float(value["eta"]) >= 0:
-        raise ConfigError(f"sampler.eta={value['eta']} must be >= 0 (0: deterministic DDIM, 1: DDPM-like)")
-    if algorithm == "repaint":
-        check_jumps(value["jump_length"], value["jump_n_sample"])
+    if "spacing" in config and spacing not in SPACINGS:
+        raise ConfigError(f"unknown {key}.spacing {spacing!r}; choose one of {list(SPACINGS)}")
+    options = {k: v for k, v in config.items() if k not in ("_target_", "algorithm", "num_steps", "spacing")}
+    if algorithm is not None:
+        allowed = _options_of(SAMPLERS[algorithm])
+        unknown = set(options) - set(allowed)
+        if unknown:
+            raise ConfigError(
+                f"sampler {algorithm!r} has no option(s) {sorted(unknown)}; its options are {sorted(allowed)}"
+            )
+        options = _with_defaults(algorithm, options)
+    for name, value in options.items():
+        _check_option(key, name, value)
+    if algorithm == "repaint" and T is not None:
+        S = T if num_steps is None else num_steps
+        if options["jump_n_sample"] > 1 and options["jump_length"] >= S:
+            raise ConfigError(
+                f"inpaint.jump_length={options['jump_length']} must be smaller than the grid's {S} steps to resample "
+                f"(inpaint.num_steps; or jump_n_sample=1: no resampling)"
+            )
 
 
 class Sampler:
@@ -63,13 +111,7 @@ class Sampler:
     RePaint, whose resampling revisits them (``num_evaluations`` counts them)."""
 
     def __init__(self, algorithm: str = "ddpm", num_steps: int | None = None, spacing: str = "leading", **options):
-        if algorithm not in SAMPLERS:
-            raise ConfigError(f"unknown sampler {algorithm!r}; choose one of {sorted(SAMPLERS)}")
-        if spacing not in SPACINGS:
-            raise ConfigError(f"unknown sampler.spacing {spacing!r}; choose one of {list(SPACINGS)}")
-        if num_steps is not None and (not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1):
-            raise ConfigError(f"sampler.num_steps={num_steps!r} must be a positive integer, or null for all T steps")
-        _check_options(algorithm, options)
+        check_sampler_config({"algorithm": algorithm, "num_steps": num_steps, "spacing": spacing, **options})
         self.algorithm, self.num_steps, self.spacing, self.options = algorithm, num_steps, spacing, options
         self.progressive = partial(SAMPLERS[algorithm], **options)
 
@@ -100,7 +142,9 @@ class Sampler:
         return Sampler(self.algorithm, num_steps, self.spacing, **self.options)
 
     def timesteps(self, diffusion) -> Tensor:
-        """The grid this sampler visits on ``diffusion``'s schedule (descending code indices)."""
+        """The grid this sampler visits on ``diffusion``'s schedule (descending code indices); a ConfigError if the
+        schedule is too short for it."""
+        check_sampler_config(self.to_config(), diffusion.T)
         return make_timesteps(diffusion.T, self.num_steps, self.spacing, alpha_bar=diffusion.alpha_bar64)
 
     def num_evaluations(self, diffusion) -> int:
@@ -108,23 +152,23 @@ class Sampler:
         S = self.timesteps(diffusion).numel()
         if self.algorithm != "repaint":
             return S
-        opts = {**{k: p.default for k, p in _options_of(INPAINTING["repaint"]).items()}, **self.options}
+        opts = _with_defaults(self.algorithm, self.options)
         states = repaint_schedule(S, opts["jump_length"], opts["jump_n_sample"])
         return sum(k_next < k for k, k_next in zip(states, states[1:]))
 
-    def steps(self, denoiser, diffusion, x_T: Tensor, **kwargs) -> Iterator[SamplerStep]:
-        return self.progressive(denoiser, diffusion, x_T, self.timesteps(diffusion), **kwargs)
+    def steps(self, denoiser, x_T: Tensor, **kwargs) -> Iterator[SamplerStep]:
+        """The progressive sampler on this grid of ``denoiser.diffusion``'s schedule."""
+        return self.progressive(denoiser, x_T, self.timesteps(denoiser.diffusion), **kwargs)
 
     @torch.no_grad()
-    def __call__(self, denoiser, diffusion, x_T: Tensor, progress: Callable | None = None, **kwargs) -> Tensor:
+    def __call__(self, denoiser, x_T: Tensor, progress: Callable | None = None, **kwargs) -> Tensor:
         """x_0. ``progress``: an iterator wrapper that sees every step (``ddpmlab.progress.SamplingProgress.wrap``)."""
-        steps = self.steps(denoiser, diffusion, x_T, **kwargs)
+        steps = self.steps(denoiser, x_T, **kwargs)
         return final(progress(steps) if progress else steps)
 
     @torch.no_grad()
-    def chain(
-        self, denoiser, diffusion, x_T: Tensor, num_frames: int = 10, progress: Callable | None = None, **kwargs
-    ) -> Tensor:
+    def chain(self, denoiser, x_T: Tensor, num_frames: int = 10, progress: Callable | None = None, **kwargs) -> Tensor:
         """The x_T -> x_0 progression as [B, F, C, H, W] snapshots evenly spaced over the steps (F <= num_frames)."""
-        steps = self.steps(denoiser, diffusion, x_T, **kwargs)
-        return chain(progress(steps) if progress else steps, x_T, self.num_evaluations(diffusion), num_frames)
+        steps = self.steps(denoiser, x_T, **kwargs)
+        evaluations = self.num_evaluations(denoiser.diffusion)
+        return chain(progress(steps) if progress else steps, x_T, evaluations, num_frames)
