@@ -1,6 +1,7 @@
 """Every sampler alike: the grid it visits, validation, clipping, determinism, the Gaussian oracle, chains, and
 the golden values of the linear schedule."""
 
+import inspect
 import math
 
 import pytest
@@ -10,8 +11,10 @@ from torch import nn
 from ddpmlab.diffusion import Denoiser, GaussianDiffusion, linear_betas, make_timesteps
 from ddpmlab.diffusion.timesteps import SPACINGS
 from ddpmlab.errors import ConfigError
+from ddpmlab.objectives import HybridLoss, SimpleLoss, VLBLoss
 from ddpmlab.samplers import (
     ALGORITHMS,
+    SAMPLERS,
     Sampler,
     ddim_sample_progressive,
 )
@@ -80,6 +83,41 @@ def test_a_grid_that_is_not_strictly_descending_is_the_callers_mistake():
     d = linear(50)
     with pytest.raises(AssertionError, match="strictly descending"):
         list(ddim_sample_progressive(Denoiser(TinyNet(d), d), x_T(), [3, 10, 20]))
+
+
+@pytest.mark.parametrize(
+    "algorithm,options",
+    [("ddim", dict(eta=-1.0)), ("ddpm", dict(variance="medium")), ("repaint", dict(variance="medium"))],
+)
+def test_the_sampling_functions_assert_what_the_sampler_checks(algorithm, options):
+    """Sampler is where a configuration is checked (a ConfigError, above); a bad value that reaches an algorithm
+    directly is a programmer's mistake there."""
+    d = linear(50)
+    inputs = dict(x0=torch.zeros(1, 1, 2, 4), keep=torch.ones(2, 4)) if algorithm == "repaint" else {}
+    with pytest.raises(ConfigError):
+        Sampler(algorithm, 5, **options)
+    with pytest.raises(AssertionError):
+        list(SAMPLERS[algorithm](Denoiser(TinyNet(d), d), x_T(), [40, 20, 0], **options, **inputs))
+
+
+def test_samplers_and_losses_take_the_diffusion_from_the_denoiser():
+    """No (denoiser, diffusion) pair to get wrong: every sampler is f(denoiser, x_T, timesteps, ...), every loss
+    f(denoiser, x0, t, eps, cond), and each reads denoiser.diffusion (here a schedule no other object holds)."""
+    for fn in SAMPLERS.values():
+        assert list(inspect.signature(fn).parameters)[:3] == ["denoiser", "x_T", "timesteps"], fn
+    for loss in (SimpleLoss(), HybridLoss(), VLBLoss()):
+        assert list(inspect.signature(loss).parameters) == ["denoiser", "x0", "t", "eps", "cond"], loss
+    own = GaussianDiffusion(torch.linspace(1e-3, 0.3, 20))
+    den = Denoiser(TinyNet(own), own)
+    x0 = Sampler("ddpm", 5, "trailing", clip_x0=False)(den, x_T(), generator=gen())
+    grid = make_timesteps(20, 5, "trailing")
+    process = own.respace(grid)  # the ancestral steps by hand, on the denoiser's own respaced process
+    x, g = x_T(), gen()
+    for i, t in enumerate(grid.tolist()):
+        j = torch.full((3,), len(grid) - 1 - i)
+        p = process.p_mean_variance(den(x, torch.full((3,), t)).x0_hat, x, j, "small")
+        x = p.mean + (0.5 * p.log_variance).exp() * torch.randn(x.shape, generator=g) if i < len(grid) - 1 else p.mean
+    torch.testing.assert_close(x0, x)
 
 
 def test_deterministic_samplers_ignore_the_generator_and_ancestral_ones_use_it():

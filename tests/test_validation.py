@@ -2,11 +2,15 @@
 exit status 2 from the CLI, and nothing written."""
 
 import pytest
+from omegaconf import OmegaConf
 
 from conftest import TINY, run_cli
 from ddpmlab.cli.sample import sample
+from ddpmlab.diffusion import GaussianDiffusion, linear_betas
 from ddpmlab.errors import ConfigError
+from ddpmlab.samplers import Sampler
 from ddpmlab.training import train
+from ddpmlab.validate import check_train_config
 from fixtures_data import make_folder
 
 
@@ -17,6 +21,8 @@ from fixtures_data import make_folder
         (["model.channel_mult=[]"], "model.channel_mult=[] must be a non-empty list of positive integers"),
         (["sampler.num_steps=100"], "sampler.num_steps=100 is more than the schedule's T=50 steps"),
         (["sampler=ddim", "sampler.eta=-1"], "sampler.eta=-1 is outside [0, inf)"),
+        (["sampler.spacing=uniform"], "unknown sampler.spacing 'uniform'; choose one of"),
+        (["sampler.clip_x0=maybe"], "sampler.clip_x0='maybe' must be true or false"),
         (["schedule.num_timesteps=1"], "schedule.num_timesteps=1 must be an integer >= 2"),
         (["trainer.max_steps=abc"], "trainer.max_steps='abc' must be an integer >= 1 or -1"),
         (["prediction=foo"], "prediction='foo' is not a parameterization; choose one of eps, x0, v"),
@@ -29,6 +35,40 @@ def test_bad_values_are_refused_before_training(train_cfg, tmp_path, args, expec
         train(train_cfg(*args))
     assert expected in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "run").exists()  # nothing written: no checkpoint, no metrics
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["sampler=ddim", "sampler.eta=-1"],
+        ["sampler=ddim", "sampler.eta=abc"],
+        ["sampler.num_steps=0"],
+        ["sampler.num_steps=100"],
+        ["sampler.spacing=uniform"],
+        ["sampler.variance=medium"],
+        ["sampler.clip_x0=maybe"],
+        ["sampler.algorithm=euler"],
+    ],
+)
+def test_a_sampler_value_has_one_check_and_one_message(train_cfg, args):
+    """The training config's check and the Sampler built from the same section refuse a bad value with the same
+    line: one check (samplers.sampler.check_sampler_config), whichever way the value comes in."""
+    cfg = train_cfg(*args)
+    with pytest.raises(ConfigError) as from_config:
+        check_train_config(cfg)
+    diffusion = GaussianDiffusion(linear_betas(cfg.schedule.num_timesteps))
+    with pytest.raises(ConfigError) as from_python:
+        Sampler.from_config(OmegaConf.to_container(cfg.sampler)).timesteps(diffusion)
+    assert str(from_config.value) == str(from_python.value)
+    assert str(from_config.value).startswith(("sampler.", "unknown sampler")), from_config.value
+
+
+def test_sample_py_refuses_a_bad_sampler_value_before_reading_the_checkpoint(tmp_path):
+    from conftest import compose_cfg
+
+    cfg = compose_cfg("sample", ["ckpt_path=/nonexistent/last.ckpt", "sampler.eta=-1"], tmp_path)
+    with pytest.raises(ConfigError, match=r"^sampler.eta=-1 is outside \[0, inf\)"):
+        sample(cfg, tmp_path / "o")
 
 
 def test_sample_py_without_ckpt_path_is_one_line(tmp_path):
