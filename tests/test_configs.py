@@ -18,7 +18,8 @@ def has_optuna_sweeper() -> bool:
 
 
 def options():
-    skipped = {"hydra", "paths"} | (set() if has_optuna_sweeper() else {"hparams_search"})  # an optional extra
+    # shared/: blocks composed by sample.yaml and evaluate.yaml, not a group of train.yaml; optuna: an optional extra
+    skipped = {"hydra", "paths", "shared"} | (set() if has_optuna_sweeper() else {"hparams_search"})
     for group in sorted(p for p in Path(CONFIG_DIR).iterdir() if p.is_dir() and p.name not in skipped):
         for f in sorted(group.glob("*.yaml")):
             yield group.name, f.stem
@@ -63,6 +64,21 @@ def test_sample_config_composes(tmp_path):
     cfg = compose_cfg("sample", ["ckpt_path=x.ckpt", "sampler=ddim"], tmp_path)
     assert given(cfg.sampler)["algorithm"] == "ddim" and "variance" not in given(cfg.sampler)
     assert cfg.perf.sampling.precision == "auto"
+
+
+def test_sample_and_evaluate_compose_one_sampler_block_and_one_repaint_block(tmp_path):
+    # conf/shared/: the checkpoint's sampler unless a key is given, and RePaint's keys, written once
+    from omegaconf import OmegaConf
+
+    shared = Path(CONFIG_DIR) / "shared"
+    from_ckpt, repaint = (OmegaConf.load(shared / f"{n}.yaml") for n in ("sampler_from_checkpoint", "repaint"))
+    sample = compose_cfg("sample", ["ckpt_path=x.ckpt", "inpaint.jump_length=3"], tmp_path)
+    evaluate = compose_cfg("evaluate", ["ckpt_path=x.ckpt", "guided.sampler.eta=0.5"], tmp_path)
+    assert sample.sampler == evaluate.fid.sampler == from_ckpt and OmegaConf.is_missing(sample.sampler, "algorithm")
+    assert evaluate.guided.sampler.eta == 0.5 and OmegaConf.is_missing(evaluate.guided.sampler, "num_steps")
+    assert sample.inpaint.jump_length == 3 and sample.inpaint.num_steps == repaint.num_steps == 250
+    assert set(repaint) <= set(sample.inpaint) and set(repaint) <= set(evaluate.inpaint)
+    assert (evaluate.inpaint.num_steps, evaluate.inpaint.spacing, evaluate.inpaint.variance) == (100, "leading", "auto")
 
 
 @pytest.mark.parametrize("option", sorted(p.stem for p in (Path(CONFIG_DIR) / "callbacks").glob("*.yaml")))
