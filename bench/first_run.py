@@ -41,8 +41,8 @@ PREVIOUS_DEFAULTS = [
     "trainer.max_steps=1500",
     "optimizer=adam",
     "optimizer.lr=1e-3",
-    "lr_schedule=constant",
-    "lr_warmup_steps=0",
+    "optimizer.lr_schedule=constant",
+    "optimizer.lr_warmup_steps=0",
     "ema.decay=0.999",
     "ema.warmup=true",
 ]

@@ -48,14 +48,31 @@ def test_default_train_config_is_the_documented_one(tmp_path):
     assert cfg.trainer.accelerator == "auto"
     # the first run's recipe (experiment=digits): unet_digits, Adam 2e-3, 100 warm-up steps then a half cosine
     assert cfg.model.num_res_blocks == 1 and cfg.model.dropout == 0 and cfg.model.attn_resolutions == []
-    assert cfg.optimizer.lr == 2e-3 and cfg.lr_schedule == "cosine" and cfg.lr_warmup_steps == 100
+    assert cfg.optimizer.lr == 2e-3 and cfg.optimizer.lr_schedule == "cosine" and cfg.optimizer.lr_warmup_steps == 100
     assert cfg.trainer.max_steps == 1500
     # the command line wins over the recipe; another experiment replaces it as a whole
     assert compose_cfg("train", ["optimizer.lr=1e-3", "model=unet_small"], tmp_path).model.num_res_blocks == 2
     cond = compose_cfg("train", ["experiment=cond_digits"], tmp_path)
-    assert cond.optimizer.lr == 1e-3 and cond.lr_schedule == "constant" and cond.model.dropout == 0.1
+    assert cond.optimizer.lr == 1e-3 and cond.optimizer.lr_schedule == "constant" and cond.model.dropout == 0.1
     den = build_denoiser(cfg)
     assert den.prediction == "eps" and den.diffusion.T == 1000
+
+
+def test_the_learning_rate_schedule_is_the_optimizers(tmp_path):
+    from hydra.errors import ConfigCompositionException
+
+    from ddpmlab.errors import ConfigError
+    from ddpmlab.lit.module import optimizer_partial
+    from ddpmlab.validate import check_train_config
+
+    cfg = compose_cfg("train", ["optimizer=adamw", "optimizer.lr_warmup_steps=7"], tmp_path)
+    assert cfg.optimizer.lr_warmup_steps == 7 and "lr_warmup_steps" not in cfg
+    assert "lr_warmup_steps" not in optimizer_partial(cfg.optimizer).keywords  # torch's AdamW never sees it
+    # the old top-level keys: Hydra refuses the override, and a config that adds them is refused before training
+    with pytest.raises(ConfigCompositionException, match="lr_warmup_steps"):
+        compose_cfg("train", ["lr_warmup_steps=100"], tmp_path)
+    with pytest.raises(ConfigError, match=r"lr_schedule is optimizer\.lr_schedule now"):
+        check_train_config(compose_cfg("train", ["+lr_schedule=cosine"], tmp_path))
 
 
 def test_sample_config_composes(tmp_path):

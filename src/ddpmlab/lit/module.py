@@ -20,6 +20,8 @@ from ddpmlab.samplers import Sampler
 # Config sections that must match for a checkpoint to resume into this run.
 ARCH_KEYS = ("model", "schedule", "prediction")
 LR_SCHEDULES = ("constant", "cosine")  # after the linear warm-up: constant, or a cosine decay to 0 at max_steps
+# Keys of the optimizer config that configure_optimizers reads (the LambdaLR around the optimizer), not torch.
+SCHEDULE_KEYS = ("lr_warmup_steps", "lr_schedule")
 
 
 class DiffusionModule(pl.LightningModule):
@@ -142,6 +144,15 @@ class DiffusionModule(pl.LightningModule):
         check_compatible(checkpoint.get("ddpmlab_config"), self.config)
         if checkpoint.get("timestep_sampler"):
             self.timestep_sampler.load_state_dict(checkpoint["timestep_sampler"])
+
+
+def optimizer_partial(node) -> Callable[..., torch.optim.Optimizer]:
+    """The ``optimizer`` config as a partial over the parameters, without its learning-rate schedule's keys."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    kwargs = OmegaConf.to_container(node, resolve=True)
+    return instantiate({k: v for k, v in kwargs.items() if k not in SCHEDULE_KEYS})
 
 
 def noise_seed(seed: int, rank: int, step: int) -> int:
