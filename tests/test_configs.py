@@ -46,7 +46,7 @@ def test_default_train_config_is_the_documented_one(tmp_path):
     assert cfg.data.name == "digits" and cfg.schedule._target_.endswith("linear_betas")
     assert cfg.sampler.algorithm == "ddpm" and "CSVLogger" in cfg.logger.csv._target_
     assert cfg.trainer.accelerator == "auto"
-    # the first run's recipe (experiment=digits): unet_digits, Adam 2e-3, 100 warm-up steps then a half cosine
+    # the first run's recipe, train.yaml's own defaults: unet_digits, Adam 2e-3, 100 warm-up steps then a half cosine
     assert cfg.model.num_res_blocks == 1 and cfg.model.dropout == 0 and cfg.model.attn_resolutions == []
     assert cfg.optimizer.lr == 2e-3 and cfg.optimizer.lr_schedule == "cosine" and cfg.optimizer.lr_warmup_steps == 100
     assert cfg.trainer.max_steps == 1500
@@ -56,6 +56,27 @@ def test_default_train_config_is_the_documented_one(tmp_path):
     assert cond.optimizer.lr == 1e-3 and cond.optimizer.lr_schedule == "constant" and cond.model.dropout == 0.1
     den = build_denoiser(cfg)
     assert den.prediction == "eps" and den.diffusion.T == 1000
+
+
+def test_train_yaml_lists_the_defaults_in_force():
+    # what train.yaml names is what python train.py composes: no experiment replaces a listed option behind it
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    listed = OmegaConf.load(Path(CONFIG_DIR) / "train.yaml")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", return_hydra_config=True)
+    choices = cfg.hydra.runtime.choices
+    groups = [entry for entry in OmegaConf.to_container(listed.defaults) if isinstance(entry, dict)]
+    assert len(groups) > 10
+    for entry in groups:
+        for group, option in entry.items():
+            assert choices.get(group) == option, f"train.yaml lists {group}: {option}, in force: {choices.get(group)}"
+    for key, value in listed.items():
+        if key not in ("defaults", "hydra"):
+            assert cfg[key] == value, f"train.yaml sets {key}: {value}, in force: {cfg[key]}"
 
 
 def test_the_learning_rate_schedule_is_the_optimizers(tmp_path):
