@@ -23,8 +23,8 @@ from torch import Tensor
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from ddpmlab.errors import CheckpointError, ConfigError
-from ddpmlab.lit.module import noise_seed
 from ddpmlab.networks.autoencoder import Autoencoder, PatchDiscriminator
+from ddpmlab.seeding import step_seed
 
 RECONSTRUCTION = {"l1": F.l1_loss, "l2": F.mse_loss}
 
@@ -84,7 +84,7 @@ class AutoencoderModule(pl.LightningModule):
         # The posterior sample z ~ q(z|x) (and dropout) draw from torch's global generator: seeded per (seed, rank,
         # step) as the diffusion module seeds its noise, so a resumed run draws at step k what the uninterrupted
         # run drew there (a checkpoint holds no generator state).
-        torch.manual_seed(noise_seed(self.config.get("seed", 0), self.global_rank, self.global_step))
+        torch.manual_seed(step_seed(self.config.get("seed", 0), self.global_rank, self.global_step))
         opts = self.optimizers()
         opt_ae, opt_d = (opts if isinstance(opts, list) else [opts, None])[:2]
         gan_on = self.gan_on()  # before opt_ae.step(), which advances global_step
