@@ -23,6 +23,7 @@ from torch import Tensor
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from ddpmlab.errors import CheckpointError, ConfigError
+from ddpmlab.images import to_unit
 from ddpmlab.networks.autoencoder import Autoencoder, PatchDiscriminator
 from ddpmlab.seeding import step_seed
 
@@ -121,7 +122,7 @@ class AutoencoderModule(pl.LightningModule):
         x, _ = batch
         x_hat_train, reg = self.autoencoder(x)
         terms = self.losses(x, x_hat_train, reg)
-        x01, rec01 = (x + 1) / 2, (self.reconstruct(x).clamp(-1, 1) + 1) / 2
+        x01, rec01 = to_unit(x), to_unit(self.reconstruct(x))
         self.val_psnr(rec01, x01)
         self.val_ssim(rec01, x01)
         mse = F.mse_loss(rec01, x01)  # on the [0, 1] scale, as PSNR
