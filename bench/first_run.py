@@ -41,8 +41,8 @@ PREVIOUS_DEFAULTS = [
     "trainer.max_steps=1500",
     "optimizer=adam",
     "optimizer.lr=1e-3",
-    "lr_schedule=constant",
-    "lr_warmup_steps=0",
+    "optimizer.lr_schedule=constant",
+    "optimizer.lr_warmup_steps=0",
     "ema.decay=0.999",
     "ema.warmup=true",
 ]
@@ -66,6 +66,7 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 
 def run_ddpmlab(name: str, overrides: list[str], workdir: Path) -> dict:
     from ddpmlab.api import load
+    from ddpmlab.images import to_unit
     from ddpmlab.samplers import Sampler
 
     run_dir = workdir / name
@@ -84,7 +85,7 @@ def run_ddpmlab(name: str, overrides: list[str], workdir: Path) -> dict:
     x_T = torch.randn(NUM_SAMPLES, 1, 8, 8, generator=g)
     with torch.no_grad():
         x0 = sampler(denoiser, x_T, generator=g)
-    samples = ((x0.clamp(-1, 1) + 1) / 2).reshape(NUM_SAMPLES, -1).double().numpy()
+    samples = to_unit(x0).reshape(NUM_SAMPLES, -1).double().numpy()
     metrics = json.loads((run_dir / "final_metrics.json").read_text())
     return {
         "name": name,

@@ -34,8 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from ddpmlab.api import classifier_from_checkpoint, load, load_checkpoint  # noqa: E402
-from ddpmlab.data.datasets import load_digits, to_uint8  # noqa: E402
-from ddpmlab.images import save_grid  # noqa: E402
+from ddpmlab.data.datasets import load_digits  # noqa: E402
+from ddpmlab.images import save_grid, to_model_range, to_uint8, to_unit  # noqa: E402
 from ddpmlab.samplers import Sampler  # noqa: E402
 from ddpmlab.samplers.classifier_guidance import ClassifierGuidedDenoiser  # noqa: E402
 
@@ -129,7 +129,7 @@ def fd_table(out: Path, real: np.ndarray, n: int, steps_list: list[int], cases: 
             result[key] = round(frechet(pixels(images), real), 3)
             print(f"FD {key}: {result[key]} ({time.perf_counter() - start:.0f}s)", file=sys.stderr, flush=True)
             if steps == 50:
-                save_grid((images[:100] + 1) / 2, out / "grids" / f"{name}_{variance}_{steps}.png", nrow=10)
+                save_grid(to_unit(images[:100]), out / "grids" / f"{name}_{variance}_{steps}.png", nrow=10)
     return result
 
 
@@ -196,7 +196,7 @@ def main() -> None:
     if "bpd" in parts:
         result["bpd"] = bpd(args.out, args.bpd_stride)
     if "fd" in parts:
-        real = pixels(load_digits()[0].float() / 127.5 - 1)
+        real = pixels(to_model_range(load_digits()[0]))
         result["frechet_pixels"] = fd_table(args.out, real, args.num_samples, args.fd_steps, args.fd_cases)
     if "guidance" in parts:
         result["classifier_guidance"] = guidance_table(

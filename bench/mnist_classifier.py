@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddpmlab.data import datasets as D
+from ddpmlab.images import to_model_range
 
 
 def cnn() -> nn.Module:
@@ -43,7 +44,7 @@ def mnist(root: str, split: str, size: int) -> tuple[torch.Tensor, torch.Tensor]
     images, labels = D.load_idx(root, "mnist", split)
     if images.shape[-1] != size:
         images = D.resize_uint8(images, size)
-    return images.float() / 127.5 - 1.0, labels.long()
+    return to_model_range(images), labels.long()
 
 
 def train_classifier(root: str, size: int, epochs: int, seed: int = 0) -> tuple[nn.Module, float]:
@@ -80,7 +81,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--out", default=None, help="write the numbers as JSON here")
     args = ap.parse_args()
-    samples = torch.from_numpy(np.load(args.samples)["images"]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    samples = to_model_range(torch.from_numpy(np.load(args.samples)["images"]).permute(0, 3, 1, 2))
     size = samples.shape[-1]
     weights = Path(args.weights)
     if weights.is_file():

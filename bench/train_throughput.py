@@ -31,7 +31,7 @@ import common as C  # noqa: E402
 from ddpmlab.api import build_module  # noqa: E402
 from ddpmlab.data.device_loader import DeviceLoader  # noqa: E402
 from ddpmlab.diffusion import Denoiser, GaussianDiffusion  # noqa: E402
-from ddpmlab.lit.module import DiffusionModule  # noqa: E402
+from ddpmlab.lit.module import DiffusionModule, optimizer_partial  # noqa: E402
 from ddpmlab.perf import apply_perf, autocast  # noqa: E402
 
 PATHS = ("trainer", "bare", "peer")
@@ -222,7 +222,7 @@ def main(argv=None) -> dict:
         peer = DiffusionModule(
             Denoiser(C.peer_factory(args)(), GaussianDiffusion(instantiate(cfg.schedule))),
             instantiate(cfg.objective),
-            instantiate(cfg.optimizer),
+            optimizer_partial(cfg.optimizer),
         )
         apply_perf(peer, device, cfg.perf)
         result["peer"] = bare_loop(args, peer, cfg, device, precision, train_flops["peer"], peak)

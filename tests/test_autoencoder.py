@@ -180,3 +180,24 @@ def test_latent_denoiser_keeps_its_first_stage_frozen_and_in_eval_mode():
     assert not any(p.requires_grad for p in den.first_stage.parameters())
     assert {id(p) for p in den.trainable_parameters()} == {id(p) for p in den.net.parameters()}
     assert den.x0_range is None  # samplers do not clip latents to [-1, 1]
+
+
+@pytest.mark.parametrize("experiment", ["autoencoder_mnist", "classifier_digits"])
+def test_a_resumed_first_stage_or_classifier_overwrites_last_ckpt(tmp_path, experiment):
+    """Every kind of run overwrites last.ckpt when it resumes, also in a run directory that was moved (Lightning then
+    forgets which file it wrote last); none writes last-v1.ckpt beside it, which the next resume would pass over."""
+    import shutil
+
+    from ddpmlab.training import train
+    from test_latent import AE
+
+    args = [o for o in AE if not o.startswith(("trainer.max_steps", "trainer.val_check", "callbacks."))]
+    if experiment != "autoencoder_mnist":  # the same tiny sizes, for the noisy classifier
+        args = [f"experiment={experiment}", "data.batch_size=32", "model.base_channels=8", "logger=csv"]
+        args += ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+    args += ["trainer.val_check_interval=2"]
+    train(compose_cfg("train", [*args, "trainer.max_steps=2"], tmp_path / "run"))
+    moved = shutil.copytree(tmp_path / "run", tmp_path / "moved")
+    train(compose_cfg("train", [*args, "trainer.max_steps=4", "ckpt_path=last"], moved))
+    assert sorted(p.name for p in (moved / "checkpoints").glob("last*")) == ["last.ckpt"]
+    assert torch.load(moved / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4

@@ -206,3 +206,19 @@ def test_a_diffusion_checkpoint_as_classifier_is_refused(runs, tmp_path):
     cfg = compose_cfg("sample", [f"ckpt_path={diffusion}", f"classifier.ckpt_path={diffusion}"], tmp_path)
     with pytest.raises(ConfigError, match="not a noisy-classifier checkpoint"):
         sample(cfg, tmp_path / "out")
+
+
+def test_a_resumed_classifier_run_is_the_straight_run_bit_for_bit(tmp_path):
+    """The classifier draws its t and noise (and dropout) per step from (seed, rank, step), as the diffusion module."""
+    # 12 batches of 128 per epoch of the digits' training split: 9 + 9 steps cross an epoch boundary
+    args = [o for o in TINY_CLASSIFIER if not o.startswith(("trainer.max_steps", "data.batch_size"))]
+    args += ["data.batch_size=128", "model.dropout=0.3", "callbacks.checkpoint.every_n_train_steps=4"]
+    train(compose_cfg("train", [*args, "trainer.max_steps=9"], tmp_path / "a"))
+    train(compose_cfg("train", [*args, "trainer.max_steps=18", "ckpt_path=last"], tmp_path / "a"))
+    train(compose_cfg("train", [*args, "trainer.max_steps=18"], tmp_path / "b"))
+    a, b = (torch.load(tmp_path / r / "checkpoints" / "last.ckpt", weights_only=True) for r in ("a", "b"))
+    assert a["global_step"] == b["global_step"] == 18
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), f"{k} differs"
+    sa, sb = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])

@@ -182,7 +182,12 @@ def test_lr_factor(schedule, warmup, expected):
 
 
 def test_adamw_cosine_and_gradient_accumulation_train(train_cfg, tmp_path):
-    cfg = train_cfg("optimizer=adamw", "lr_schedule=cosine", "lr_warmup_steps=2", "trainer.accumulate_grad_batches=2")
+    cfg = train_cfg(
+        "optimizer=adamw",
+        "optimizer.lr_schedule=cosine",
+        "optimizer.lr_warmup_steps=2",
+        "trainer.accumulate_grad_batches=2",
+    )
     train(cfg)
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 6  # optimizer steps, each over 2 batches

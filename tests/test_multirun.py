@@ -66,7 +66,8 @@ def test_ddpm_cifar10_preset_is_the_papers_recipe(tmp_path):
     cfg = compose_cfg("train", ["experiment=ddpm_cifar10"], tmp_path)
     assert cfg.data.name == "cifar10" and cfg.data.batch_size == 128 and cfg.data.random_flip
     assert cfg.schedule._target_.endswith("linear_betas") and cfg.schedule.num_timesteps == 1000
-    assert cfg.optimizer.lr == 2e-4 and cfg.lr_warmup_steps == 5000 and cfg.ema.decay == 0.9999 and not cfg.ema.warmup
+    assert cfg.optimizer.lr == 2e-4 and cfg.optimizer.lr_warmup_steps == 5000
+    assert cfg.ema.decay == 0.9999 and not cfg.ema.warmup
     assert cfg.model.dropout == 0.1 and cfg.trainer.gradient_clip_val == 1.0 and cfg.trainer.max_steps == 800_000
     assert cfg.sampler.algorithm == "ddpm" and cfg.sampler.variance == "large" and cfg.sampler.num_steps is None
     assert "fid" in cfg.callbacks

@@ -10,9 +10,9 @@ from torch import nn
 
 from conftest import compose_cfg, run_cli
 from ddpmlab.cli.sample import sample
-from ddpmlab.data.datasets import to_model_range, to_uint8
 from ddpmlab.diffusion import Denoiser, GaussianDiffusion, linear_betas, make_timesteps
 from ddpmlab.errors import ConfigError
+from ddpmlab.images import to_model_range, to_uint8
 from ddpmlab.networks import UNet
 from ddpmlab.samplers import Sampler
 from ddpmlab.samplers.masks import PRESETS, centre_square, left_half, load_mask, make_mask, random_strokes

@@ -139,7 +139,7 @@ def build_denoiser(cfg: DictConfig, trusted: bool = True, trusted_targets=(), wh
 
 def build_module(cfg: DictConfig):
     """The training LightningModule for ``cfg`` (the composed ``train`` config)."""
-    from ddpmlab.lit.module import DiffusionModule
+    from ddpmlab.lit.module import DiffusionModule, optimizer_partial
 
     if is_classifier_config(cfg):  # experiment=classifier_digits: the noisy classifier of classifier guidance
         return build_classifier_module(cfg)
@@ -150,9 +150,9 @@ def build_module(cfg: DictConfig):
     return DiffusionModule(
         denoiser=build_denoiser(cfg),
         objective=instantiate(cfg.objective),
-        optimizer=instantiate(cfg.optimizer),
-        lr_warmup_steps=cfg.lr_warmup_steps,
-        lr_schedule=cfg.get("lr_schedule", "constant"),
+        optimizer=optimizer_partial(cfg.optimizer),
+        lr_warmup_steps=cfg.optimizer.get("lr_warmup_steps", 0),
+        lr_schedule=cfg.optimizer.get("lr_schedule", "constant"),
         sampler=instantiate(cfg.sampler),
         p_uncond=cfg.p_uncond,
         seed=cfg.seed,
@@ -310,10 +310,15 @@ def build_classifier(cfg: DictConfig, trusted: bool = True, where: str = "classi
 
 def build_classifier_module(cfg: DictConfig):
     from ddpmlab.lit.classifier import ClassifierModule
+    from ddpmlab.lit.module import optimizer_partial
 
     net, diffusion = build_classifier(cfg)
     return ClassifierModule(
-        net, diffusion, instantiate(cfg.optimizer), seed=cfg.seed, config=OmegaConf.to_container(cfg, resolve=True)
+        net,
+        diffusion,
+        optimizer_partial(cfg.optimizer),
+        seed=cfg.seed,
+        config=OmegaConf.to_container(cfg, resolve=True),
     )
 
 

@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
 
-from ddpmlab.data.datasets import to_model_range, to_uint8
 from ddpmlab.fileio import atomic_path, read_image
 
 __all__ = [
@@ -25,6 +24,16 @@ __all__ = [
     "to_uint8",
     "to_unit",
 ]
+
+
+def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1] (DDPM Sec. 3.3: data scaled linearly to [-1, 1])."""
+    return images_uint8.float().div(127.5).sub(1.0)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """float [-1, 1] -> uint8 [0, 255], rounding to the nearest of the 256 levels."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:

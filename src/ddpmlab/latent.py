@@ -171,6 +171,7 @@ def load_diffusers_autoencoder(folder: Path) -> tuple[nn.Module, dict[str, Any]]
 def build_autoencoder_module(cfg: DictConfig):
     """The first stage's training module for ``cfg`` (stage=autoencoder)."""
     from ddpmlab.lit.autoencoder import AutoencoderModule
+    from ddpmlab.lit.module import optimizer_partial
 
     # Lightning warns that manual optimisation saves the state after the step: that is the state at global_step.
     warnings.filterwarnings("ignore", message=r".*ModelCheckpoint with manual optimization")
@@ -188,7 +189,7 @@ def build_autoencoder_module(cfg: DictConfig):
         )
     return AutoencoderModule(
         autoencoder=autoencoder,
-        optimizer=instantiate(cfg.optimizer),
+        optimizer=optimizer_partial(cfg.optimizer),
         reconstruction=loss.reconstruction,
         reg_weight=loss.reg_weight,
         perceptual=lpips(autoencoder.in_channels) if loss.get("perceptual_weight") else None,

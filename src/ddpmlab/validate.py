@@ -112,7 +112,11 @@ def check_train_config(cfg: DictConfig) -> None:
             f"prediction={cfg.get('prediction')!r} is not a parameterization; choose one of {', '.join(PREDICTIONS)}"
         )
     need_int(cfg, "seed", 0)
-    need_int(cfg, "lr_warmup_steps", 0)
+    for key in ("lr_warmup_steps", "lr_schedule"):  # top-level keys of older configs: ignored where they stand
+        if key in cfg:
+            raise ConfigError(f"{key} is optimizer.{key} now: move it under optimizer (optimizer.{key}=...)")
+    if has(cfg, "optimizer.lr_warmup_steps"):
+        need_int(cfg, "optimizer.lr_warmup_steps", 0)
     need_number(cfg, "p_uncond", 0.0, 1.0, fix="the share of labels dropped for classifier-free guidance")
     T = check_schedule(cfg)
     check_model(cfg)

@@ -24,6 +24,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
+from ddpmlab.callbacks.periodic import EveryNSteps
 from ddpmlab.callbacks.utils import dashboard_step, ema_denoiser, log_image, sampling_perf
 from ddpmlab.images import image_grid, save_png, to_unit
 from ddpmlab.progress import SamplingProgress, is_terminal
@@ -45,7 +46,7 @@ def save_and_log(trainer: pl.Trainer, key: str, dirname: str, grid: Tensor) -> P
     return path
 
 
-class DenoisingChain(pl.Callback):
+class DenoisingChain(EveryNSteps):
     """Rows: ``num_images`` samples from fixed seeds; columns: ``num_frames`` snapshots evenly spaced over the
     reverse process, the first x_T and the last x_0. Drawn with the EMA weights every ``every_n_steps`` and at
     the end."""
@@ -59,18 +60,11 @@ class DenoisingChain(pl.Callback):
         num_steps: int | None = 100,
         at_train_end: bool = True,
     ):
-        self.every_n_steps, self.num_images, self.num_frames, self.seed = every_n_steps, num_images, num_frames, seed
-        self.num_steps, self.at_train_end = num_steps, at_train_end
-        self._last_step = -1
+        super().__init__(every_n_steps, num_steps, at_train_end)
+        self.num_images, self.num_frames, self.seed = num_images, num_frames, seed
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if self.every_n_steps > 0 and step % self.every_n_steps == 0 and step != self._last_step:
-            self.draw(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        if self.at_train_end and trainer.global_step != self._last_step:
-            self.draw(trainer, pl_module)
+    def run(self, trainer, pl_module) -> None:
+        self.draw(trainer, pl_module)
 
     def chain(self, denoiser, sampler, perf=None) -> Tensor:
         """[num_images * F, C, H, W] in [0, 1], row-major: each row one image's x_T ... x_0."""
@@ -86,9 +80,8 @@ class DenoisingChain(pl.Callback):
         self._last_step = trainer.global_step
         if trainer.fast_dev_run:  # a dry run draws nothing
             return None
-        sampler = pl_module.sampler if self.num_steps is None else pl_module.sampler.with_steps(self.num_steps)
         denoiser = ema_denoiser(trainer, pl_module)
-        chain = self.chain(denoiser, sampler, sampling_perf(pl_module, denoiser))
+        chain = self.chain(denoiser, self.sampler(pl_module), sampling_perf(pl_module, denoiser))
         grid = image_grid(chain, nrow=chain.shape[0] // self.num_images)  # upscaled as the sample grids
         return save_and_log(trainer, "samples/denoising_chain", "chains", grid)
 

@@ -25,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from ddpmlab.callbacks.dashboard import log_scalars
+from ddpmlab.callbacks.periodic import EveryNSteps
 from ddpmlab.callbacks.utils import ema_denoiser, sampling_perf
 from ddpmlab.errors import ConfigError
 from ddpmlab.metrics.fid import (
@@ -42,7 +43,7 @@ from ddpmlab.metrics.fid import (
 )
 
 
-class FID(pl.Callback):
+class FID(EveryNSteps):
     def __init__(
         self,
         every_n_steps: int = 10_000,
@@ -67,9 +68,9 @@ class FID(pl.Callback):
         ``features_and_logits(x) -> (features, logits)`` method for it)."""
         if num_samples < 2 or batch_size < 1:
             raise ConfigError(f"fid.num_samples ({num_samples}) must be >= 2 and fid.batch_size ({batch_size}) >= 1")
-        self.every_n_steps, self.num_samples, self.batch_size, self.seed = every_n_steps, num_samples, batch_size, seed
-        self.num_steps, self.feature, self.weights_path = num_steps, feature, weights_path
-        self.cache_dir, self.num_real, self.at_train_end = cache_dir, num_real, at_train_end
+        super().__init__(every_n_steps, num_steps, at_train_end)
+        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+        self.feature, self.weights_path, self.cache_dir, self.num_real = feature, weights_path, cache_dir, num_real
         self.kid_subset_size, self.kid_subsets = kid_subset_size, kid_subsets
         self.isc, self.isc_splits = isc, isc_splits
         self.isc_metric: nn.Module | None = None
@@ -78,7 +79,6 @@ class FID(pl.Callback):
         self.metrics: FeatureMetrics | None = None
         self.seconds = 0.0  # wall time spent here, to report the overhead
         self.generated: list[tuple[int, int]] = []  # this rank's chunks at the last evaluation
-        self._last_step = -1
 
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -123,16 +123,11 @@ class FID(pl.Callback):
         return len(images)
 
     # ------------------------------------------------------------------ when
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if trainer.fast_dev_run:  # a dry run measures nothing
-            return
-        if self.enabled and self.every_n_steps > 0 and step % self.every_n_steps == 0 and step != self._last_step:
-            self.evaluate(trainer, pl_module)
+    def active(self, trainer: pl.Trainer) -> bool:
+        return self.enabled and not trainer.fast_dev_run  # a dry run measures nothing
 
-    def on_train_end(self, trainer, pl_module) -> None:
-        if self.enabled and self.at_train_end and trainer.global_step != self._last_step and not trainer.fast_dev_run:
-            self.evaluate(trainer, pl_module)
+    def run(self, trainer, pl_module) -> None:
+        self.evaluate(trainer, pl_module)
 
     # ------------------------------------------------------------------ what
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
@@ -141,7 +136,7 @@ class FID(pl.Callback):
         device = pl_module.device
         if self.metrics is None:
             self._load_real(trainer, device)
-        sampler = pl_module.sampler if self.num_steps is None else pl_module.sampler.with_steps(self.num_steps)
+        sampler = self.sampler(pl_module)
         denoiser = ema_denoiser(trainer, pl_module)
         self.generated = share(self.num_samples, self.batch_size, trainer.global_rank, trainer.world_size)
         for chunk in self.generated:  # this rank's share, one chunk of images at a time

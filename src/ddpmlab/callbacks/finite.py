@@ -118,5 +118,5 @@ def diverged(trainer: pl.Trainer, what: str) -> TrainingDivergedError:
     folder = next((Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)), None)
     if folder is not None and any(folder.glob("*.ckpt")):
         parts.append(f"the checkpoints in {folder} are from before it (ckpt_path=last resumes the last one)")
-    parts.append("lower optimizer.lr, or warm it up with lr_warmup_steps=<steps>")
+    parts.append("lower optimizer.lr, or warm it up with optimizer.lr_warmup_steps=<steps>")
     return TrainingDivergedError("; ".join(parts))

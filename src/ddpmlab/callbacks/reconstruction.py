@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from ddpmlab.callbacks.utils import log_image
-from ddpmlab.images import save_grid
+from ddpmlab.images import save_grid, to_unit
 
 
 class ReconstructionGrid(pl.Callback):
@@ -29,5 +29,5 @@ class ReconstructionGrid(pl.Callback):
         rows = [t for lo in range(0, len(x), 8) for t in (x[lo : lo + 8], x_hat[lo : lo + 8])]
         step = trainer.global_step
         path = Path(trainer.default_root_dir) / self.dirname / f"step_{step:07d}.png"
-        grid = save_grid((torch.cat(rows).cpu() + 1) / 2, path, nrow=8)
+        grid = save_grid(to_unit(torch.cat(rows).cpu()), path, nrow=8)
         log_image(trainer, "reconstructions/grid", grid, step)

@@ -8,13 +8,14 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from ddpmlab.callbacks.periodic import EveryNSteps
 from ddpmlab.callbacks.utils import dashboard_step, ema_denoiser, log_image, log_labelled_samples, sampling_perf
 from ddpmlab.images import save_grid, to_unit
 from ddpmlab.progress import SamplingProgress, is_terminal
 from ddpmlab.samplers import GuidedDenoiser, generate
 
 
-class SampleGrid(pl.Callback):
+class SampleGrid(EveryNSteps):
     def __init__(
         self,
         every_n_steps: int = 500,
@@ -30,23 +31,16 @@ class SampleGrid(pl.Callback):
         ``num_steps`` respaces the run's sampler for the grids only (None: the sampler's own grid).
         A class-conditional model draws one row per class (num_samples // K samples each), with classifier-free
         guidance weight ``guidance`` (Ho & Salimans 2022, eq. 6; 0: the conditional model unguided)."""
-        self.every_n_epochs = every_n_epochs
-        self.every_n_steps, self.num_samples, self.seed, self.num_steps = every_n_steps, num_samples, seed, num_steps
-        self.dirname, self.at_train_end, self.guidance = dirname, at_train_end, guidance
-        self._last_step = -1
+        super().__init__(every_n_steps, num_steps, at_train_end)
+        self.every_n_epochs, self.num_samples, self.seed = every_n_epochs, num_samples, seed
+        self.dirname, self.guidance = dirname, guidance
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if self.every_n_steps > 0 and step % self.every_n_steps == 0 and step != self._last_step:
-            self.draw(trainer, pl_module)
+    def run(self, trainer, pl_module) -> None:
+        self.draw(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         epoch = trainer.current_epoch + 1
         if self.every_n_epochs > 0 and epoch % self.every_n_epochs == 0 and trainer.global_step != self._last_step:
-            self.draw(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        if self.at_train_end and trainer.global_step != self._last_step:
             self.draw(trainer, pl_module)
 
     @rank_zero_only
@@ -56,7 +50,7 @@ class SampleGrid(pl.Callback):
             return None
         denoiser = ema_denoiser(trainer, pl_module)
         perf = sampling_perf(pl_module, denoiser)
-        sampler = pl_module.sampler if self.num_steps is None else pl_module.sampler.with_steps(self.num_steps)
+        sampler = self.sampler(pl_module)
         num_classes = denoiser.num_classes
         cond, nrow = None, None
         if num_classes:  # one row per class

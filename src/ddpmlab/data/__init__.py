@@ -1,7 +1,8 @@
 from ddpmlab.data.datamodule import DATASETS, DiffusionDataModule
-from ddpmlab.data.datasets import NO_LABEL, ImageTensorDataset, to_model_range, to_uint8
+from ddpmlab.data.datasets import NO_LABEL, ImageTensorDataset
 from ddpmlab.data.device_loader import DeviceLoader
 from ddpmlab.data.files import ImageFileDataset
+from ddpmlab.images import to_model_range, to_uint8
 
 __all__ = [
     "DATASETS",

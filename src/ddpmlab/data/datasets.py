@@ -21,19 +21,10 @@ from torch import Tensor
 from torch.utils.data import Dataset, default_collate
 
 from ddpmlab.errors import ConfigError, DatasetNotFoundError
+from ddpmlab.images import to_model_range
 
 NO_LABEL = -1
 HOLDOUT_SEED = 0  # the same held-out images in every run, whatever the run's seed
-
-
-def to_model_range(images_uint8: Tensor) -> Tensor:
-    """uint8 [0, 255] -> float [-1, 1] (DDPM Sec. 3.3: data scaled linearly to [-1, 1])."""
-    return images_uint8.float().div(127.5).sub(1.0)
-
-
-def to_uint8(images: Tensor) -> Tensor:
-    """float [-1, 1] -> uint8 [0, 255], rounding to the nearest of the 256 levels."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def mirror(images: Tensor, flip: Tensor) -> Tensor:

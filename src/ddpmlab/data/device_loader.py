@@ -13,8 +13,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ddpmlab.data.datasets import ImageTensorDataset, mirror, to_model_range
+from ddpmlab.data.datasets import ImageTensorDataset, mirror
 from ddpmlab.data.order import ResumesAtStep, epoch_order
+from ddpmlab.images import to_model_range
 
 
 class DeviceLoader(ResumesAtStep):

@@ -11,9 +11,10 @@ from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms.v2 import functional as F
 
-from ddpmlab.data.datasets import NO_LABEL, to_model_range
+from ddpmlab.data.datasets import NO_LABEL
 from ddpmlab.errors import ConfigError, DatasetNotFoundError
 from ddpmlab.fileio import read_image
+from ddpmlab.images import to_model_range
 
 
 class ImageFileDataset(Dataset):

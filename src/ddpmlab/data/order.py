@@ -5,11 +5,10 @@ that the same generator's flip mask marks, on every rank alike (each rank takes 
 Nothing depends on what ran before, so a run resumed from a checkpoint written in the middle of an epoch skips
 the batches the trainer has already stepped through and sees exactly the batches the uninterrupted run saw.
 Draws made per batch (latent diffusion's posterior sample) take their seed from the batch's place in this order
-(:func:`batch_seed`), not from a generator whose state depends on what the process did before."""
+(:func:`ddpmlab.seeding.batch_seed`), not from a generator whose state depends on what the process did before."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator
 
 import torch
@@ -18,13 +17,15 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ddpmlab.data.datasets import random_flip_mask
+from ddpmlab.seeding import batch_seed as batch_seed  # where latent diffusion's loaders take it from
+from ddpmlab.seeding import epoch_seed
 
 
 def epoch_order(
     n: int, seed: int, epoch: int, shuffle: bool, random_flip: bool, device=None
 ) -> tuple[Tensor, Tensor | None]:
     """(order [n], flip [n] bool or None) of epoch ``epoch``."""
-    g = torch.Generator(device).manual_seed(seed + epoch)
+    g = torch.Generator(device).manual_seed(epoch_seed(seed, epoch))
     order = torch.randperm(n, generator=g, device=device) if shuffle else torch.arange(n, device=device)
     flip = random_flip_mask(n, g, device) if random_flip else None
     return order, flip
@@ -45,13 +46,6 @@ def position(trainer, batches_per_epoch: int) -> tuple[int, int] | None:
     elif isinstance(limit, float) and limit < 1:
         batches_per_epoch = max(1, int(batches_per_epoch * limit))
     return divmod(step * getattr(trainer, "accumulate_grad_batches", 1), batches_per_epoch)
-
-
-def batch_seed(seed: int, rank: int, epoch: int, index: int, split: str = "train") -> int:
-    """A 64-bit seed for batch ``index`` of epoch ``epoch`` on ``rank``: the same in a resumed run as in the
-    uninterrupted one, distinct for every batch in practice."""
-    digest = hashlib.blake2b(f"{split}/{seed}/{rank}/{epoch}/{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
 
 
 class ResumesAtStep:

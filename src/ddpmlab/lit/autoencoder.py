@@ -23,8 +23,9 @@ from torch import Tensor
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from ddpmlab.errors import CheckpointError, ConfigError
-from ddpmlab.lit.module import noise_seed
+from ddpmlab.images import to_unit
 from ddpmlab.networks.autoencoder import Autoencoder, PatchDiscriminator
+from ddpmlab.seeding import step_seed
 
 RECONSTRUCTION = {"l1": F.l1_loss, "l2": F.mse_loss}
 
@@ -84,7 +85,7 @@ class AutoencoderModule(pl.LightningModule):
         # The posterior sample z ~ q(z|x) (and dropout) draw from torch's global generator: seeded per (seed, rank,
         # step) as the diffusion module seeds its noise, so a resumed run draws at step k what the uninterrupted
         # run drew there (a checkpoint holds no generator state).
-        torch.manual_seed(noise_seed(self.config.get("seed", 0), self.global_rank, self.global_step))
+        torch.manual_seed(step_seed(self.config.get("seed", 0), self.global_rank, self.global_step))
         opts = self.optimizers()
         opt_ae, opt_d = (opts if isinstance(opts, list) else [opts, None])[:2]
         gan_on = self.gan_on()  # before opt_ae.step(), which advances global_step
@@ -121,7 +122,7 @@ class AutoencoderModule(pl.LightningModule):
         x, _ = batch
         x_hat_train, reg = self.autoencoder(x)
         terms = self.losses(x, x_hat_train, reg)
-        x01, rec01 = (x + 1) / 2, (self.reconstruct(x).clamp(-1, 1) + 1) / 2
+        x01, rec01 = to_unit(x), to_unit(self.reconstruct(x))
         self.val_psnr(rec01, x01)
         self.val_ssim(rec01, x01)
         mse = F.mse_loss(rec01, x01)  # on the [0, 1] scale, as PSNR

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ddpmlab.diffusion.gaussian import GaussianDiffusion
 from ddpmlab.lit.module import check_compatible
+from ddpmlab.seeding import seed_step, validation_seed
 
 
 class ClassifierModule(pl.LightningModule):
@@ -35,9 +36,7 @@ class ClassifierModule(pl.LightningModule):
         self.loss_in_progress_bar = True
 
     def on_train_start(self) -> None:
-        self._noise = torch.Generator(self.device).manual_seed(
-            self.seed * 1_000_003 + self.global_rank * 7919 + self.global_step
-        )
+        self._noise = torch.Generator(self.device)
 
     def _noised(self, x0: Tensor, t: Tensor, generator: torch.Generator | None) -> Tensor:
         eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
@@ -45,6 +44,7 @@ class ClassifierModule(pl.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x0, y = batch
+        seed_step(self._noise, self.seed, self.global_rank, self.global_step)  # a resumed run draws the same
         t = torch.randint(0, self.diffusion.T, (x0.shape[0],), device=x0.device, generator=self._noise)
         logits = self.net(self._noised(x0, t, self._noise), t)
         loss = F.cross_entropy(logits, y)
@@ -54,7 +54,7 @@ class ClassifierModule(pl.LightningModule):
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x0, y = batch
-        g = torch.Generator(x0.device).manual_seed(self.seed + 1_000 * batch_idx + 17 * self.global_rank)
+        g = torch.Generator(x0.device).manual_seed(validation_seed(self.seed, self.global_rank, batch_idx))
         t = torch.randint(0, self.diffusion.T, (x0.shape[0],), device=x0.device, generator=g)
         logits = self.net(self._noised(x0, t, g), t)
         self.log("val/loss", F.cross_entropy(logits, y), prog_bar=True, sync_dist=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable
 from functools import partial
@@ -16,10 +15,13 @@ from ddpmlab.diffusion.parameterization import Denoiser
 from ddpmlab.errors import CheckpointError, ConfigError
 from ddpmlab.objectives.timestep_samplers import UniformSampler
 from ddpmlab.samplers import Sampler
+from ddpmlab.seeding import seed_step, validation_seed
 
 # Config sections that must match for a checkpoint to resume into this run.
 ARCH_KEYS = ("model", "schedule", "prediction")
 LR_SCHEDULES = ("constant", "cosine")  # after the linear warm-up: constant, or a cosine decay to 0 at max_steps
+# Keys of the optimizer config that configure_optimizers reads (the LambdaLR around the optimizer), not torch.
+SCHEDULE_KEYS = ("lr_warmup_steps", "lr_schedule")
 
 
 class DiffusionModule(pl.LightningModule):
@@ -63,15 +65,6 @@ class DiffusionModule(pl.LightningModule):
     def on_train_start(self) -> None:
         self._noise = torch.Generator(self.device)
 
-    def _seed_noise(self) -> None:
-        # The t, eps (and label dropout) of a step come from a generator seeded with (seed, rank, step): every rank
-        # draws its own noise (seed_everything alone gives all ranks the same), and a run resumed at step k draws
-        # exactly what the uninterrupted run drew at k -- the generator's state is a function of the global step,
-        # which every checkpoint holds. Dropout draws from torch's global generator: seeded the same way, per step.
-        seed = noise_seed(self.seed, self.global_rank, self.global_step)
-        self._noise.manual_seed(seed)
-        torch.manual_seed(seed >> 1)  # a different stream; host-side on CUDA (no sync)
-
     def _draw(self, x0: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         t = torch.randint(0, self.diffusion.T, (x0.shape[0],), device=x0.device, generator=generator)
         eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
@@ -88,7 +81,7 @@ class DiffusionModule(pl.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x0, y = batch
-        self._seed_noise()
+        seed_step(self._noise, self.seed, self.global_rank, self.global_step)  # a resumed run draws the same
         t, weight = self.timestep_sampler.sample(x0.shape[0], self.diffusion.T, x0.device, self._noise)
         eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=self._noise)
         loss_per_sample = self.objective(self.denoiser, x0, t, eps, self._labels(y, self._noise))
@@ -103,7 +96,7 @@ class DiffusionModule(pl.LightningModule):
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         # Same t and eps for a batch at every validation, so val/loss curves compare like with like.
         x0, y = batch
-        g = torch.Generator(x0.device).manual_seed(self.seed + 1_000 * batch_idx + 17 * self.global_rank)
+        g = torch.Generator(x0.device).manual_seed(validation_seed(self.seed, self.global_rank, batch_idx))
         t, eps = self._draw(x0, g)
         labels = y if self.denoiser.num_classes else None
         loss = self.objective(self.denoiser, x0, t, eps, labels).mean()
@@ -144,10 +137,13 @@ class DiffusionModule(pl.LightningModule):
             self.timestep_sampler.load_state_dict(checkpoint["timestep_sampler"])
 
 
-def noise_seed(seed: int, rank: int, step: int) -> int:
-    """A 64-bit seed for (seed, rank, step), distinct for every triple in practice."""
-    digest = hashlib.blake2b(f"{seed}/{rank}/{step}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
+def optimizer_partial(node) -> Callable[..., torch.optim.Optimizer]:
+    """The ``optimizer`` config as a partial over the parameters, without its learning-rate schedule's keys."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    kwargs = OmegaConf.to_container(node, resolve=True)
+    return instantiate({k: v for k, v in kwargs.items() if k not in SCHEDULE_KEYS})
 
 
 def _differences(saved: Any, current: Any, key: str) -> list[str]:

@@ -18,11 +18,7 @@ import torch
 from torch import Tensor
 
 from ddpmlab.errors import ConfigError
-
-
-def unit(x: Tensor) -> Tensor:
-    """[-1, 1] -> [0, 1] float32, clamped (samples may overshoot)."""
-    return ((x.float() + 1) / 2).clamp(0, 1)
+from ddpmlab.images import to_uint8, to_unit
 
 
 def inpainting_metrics(completions: Tensor, originals: Tensor, keep: Tensor, lpips: bool = False) -> dict[str, float]:
@@ -34,7 +30,7 @@ def inpainting_metrics(completions: Tensor, originals: Tensor, keep: Tensor, lpi
 
     if completions.shape != originals.shape:
         raise ValueError(f"completions {tuple(completions.shape)} and originals {tuple(originals.shape)} differ")
-    x_hat, x = unit(completions), unit(originals)
+    x_hat, x = to_unit(completions), to_unit(originals)  # clamped: samples may overshoot
     hole = (keep < 0.5).expand_as(x)
     if not hole.any():
         raise ConfigError("the mask has no hole (every pixel known): choose a mask with pixels to inpaint")
@@ -61,8 +57,6 @@ def within_class_std(pixels: np.ndarray, labels: np.ndarray) -> float:
 
 def to_pixels(images: Tensor) -> np.ndarray:
     """[N,C,H,W] in [-1, 1] -> [N, C*H*W] float64 on [0, 1], quantised to uint8 as saved samples are."""
-    from ddpmlab.data.datasets import to_uint8
-
     return to_uint8(images).double().flatten(1).numpy() / 255.0
 
 
