@@ -206,3 +206,23 @@ def test_a_diffusion_checkpoint_as_classifier_is_refused(runs, tmp_path):
     cfg = compose_cfg("sample", [f"ckpt_path={diffusion}", f"classifier.ckpt_path={diffusion}"], tmp_path)
     with pytest.raises(ConfigError, match="not a noisy-classifier checkpoint"):
         sample(cfg, tmp_path / "out")
+
+
+def test_a_classifier_export_gives_the_checkpoints_logits(runs, tmp_path):
+    from ddpmlab import load
+    from ddpmlab.api import classifier_from_checkpoint, load_checkpoint
+    from ddpmlab.cli.export import export
+
+    root, _ = runs
+    ckpt = root / "classifier" / "checkpoints" / "last.ckpt"
+    out = export(ckpt, tmp_path / "export")
+    assert "| stage | noisy classifier |" in (out / "README.md").read_text()
+    from_ckpt, _ = load(ckpt)
+    from_export, cfg = load(out)
+    x, t = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 10, 25, 49])
+    with torch.no_grad():
+        logits = from_export(x, t)
+        assert torch.equal(from_ckpt(x, t), logits) and logits.shape == (4, 10)
+    guide, _, _ = classifier_from_checkpoint(load_checkpoint(ckpt))  # what classifier guidance uses
+    with torch.no_grad():
+        assert torch.equal(guide(x, t), logits)
