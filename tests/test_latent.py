@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from conftest import compose_cfg, run_cli
 from ddpmlab.api import load, load_checkpoint
+from ddpmlab.checkpoint import build_first_stage
 from ddpmlab.cli.export import export
 from ddpmlab.data import DiffusionDataModule
 from ddpmlab.data.latent import LatentDataModule
@@ -282,6 +283,8 @@ def test_diffusers_autoencoder_kl_folder_round_trip(tmp_path):
         torch.testing.assert_close(std, dist.std)
         torch.testing.assert_close(first_stage.decode(mean), vae.decode(dist.mean).sample)
     assert first_stage.factor == 2 and net_cfg["_target_"] == "ddpmlab.networks.autoencoder.DiffusersAutoencoderKL"
+    old_name = {**net_cfg, "_target_": "ddpmlab.latent.DiffusersAutoencoderKL"}  # as checkpoints written before name it
+    assert type(build_first_stage(old_name)) is type(first_stage)
     # A second stage on it; the checkpoint then samples without the folder.
     train(compose_cfg("train", ldm_overrides(folder, "trainer.max_steps=3"), tmp_path / "run"))
     shutil.rmtree(folder)

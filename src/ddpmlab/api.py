@@ -35,7 +35,7 @@ from ddpmlab.stages import (
     load_model,
     stage_of,
 )
-from ddpmlab.stored_config import read_yaml
+from ddpmlab.stored_config import config_from, read_yaml
 
 __all__ = [
     "CLASSIFIER_TARGETS",
@@ -73,12 +73,13 @@ def denoiser_from_checkpoint(
     own targets (checked, all four, before anything is built: :func:`check_targets`). With EMA on, Lightning's
     WeightAveraging stores the average in ``state_dict`` and the raw weights in ``current_model_state``.
     A checkpoint of a stage that draws no samples (a first stage, a classifier) is refused."""
-    denoiser, cfg, stage = load_model(ckpt, ema=ema, trusted_targets=trusted_targets, where=where)
+    cfg = config_from(ckpt.get("ddpmlab_config"), where)
+    stage = stage_of(cfg, where)
     if not stage.draws_samples:
         raise CheckpointError(
             f"{where} is a {stage.title} checkpoint, not a diffusion model: pass the checkpoint of a diffusion run"
         )
-    return denoiser, cfg
+    return stage.from_checkpoint(ckpt, cfg, ema, trusted_targets, where), cfg
 
 
 def load(
