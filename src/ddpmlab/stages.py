@@ -57,6 +57,11 @@ class Stage:
     draws_samples = False  # its model is a Denoiser that sample.py and evaluate.py draw from
     pixel_space = False  # that Denoiser works on pixels: bits/dim of pixels (DDPM eq. 5) is defined, masks are
 
+    def denoiser(self, cfg: DictConfig, net: nn.Module, diffusion: GaussianDiffusion, where: str) -> Denoiser:
+        """The Denoiser contract over the network and diffusion of the config's model and schedule sections (what
+        :func:`build_denoiser` returns; a latent denoiser adds its first stage)."""
+        return Denoiser(net, diffusion, cfg.prediction)
+
     # ---- training
     def prepare(self, cfg: DictConfig) -> tuple[DictConfig, Any]:
         """Before anything is written: what the config needs from outside it (a latent run's first stage)."""
@@ -140,9 +145,6 @@ def build_denoiser(cfg: DictConfig, trusted: bool = True, trusted_targets=(), wh
 class PixelDiffusion(Stage):
     key, title, prefix = None, "pixel diffusion", "denoiser."
     draws_samples = pixel_space = True
-
-    def denoiser(self, cfg: DictConfig, net: nn.Module, diffusion: GaussianDiffusion, where: str) -> Denoiser:
-        return Denoiser(net, diffusion, cfg.prediction)
 
     def build_module(self, cfg: DictConfig):
         from ddpmlab.lit.module import DiffusionModule
