@@ -64,7 +64,7 @@ def main() -> None:
     torch.manual_seed(0)
     B = args.batch_size
     if args.ae_ckpt:
-        from ddpmlab.latent import load_first_stage
+        from ddpmlab.stages import load_first_stage
 
         first_stage, _ = load_first_stage(args.ae_ckpt)
     else:

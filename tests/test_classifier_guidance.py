@@ -222,3 +222,23 @@ def test_a_resumed_classifier_run_is_the_straight_run_bit_for_bit(tmp_path):
         assert torch.equal(a["state_dict"][k], b["state_dict"][k]), f"{k} differs"
     sa, sb = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
     assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
+
+
+def test_a_classifier_export_gives_the_checkpoints_logits(runs, tmp_path):
+    from ddpmlab import load
+    from ddpmlab.api import classifier_from_checkpoint, load_checkpoint
+    from ddpmlab.cli.export import export
+
+    root, _ = runs
+    ckpt = root / "classifier" / "checkpoints" / "last.ckpt"
+    out = export(ckpt, tmp_path / "export")
+    assert "| stage | noisy classifier |" in (out / "README.md").read_text()
+    from_ckpt, _ = load(ckpt)
+    from_export, cfg = load(out)
+    x, t = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 10, 25, 49])
+    with torch.no_grad():
+        logits = from_export(x, t)
+        assert torch.equal(from_ckpt(x, t), logits) and logits.shape == (4, 10)
+    guide, _, _ = classifier_from_checkpoint(load_checkpoint(ckpt))  # what classifier guidance uses
+    with torch.no_grad():
+        assert torch.equal(guide(x, t), logits)

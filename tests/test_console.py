@@ -20,6 +20,7 @@ from ddpmlab.networks import UNet
 from ddpmlab.perf import choose_cpu_threads, sampling_cpu_threads, set_cpu_threads
 from ddpmlab.progress import SamplingProgress
 from ddpmlab.samplers import Sampler
+from ddpmlab.stages import CLASSIFIER, FIRST_STAGE, LATENT, PIXEL, stage_of
 from ddpmlab.training import train
 
 PROGRESS_ON = ["trainer.enable_progress_bar=true", "callbacks.progress.every_n_steps=2"]
@@ -155,12 +156,13 @@ def test_cpu_threads_auto_times_every_kind_of_training_module(overrides, tmp_pat
     small = ["data=digits", "data.image_size=8"]
     if "autoencoder" in overrides[0]:
         small += ["first_stage.net.base_channels=8", "first_stage.net.num_groups=4"]
-    module = build_module(compose_cfg("train", overrides + small, tmp_path))
+    cfg = compose_cfg("train", overrides + small, tmp_path)
+    module, probe = build_module(cfg), stage_of(cfg).training_probe
     before = torch.get_num_threads()
     state = {k: v.clone() for k, v in module.state_dict().items()}
     monkeypatch.delenv("OMP_NUM_THREADS")
     try:
-        assert set_cpu_threads(module, "auto", (32, 1, 8, 8)) in (1, before)
+        assert set_cpu_threads(module, "auto", (32, 1, 8, 8), probe) in (1, before)
     finally:
         torch.set_num_threads(before)
     assert all(p.grad is None for p in module.parameters())
@@ -218,15 +220,16 @@ def test_last_checkpoint_written_at_the_end_is_full_and_silent(train_cfg, tmp_pa
 
 
 @pytest.mark.parametrize(
-    "kind,expected",
+    "stage,expected",
     [
-        ("diffusion", "sample with: python sample.py ckpt_path=run/last.ckpt"),
-        ("autoencoder", "python train.py experiment=ldm_mnist first_stage.ckpt_path=run/last.ckpt"),
-        ("classifier", "python sample.py ckpt_path=<diffusion ckpt> classifier.ckpt_path=run/last.ckpt"),
+        (PIXEL, "sample with: python sample.py ckpt_path=run/last.ckpt"),
+        (LATENT, "sample with: python sample.py ckpt_path=run/last.ckpt"),
+        (FIRST_STAGE, "python train.py experiment=ldm_mnist first_stage.ckpt_path=run/last.ckpt"),
+        (CLASSIFIER, "python sample.py ckpt_path=<diffusion ckpt> classifier.ckpt_path=run/last.ckpt"),
     ],
 )
-def test_closing_lines_name_the_next_command_for_what_was_trained(kind, expected):
+def test_closing_lines_name_the_next_command_for_what_was_trained(stage, expected):
     metrics = {"val/psnr": 27.91, "val/ssim": 0.97, "val/acc": 0.5, "train/loss": 0.1, "lr-Adam": 1e-3}
-    out = final_summary(600, 312.0, metrics, "run/last.ckpt", kind)
+    out = final_summary(600, 312.0, metrics, "run/last.ckpt", stage.next_command)
     assert expected in out and "checkpoint: run/last.ckpt" in out
     assert "val/psnr 27.91" in out and "val/acc 0.5" in out and "lr-Adam" not in out

@@ -16,7 +16,7 @@ import ddpmlab
 from conftest import TINY, compose_cfg, run_cli
 from ddpmlab.api import classifier_from_checkpoint
 from ddpmlab.errors import CheckpointError, ConfigError, NotWritableError
-from ddpmlab.latent import load_first_stage
+from ddpmlab.stages import load_first_stage
 from ddpmlab.training import train
 from fixtures_data import datamodule, make_folder
 from test_latent import AE, ae_ckpt, first_stage_run, ldm_overrides, ldm_run  # noqa: F401  (module fixtures)

@@ -46,3 +46,32 @@ def test_export_cli(train_cfg, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert f"exported to {tmp_path / 'shared'}" in proc.stdout
     assert (tmp_path / "shared" / "model.safetensors").is_file()
+
+
+def test_a_pixel_export_states_its_stage_and_a_stage_nobody_knows_is_refused(tiny_ckpt, tmp_path):
+    out = export(tiny_ckpt, tmp_path / "export")
+    card = (out / "README.md").read_text()
+    assert "| stage | pixel diffusion |" in card and "(denoiser, x_T)" in card
+    ckpt = torch.load(tiny_ckpt, weights_only=True)
+    ckpt["ddpmlab_config"]["stage"] = "superresolution"  # a kind of run this version does not have
+    torch.save(ckpt, tmp_path / "other.ckpt")
+    with pytest.raises(CheckpointError, match=r"other\.ckpt: its stage='superresolution' is not a kind of run"):
+        ddpmlab.load(tmp_path / "other.ckpt")
+    config = (out / "config.yaml").read_text()
+    (out / "config.yaml").write_text("stage: superresolution\n" + config)
+    with pytest.raises(CheckpointError, match="is not a kind of run ddpmlab knows"):
+        ddpmlab.load(out)
+
+
+def test_sample_py_refuses_a_first_stage_checkpoint_in_one_line(tmp_path):
+    from conftest import compose_cfg
+    from test_latent import AE
+
+    ae = [o for o in AE if not o.startswith(("trainer.max_steps", "trainer.val_check"))]
+    train(compose_cfg("train", ae + ["trainer.max_steps=1", "trainer.val_check_interval=1"], tmp_path / "ae"))
+    ckpt = tmp_path / "ae" / "checkpoints" / "last.ckpt"
+    r = run_cli("sample.py", f"ckpt_path={ckpt}", "num_samples=2", f"hydra.run.dir={tmp_path / 's'}", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"ddpmlab: error: {ckpt} is a first stage (autoencoder) checkpoint, not a diffusion model: pass the "
+        "checkpoint of a diffusion run"
+    ]

@@ -6,14 +6,18 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import compose_cfg, run_cli
 from ddpmlab.api import load, load_checkpoint
+from ddpmlab.checkpoint import build_first_stage
+from ddpmlab.cli.export import export
 from ddpmlab.data import DiffusionDataModule
+from ddpmlab.data.latent import LatentDataModule
 from ddpmlab.errors import CheckpointError, ConfigError
-from ddpmlab.latent import LatentDataModule, load_first_stage
 from ddpmlab.perf import set_cpu_threads
-from ddpmlab.samplers import Sampler
+from ddpmlab.samplers import Sampler, generate
+from ddpmlab.stages import load_first_stage
 from ddpmlab.training import train
 
 AE = [
@@ -166,6 +170,44 @@ def test_sample_cli_needs_only_the_second_stage_checkpoint(ae_ckpt, tmp_path):
     assert (out / "grid.png").is_file() and (out / "chain.png").is_file()
 
 
+def test_a_latent_export_samples_like_its_checkpoint_with_the_first_stage_gone(first_stage_run, ldm_run, tmp_path):
+    """The export holds the U-Net, the first stage's weights and config, and the scale factor: the same samples, bit
+    for bit, with the first stage's run directory moved away."""
+    ckpt, sampler = ldm_run / "checkpoints" / "last.ckpt", Sampler("ddim", num_steps=10)
+    from_ckpt = generate(load(ckpt)[0], sampler, 8, seed=0)
+    out = export(ckpt, tmp_path / "export")
+    assert "scale_factor" in load_file(out / "model.safetensors")
+    card = (out / "README.md").read_text()
+    assert "| stage | latent diffusion |" in card and "denoiser.decode" in card
+    away = tmp_path / "first_stage_moved"
+    shutil.move(first_stage_run[0], away)
+    try:
+        denoiser, cfg = load(out)
+        from_export = generate(denoiser, sampler, 8, seed=0)
+    finally:
+        shutil.move(away, first_stage_run[0])
+    assert cfg.stage == "latent_diffusion" and from_export.shape == (8, 1, 8, 8)  # decoded to pixels
+    assert torch.isfinite(from_export).all() and (from_export - from_ckpt).abs().max().item() == 0.0
+
+
+def test_a_first_stage_export_reconstructs_like_its_checkpoint(first_stage_run, ae_ckpt, tmp_path):
+    out = export(ae_ckpt, tmp_path / "export")
+    assert "| stage | first stage (autoencoder) |" in (out / "README.md").read_text()
+    from_ckpt, _ = load(ae_ckpt)
+    reference, _ = load_first_stage(ae_ckpt)  # what latent diffusion trains on
+    away = tmp_path / "first_stage_moved"
+    shutil.move(first_stage_run[0], away)  # the run directory is gone; the export suffices
+    try:
+        from_export, cfg = load(out)
+    finally:
+        shutil.move(away, first_stage_run[0])
+    x = digits_val()
+    with torch.no_grad():
+        rec = [m.decode(m.encode(x, sample=False)) for m in (from_ckpt, reference, from_export)]
+    assert cfg.stage == "autoencoder" and rec[0].shape == x.shape
+    assert torch.equal(rec[0], rec[2]) and torch.equal(rec[1], rec[2])
+
+
 def read_steps(run):
     with open(run / "metrics.csv") as f:
         return [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
@@ -240,7 +282,9 @@ def test_diffusers_autoencoder_kl_folder_round_trip(tmp_path):
         torch.testing.assert_close(mean, dist.mean)
         torch.testing.assert_close(std, dist.std)
         torch.testing.assert_close(first_stage.decode(mean), vae.decode(dist.mean).sample)
-    assert first_stage.factor == 2 and net_cfg["_target_"] == "ddpmlab.latent.DiffusersAutoencoderKL"
+    assert first_stage.factor == 2 and net_cfg["_target_"] == "ddpmlab.networks.autoencoder.DiffusersAutoencoderKL"
+    old_name = {**net_cfg, "_target_": "ddpmlab.latent.DiffusersAutoencoderKL"}  # as checkpoints written before name it
+    assert type(build_first_stage(old_name)) is type(first_stage)
     # A second stage on it; the checkpoint then samples without the folder.
     train(compose_cfg("train", ldm_overrides(folder, "trainer.max_steps=3"), tmp_path / "run"))
     shutil.rmtree(folder)

@@ -145,7 +145,7 @@ class Posterior:
 
 
 def test_latent_loader_shards_by_rank_and_continues_where_a_run_stopped():
-    from ddpmlab.latent import LatentLoader
+    from ddpmlab.data.latent import LatentLoader
 
     n, batch = 103, 8
     mean, std = torch.arange(n, dtype=torch.float64).view(n, 1, 1, 1), torch.zeros(n, 1, 1, 1, dtype=torch.float64)

@@ -11,7 +11,7 @@ import ddpmlab
 from conftest import run_cli
 from ddpmlab.api import classifier_from_checkpoint, load_checkpoint
 from ddpmlab.errors import CheckpointError
-from ddpmlab.latent import load_first_stage
+from ddpmlab.stages import load_first_stage
 from ddpmlab.stored_config import MAX_FILE_BYTES, check_plain, read_yaml
 from ddpmlab.training import check_resume
 

@@ -15,9 +15,9 @@ import torch
 
 from conftest import TINY, compose_cfg, run_cli
 from ddpmlab.errors import ConfigError
-from ddpmlab.latent import lpips
 from ddpmlab.metrics.fid import INCEPTION, INCEPTION_FILE, InceptionUnavailable, fidelity_metrics, inception
 from ddpmlab.metrics.image_metrics import inpainting_metrics
+from ddpmlab.metrics.lpips import lpips
 from ddpmlab.pretrained import UnsafeWeightsFile, as_file, hub_path, verify_sha256
 from ddpmlab.training import train
 from test_fid import register_tiny_fidelity_extractor

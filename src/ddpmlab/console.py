@@ -7,6 +7,7 @@ import re
 import shlex
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -81,10 +82,15 @@ def sample_command(ckpt_path: str | Path) -> str:
 
 
 def final_summary(
-    step: int, seconds: float, metrics: dict[str, float], ckpt_path: str | Path | None, kind: str = "diffusion"
+    step: int,
+    seconds: float,
+    metrics: dict[str, float],
+    ckpt_path: str | Path | None,
+    next_command: Callable[[str | Path], str] | None = None,
 ) -> str:
     """The closing lines of a run: steps and time, final metrics, the checkpoint and the next command, which
-    depends on what was trained (``kind``: diffusion, autoencoder or classifier)."""
+    depends on what was trained (``next_command(ckpt_path)``: its stage's, ``ddpmlab.stages``; by default the
+    sampling command of a diffusion model)."""
     from ddpmlab.progress import format_seconds
 
     shown = {k: v for k, v in metrics.items() if re.match(r"(train|val)/(loss|fid|kid|is|bpd|psnr|ssim|acc)$", k)}
@@ -93,18 +99,6 @@ def final_summary(
         + ("" if not shown else ": " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(shown.items())))
     ]
     if ckpt_path:
-        ckpt = shlex.quote(str(ckpt_path))
         lines.append(f"checkpoint: {ckpt_path}")
-        if kind == "autoencoder":
-            lines.append(
-                "train a latent diffusion model on it with: python train.py experiment=ldm_mnist "
-                f"first_stage.ckpt_path={ckpt} (plus this run's data keys)"
-            )
-        elif kind == "classifier":
-            lines.append(
-                "guide a diffusion model with it: python sample.py ckpt_path=<diffusion ckpt> "
-                f"classifier.ckpt_path={ckpt}"
-            )
-        else:
-            lines.append(f"sample with: {sample_command(ckpt_path)}")
+        lines.append(next_command(ckpt_path) if next_command else f"sample with: {sample_command(ckpt_path)}")
     return "\n".join(lines)

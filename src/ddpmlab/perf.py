@@ -47,6 +47,7 @@ OPTIONS = ("compile_mode", "compile_backend", "cpu_threads")
 SAMPLING_SWITCHES = ("compile", "channels_last", "tf32")
 SAMPLING_OPTIONS = OPTIONS + ("precision",)
 PRECISIONS = ("fp32", "bf16")
+Probe = Callable[[Any, int, tuple[int, ...]], tuple[Callable[[], None], list[nn.Parameter]]]
 
 
 def resolve(name: str, value: Any, on_gpu: bool) -> bool:
@@ -122,9 +123,10 @@ def choose_cpu_threads(step: Callable[[], Any], params, repeats: int = 2) -> int
 FULL_BATCH_PROBE_SECONDS = 0.5  # auto times the whole training batch when one step of it is estimated below this
 
 
-def set_cpu_threads(module, value: Any, batch_shape: tuple[int, ...] | None) -> int:
+def set_cpu_threads(module, value: Any, batch_shape: tuple[int, ...] | None, probe: Probe | None = None) -> int:
     """``perf.cpu_threads`` for a module training on the CPU: a number, null (torch's choice) or auto (measured,
-    unless ``OMP_NUM_THREADS`` is set); returns the thread count in force."""
+    unless ``OMP_NUM_THREADS`` is set); returns the thread count in force. ``probe(module, n, image_shape)``: a
+    training step of the module to time (its stage's ``training_probe``; default: a DiffusionModule's)."""
     if value is None or (value == "auto" and ("OMP_NUM_THREADS" in os.environ or batch_shape is None)):
         return torch.get_num_threads()
     if value != "auto":
@@ -132,48 +134,33 @@ def set_cpu_threads(module, value: Any, batch_shape: tuple[int, ...] | None) -> 
             raise ConfigError(f"perf.cpu_threads={value!r}: use auto (measured), a positive number or null")
         torch.set_num_threads(value)
         return value
+    probe = probe if probe is not None else training_probe
     # The training batch where a step of it is cheap: whether threads pay depends on the work per step, and on
     # 32 small latents one thread wins where the batch of 128 trains 1.45x faster on two. Otherwise a slice of
     # 32, so that the probe stays short where other processes hold the cores (a multi-threaded step then takes
     # 10-20x longer).
     n = batch_shape[0]
     with torch.random.fork_rng(devices=[]):
-        step, params = training_probe(module, min(n, 32), batch_shape[1:])
+        step, params = probe(module, min(n, 32), batch_shape[1:])
         if n > 32:
             step()  # warm-up
             start = time.perf_counter()
             step()
             if (time.perf_counter() - start) * n / 32 < FULL_BATCH_PROBE_SECONDS:
-                step, params = training_probe(module, n, batch_shape[1:])
+                step, params = probe(module, n, batch_shape[1:])
         for p in params:
             p.grad = None
         return choose_cpu_threads(step, params)
 
 
 def training_probe(module, n: int, image_shape: tuple[int, ...]) -> tuple[Callable[[], None], list[nn.Parameter]]:
-    """A forward and backward pass like one training step of ``module`` on ``n`` random inputs, and the
-    parameters it fills gradients of: a DiffusionModule's denoiser on x_t (latents for a latent denoiser), a
-    first stage's decode(encode(x)) on images, a noisy classifier on x_t."""
-    if hasattr(module, "denoiser"):
-        denoiser = module.denoiser
-        x = torch.randn((n, *denoiser.sample_shape))
-        t = torch.randint(0, denoiser.diffusion.T, (n,))
-        return lambda: denoiser(x, t).eps_hat.square().mean().backward(), list(denoiser.parameters())
-    x = torch.randn((n, *image_shape))
-    if hasattr(module, "autoencoder"):
-        ae = module.autoencoder
-
-        def step() -> None:
-            was_training = ae.training
-            ae.eval()  # a VQ codebook's EMA update must not see the random probe
-            try:
-                ae(x)[0].square().mean().backward()
-            finally:
-                ae.train(was_training)
-
-        return step, list(ae.parameters())
-    t = torch.randint(0, module.diffusion.T, (n,))
-    return lambda: module.net(x, t).logsumexp(-1).mean().backward(), list(module.net.parameters())
+    """A forward and backward pass like one training step of a DiffusionModule on ``n`` random inputs, and the
+    parameters it fills gradients of: its denoiser on x_t (latents for a latent denoiser). The other kinds of run
+    declare theirs in :mod:`ddpmlab.stages`."""
+    denoiser = module.denoiser
+    x = torch.randn((n, *denoiser.sample_shape))
+    t = torch.randint(0, denoiser.diffusion.T, (n,))
+    return lambda: denoiser(x, t).eps_hat.square().mean().backward(), list(denoiser.parameters())
 
 
 def sampling_cpu_threads(denoiser, device: torch.device | str, batch_size: int) -> int:
@@ -192,18 +179,23 @@ def sampling_cpu_threads(denoiser, device: torch.device | str, batch_size: int) 
     return choose_cpu_threads(forward, [])
 
 
-def apply_perf(module, device: torch.device | str, perf: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Apply the training levers in ``perf`` (the ``perf`` config) to a built DiffusionModule that will train on
-    ``device``; return what is on. Call before ``trainer.fit`` (the EMA copy is taken at fit's setup)."""
+def apply_perf(
+    module,
+    device: torch.device | str,
+    perf: Mapping[str, Any] | None = None,
+    net: nn.Module | None = None,
+    probe: Probe | None = None,
+) -> dict[str, Any]:
+    """Apply the training levers in ``perf`` (the ``perf`` config) to a built training module that will train on
+    ``device``; return what is on. Call before ``trainer.fit`` (the EMA copy is taken at fit's setup). ``net``: the
+    network the levers act on, ``probe``: a training step to time (the module's stage says both; by default a
+    DiffusionModule's denoiser network and :func:`training_probe`)."""
     perf = dict(perf or {})
     sampling = perf.pop("sampling", None)
     _check_keys(perf, SWITCHES + OPTIONS)
     on_gpu = torch.device(device).type == "cuda"
     on = {name: resolve(name, perf.get(name, "auto"), on_gpu) for name in SWITCHES}
-    if hasattr(module, "denoiser"):
-        net = module.denoiser.net
-    else:  # a ClassifierModule (net) or a first stage's AutoencoderModule (autoencoder)
-        net = module.net if hasattr(module, "net") else module.autoencoder
+    net = net if net is not None else module.denoiser.net
     if on["tf32"]:
         use_tf32()
     if on["channels_last"]:
@@ -221,7 +213,7 @@ def apply_perf(module, device: torch.device | str, perf: Mapping[str, Any] | Non
         data = (module.config or {}).get("data") or {}
         shape = (data.get("batch_size"), data.get("channels"), data.get("image_size"), data.get("image_size"))
         valid = all(isinstance(n, int) for n in shape)
-        set_cpu_threads(module, perf.get("cpu_threads", "auto"), shape if valid else None)  # torch.get_num_threads()
+        set_cpu_threads(module, perf.get("cpu_threads", "auto"), shape if valid else None, probe)
     return on
 
 

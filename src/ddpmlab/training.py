@@ -24,16 +24,16 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
-from ddpmlab.api import build_module, is_classifier_config, load_checkpoint
 from ddpmlab.callbacks.checkpoint import AtomicCheckpointIO
 from ddpmlab.callbacks.finite import FiniteGuard
 from ddpmlab.callbacks.run_lock import check_resume_source, hold
+from ddpmlab.checkpoint import load_checkpoint
 from ddpmlab.console import apply_extras, final_summary
 from ddpmlab.errors import CheckpointError, NotWritableError
 from ddpmlab.fileio import write_atomic
-from ddpmlab.latent import prepare_latent_config, setup_latent_training
-from ddpmlab.lit.module import _differences, check_compatible
+from ddpmlab.lit.module import check_compatible
 from ddpmlab.perf import apply_perf
+from ddpmlab.stages import Stage, stage_of
 from ddpmlab.validate import check_train_config
 
 
@@ -45,15 +45,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loads safely and fits the config). Another process training in the run directory is refused."""
     start = time.perf_counter()
     check_train_config(cfg)
-    first_stage = None
-    if cfg.get("stage") == "latent_diffusion":  # the first stage's checkpoint fixes the latent shape of the U-Net
-        cfg, first_stage = prepare_latent_config(cfg)
+    stage = stage_of(cfg)
+    cfg, prepared = stage.prepare(cfg)  # latent diffusion: the first stage's checkpoint fixes the U-Net's input
     run_dir = Path(cfg.trainer.get("default_root_dir") or cfg.paths.output_dir)
     with hold(run_dir):  # one training at a time in a run directory, from choosing the checkpoint to resume on
-        return _train(cfg, run_dir, first_stage, start)
+        return _train(cfg, run_dir, stage, prepared, start)
 
 
-def _train(cfg: DictConfig, run_dir: Path, first_stage, start: float) -> dict[str, float]:
+def _train(cfg: DictConfig, run_dir: Path, stage: Stage, prepared, start: float) -> dict[str, float]:
     apply_extras(cfg, run_dir)  # warning filters, the config tree
     ckpt_path = resume_path(cfg, run_dir)
     if ckpt_path is not None:
@@ -64,9 +63,8 @@ def _train(cfg: DictConfig, run_dir: Path, first_stage, start: float) -> dict[st
     datamodule = instantiate(cfg.data)
     if not cfg.data.get("download"):  # fail on missing or corrupt data now, before any callback writes a checkpoint
         datamodule.setup("fit")
-    module = build_module(cfg)
-    if first_stage is not None:
-        datamodule = setup_latent_training(cfg, module, datamodule, first_stage)
+    module = stage.build_module(cfg)
+    datamodule = stage.setup_data(cfg, module, datamodule, prepared)
     # First, so that a diverged step stops training before any other callback acts on its weights.
     callbacks = [FiniteGuard(), *(instantiate(c) for c in (cfg.get("callbacks") or {}).values())]
     if cfg.get("ema"):
@@ -78,7 +76,8 @@ def _train(cfg: DictConfig, run_dir: Path, first_stage, start: float) -> dict[st
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     plugins = [AtomicCheckpointIO()]  # checkpoints written atomically in their own directory
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
-    apply_perf(module, trainer.strategy.root_device, cfg.get("perf"))  # GPU levers; on the CPU, the thread count
+    # GPU levers; on the CPU, the thread count
+    apply_perf(module, trainer.strategy.root_device, cfg.get("perf"), stage.trained_net(module), stage.training_probe)
     if trainer.strategy.root_device.type == "cpu" and trainer.is_global_zero:
         print(f"CPU threads: {torch.get_num_threads()}", flush=True)
     for logger in trainer.loggers:
@@ -99,10 +98,8 @@ def _train(cfg: DictConfig, run_dir: Path, first_stage, start: float) -> dict[st
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)  # what a sweep summary reads
         write_atomic(run_dir / "final_metrics.json", json.dumps({"step": trainer.global_step, **metrics}, indent=2))
-        kind = "autoencoder" if cfg.get("stage") == "autoencoder" else "diffusion"
-        kind = "classifier" if is_classifier_config(cfg) else kind
         seconds = time.perf_counter() - start
-        print(final_summary(trainer.global_step, seconds, metrics, last_checkpoint(trainer), kind))
+        print(final_summary(trainer.global_step, seconds, metrics, last_checkpoint(trainer), stage.next_command))
         print(f"run directory: {trainer.default_root_dir}")
     if any(isinstance(logger, WandbLogger) for logger in trainer.loggers) and trainer.is_global_zero:
         import wandb
@@ -191,24 +188,17 @@ def check_resume(ckpt_path: str, cfg: DictConfig) -> None:
     saved, current = ckpt["ddpmlab_config"], OmegaConf.to_container(cfg, resolve=True)
     if not isinstance(saved, dict):  # load_checkpoint has bounded it; a string or a list is no config either
         raise CheckpointError(f"{ckpt_path}: its ddpmlab_config is not a config (a {type(saved).__name__})")
-    if saved.get("stage") != current.get("stage"):
+    stage, saved_stage = stage_of(cfg), stage_of(saved, ckpt_path)
+    if saved_stage is not stage:
         raise CheckpointError(
-            f"{ckpt_path} was written by a {saved.get('stage') or 'pixel diffusion'} run, this run is "
-            f"{current.get('stage') or 'pixel diffusion'}: resume with the experiment that wrote it, or start afresh"
+            f"{ckpt_path} was written by a {saved_stage.title} run, this run is {stage.title}: resume with the "
+            "experiment that wrote it, or start afresh"
         )
     try:
         check_compatible(saved, current)
     except CheckpointError as e:
         raise CheckpointError(f"{ckpt_path}: {e}") from None
-    if current.get("stage") == "latent_diffusion":  # the U-Net was trained on latents of one first stage
-        saved_fs = saved.get("first_stage")
-        saved_net = saved_fs.get("net") if isinstance(saved_fs, dict) else None
-        if saved_net != current["first_stage"]["net"]:
-            diff = _differences(saved_net, current["first_stage"]["net"], "first_stage.net")
-            raise CheckpointError(
-                f"{ckpt_path} was trained on latents of another first stage ({'; '.join(diff[:3])[:300]}); resume "
-                f"with the first_stage.ckpt_path it was trained with, or start afresh in a new run directory"
-            )
+    stage.check_resume(saved, current, ckpt_path)
 
 
 def check_writable(run_dir: Path, cfg: DictConfig, resuming: bool = False) -> None:

@@ -1,7 +1,8 @@
 """``python export.py ckpt_path=...``: the weights a user shares, without the training state. The folder holds
-``model.safetensors`` (the denoiser's EMA weights; safetensors executes nothing when read), ``config.yaml`` (the
-resolved training config, which rebuilds the network) and ``README.md`` (a model card); ``ddpmlab.load(folder)``
-reads it as it reads a checkpoint."""
+``model.safetensors`` (the model's EMA weights, as its stage says: for latent diffusion the U-Net, the first stage
+and the scale factor; safetensors executes nothing when read), ``config.yaml`` (the resolved training config, which
+rebuilds the model) and ``README.md`` (a model card naming the stage); ``ddpmlab.load(folder)`` reads it as it
+reads the checkpoint, with nothing outside the folder."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ddpmlab.api import CONFIG_DIR, WEIGHTS_FILE, denoiser_from_checkpoint, load_checkpoint, safetensors_api
+from ddpmlab.api import CONFIG_DIR, WEIGHTS_FILE, load_checkpoint, safetensors_api
 from ddpmlab.cli.common import friendly_errors
 from ddpmlab.errors import ConfigError
 from ddpmlab.fileio import atomic_dir
+from ddpmlab.stages import Stage, load_model
 
 EXPORT_FILES = (WEIGHTS_FILE, "config.yaml", "README.md")
 
@@ -26,19 +28,24 @@ def export(ckpt_path: str | Path, out_dir: str | Path | None = None, use_ema: bo
     as it was."""
     ckpt_path = Path(ckpt_path)
     ckpt = load_checkpoint(ckpt_path)
-    denoiser, cfg = denoiser_from_checkpoint(ckpt, ema=use_ema, where=str(ckpt_path))
+    model, cfg, stage = load_model(ckpt, ema=use_ema, where=str(ckpt_path))
     run_dir = ckpt_path.resolve().parent.parent
     out = Path(out_dir) if out_dir else run_dir / "export"
     check_replaceable(out)
-    state = {k: v.detach().contiguous() for k, v in denoiser.net.state_dict().items()}
-    metadata = {"format": "ddpmlab", "weights": "ema" if use_ema else "raw", "step": str(ckpt.get("global_step", ""))}
+    state = {k: v.detach().contiguous() for k, v in stage.export_state(model).items()}
+    metadata = {
+        "format": "ddpmlab",
+        "stage": stage.title,
+        "weights": "ema" if use_ema else "raw",
+        "step": str(ckpt.get("global_step", "")),
+    }
     final = run_dir / "final_metrics.json"
     metrics = json.loads(final.read_text()) if final.is_file() else {}
     params = sum(v.numel() for v in state.values())
     with atomic_dir(out) as tmp:
         safetensors_api().save_file(state, str(tmp / WEIGHTS_FILE), metadata=metadata)
         (tmp / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-        (tmp / "README.md").write_text(model_card(cfg, ckpt.get("global_step"), params, metrics, use_ema))
+        (tmp / "README.md").write_text(model_card(cfg, stage, ckpt.get("global_step"), params, metrics, use_ema))
     return out
 
 
@@ -55,46 +62,42 @@ def check_replaceable(out: Path) -> None:
         )
 
 
-def model_card(cfg: DictConfig, step: int | None, params: int, metrics: dict[str, Any], use_ema: bool) -> str:
-    m, s, d = cfg.model, cfg.schedule, cfg.data
-    schedule = ", ".join(f"{k}={v}" for k, v in s.items() if k != "_target_")
-    net = (
-        f"{m._target_.rsplit('.', 1)[-1]}: base_channels={m.base_channels}, channel_mult={list(m.channel_mult)}, "
-        f"num_res_blocks={m.num_res_blocks}, attention at {list(m.attn_resolutions)}, dropout={m.dropout}"
-    )
+def model_card(
+    cfg: DictConfig, stage: Stage, step: int | None, params: int, metrics: dict[str, Any], use_ema: bool
+) -> str:
+    d = cfg.data
     shown = {k: v for k, v in metrics.items() if k != "step" and not k.startswith("train/loss_q")}
+    what = "A denoising diffusion model (DDPM, Ho et al. 2020)" if stage.draws_samples else f"A {stage.title}"
     lines = [
         "# ddpmlab model",
         "",
-        f"A denoising diffusion model (DDPM, Ho et al. 2020) trained with ddpmlab: {params:,} parameters, "
+        f"{what} trained with ddpmlab: {params:,} parameters, "
         f"{'EMA' if use_ema else 'raw'} weights after {step} training steps.",
         "",
         "| | |",
         "|---|---|",
+        f"| stage | {stage.title} |",
         f"| data | {d.name} ({d.channels} x {d.image_size} x {d.image_size}), batch {d.batch_size} |",
-        f"| schedule | {s._target_.rsplit('.', 1)[-1]} ({schedule}) |",
-        f"| prediction, objective | {cfg.prediction}, {cfg.objective._target_.rsplit('.', 1)[-1]} |",
-        f"| network | {net} |",
-        f"| class-conditional | {'yes, ' + str(m.num_classes) + ' classes' if m.get('num_classes') else 'no'} |",
+        *stage.card_rows(cfg),
         f"| training | {step} steps, {cfg.optimizer._target_.rsplit('.', 1)[-1]} lr {cfg.optimizer.lr}, "
         f"EMA decay {cfg.ema.decay if cfg.get('ema') else 'none'}, seed {cfg.seed} |",
     ]
     if shown:
         lines += ["", "Final metrics of the training run:", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" for k, v in sorted(shown.items())]
+    name = "denoiser" if stage.draws_samples else "model"
     lines += [
         "",
         "## Use",
         "",
         "```python",
         "import torch, ddpmlab",
-        "from ddpmlab.samplers import Sampler",
-        "denoiser, cfg = ddpmlab.load('<this folder>')",
-        f"x_T = torch.randn(16, {d.channels}, {d.image_size}, {d.image_size})",
-        "x0 = Sampler('ddim', num_steps=50)(denoiser, x_T)   # in [-1, 1]",
+        *(["from ddpmlab.samplers import Sampler"] if stage.draws_samples else []),
+        f"{name}, cfg = ddpmlab.load('<this folder>')",
+        *stage.usage(cfg),
         "```",
         "",
-        "Files: `model.safetensors` (the network's weights), `config.yaml` (the resolved training config).",
+        f"Files: `model.safetensors` (the {stage.title}'s weights), `config.yaml` (the resolved training config).",
         "",
     ]
     return "\n".join(lines)

@@ -16,14 +16,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from ddpmlab.api import (
-    CONFIG_DIR,
-    classifier_from_checkpoint,
-    denoiser_from_checkpoint,
-    load_checkpoint,
-    pick_device,
-    rebuild,
-)
+from ddpmlab.api import CONFIG_DIR, denoiser_from_checkpoint, load_checkpoint, pick_device, rebuild
 from ddpmlab.chunks import SampleChunks, tensor_hash
 from ddpmlab.cli.common import friendly_errors
 from ddpmlab.errors import ConfigError
@@ -31,26 +24,11 @@ from ddpmlab.fileio import write_atomic
 from ddpmlab.images import load_image, save_grid, side_by_side, to_hwc_uint8, to_model_range, to_unit
 from ddpmlab.perf import sampling_cpu_threads
 from ddpmlab.samplers import Sampler, generate_chain, with_guidance
-from ddpmlab.samplers.classifier_guidance import ClassifierGuidedDenoiser, check_classifier_fits
 from ddpmlab.samplers.generate import generate_batches
-from ddpmlab.samplers.guidance import cycle_labels
 from ddpmlab.samplers.masks import make_mask
+from ddpmlab.sampling import chosen_sampler, classifier_guidance, given  # noqa: F401  (given: for callers)
+from ddpmlab.stages import stage_of
 from ddpmlab.validate import check_sample_config, check_sampler_steps
-
-
-def given(node: DictConfig | dict | None) -> dict:
-    """The keys of a config section that are set (not ``???``), as primitives."""
-    if node is None:
-        return {}
-    if not isinstance(node, DictConfig):
-        return dict(node)
-    return {k: OmegaConf.to_container(node, resolve=True)[k] for k in node if not OmegaConf.is_missing(node, k)}
-
-
-def chosen_sampler(cfg: DictConfig, ckpt_cfg: DictConfig) -> Sampler:
-    """The checkpoint's training sampler with the command line's ``sampler`` keys on top."""
-    return Sampler.from_config(given(ckpt_cfg.get("sampler")), given(cfg.get("sampler")))
-
 
 GRID_SAMPLES = 100  # grid.png and inpaint.png show the first 100 samples
 
@@ -128,22 +106,6 @@ def sample(cfg: DictConfig, output_dir: str | Path) -> Path:
     return out
 
 
-def classifier_guidance(cfg: DictConfig, denoiser, ckpt_cfg: DictConfig, n: int, device: torch.device):
-    """(labels [n], the classifier-guided denoiser) when ``classifier.ckpt_path`` is set, else None: a noisy
-    classifier trained for this model's image size and schedule (refused otherwise, both shown) guides towards
-    ``cfg.labels`` cycled over the n samples with scale ``classifier.scale`` (Dhariwal & Nichol 2021)."""
-    spec = cfg.get("classifier") or {}
-    if not spec.get("ckpt_path"):
-        return None
-    classifier, classifier_diffusion, classifier_cfg = classifier_from_checkpoint(load_checkpoint(spec.ckpt_path))
-    check_classifier_fits(classifier, classifier_diffusion, classifier_cfg.schedule, denoiser, ckpt_cfg.schedule)
-    if denoiser.num_classes:  # a conditional model: its labels (and guidance=) as well
-        labels, denoiser = with_guidance(denoiser, cfg.get("labels"), cfg.get("guidance"), n)
-    else:
-        labels = cycle_labels(cfg.get("labels"), classifier.num_classes, n)
-    return labels, ClassifierGuidedDenoiser(denoiser, classifier.to(device), float(spec.get("scale", 1.0)))
-
-
 def wants_inpainting(cfg: DictConfig) -> bool:
     spec = cfg.get("inpaint") or {}
     return spec.get("image") is not None or spec.get("index") is not None
@@ -166,21 +128,14 @@ def dataset_image(data_cfg: DictConfig, index: int, split: str = "val") -> tuple
 def inpaint(cfg: DictConfig, denoiser, ckpt_cfg: DictConfig, out: Path, perf=None) -> Path:
     """RePaint ``num_samples`` completions of one image; writes samples.npz (completions, original, keep, labels),
     sampler.yaml and inpaint.png: rows of [masked input | completions | original]."""
-    spec = cfg.inpaint
-    latent = hasattr(denoiser, "first_stage")  # latent diffusion: RePaint on z = s E(x), the mask at latent size
-    C, H, _ = (ckpt_cfg.data.channels, ckpt_cfg.data.image_size, None) if latent else denoiser.sample_shape
+    spec, stage = cfg.inpaint, stage_of(ckpt_cfg)
+    C, H, _ = stage.image_shape(denoiser, ckpt_cfg)  # pixels, for latent diffusion too
     if spec.get("image") is not None:
         x0 = load_image(spec.image, C, H, what="inpaint.image")
     else:
         x0, _ = dataset_image(ckpt_cfg.data, int(spec.index), spec.get("split", "val"))
     keep = make_mask(str(spec.mask), H, torch.Generator().manual_seed(cfg.seed))  # [H,W], 1 = known
-    known, known_keep = x0, keep
-    if latent:  # a latent is known only where every pixel of its f x f block is
-        device = next(denoiser.parameters()).device
-        with torch.no_grad():
-            known = denoiser.encode(x0.to(device), generator=torch.Generator(device).manual_seed(cfg.seed))
-        f = H // denoiser.sample_shape[1]
-        known_keep = -torch.nn.functional.max_pool2d(-keep[None, None].float(), f)[0, 0]
+    known, known_keep = stage.known_region(denoiser, x0, keep, cfg.seed)  # latent diffusion: z = s E(x0), pooled
     labels = None  # a class-conditional model completes unconditionally (null label) unless labels are given
     if cfg.get("labels") is not None:
         labels, denoiser = with_guidance(denoiser, cfg.labels, cfg.get("guidance"), cfg.num_samples)

@@ -42,7 +42,7 @@ def inpainting_metrics(completions: Tensor, originals: Tensor, keep: Tensor, lpi
         "ssim": float(ssim(x_hat, x)),
     }
     if lpips:
-        from ddpmlab.latent import lpips as lpips_net
+        from ddpmlab.metrics.lpips import lpips as lpips_net
 
         net = lpips_net(x.shape[1])  # ConfigError naming the missing or refused weights file
         with torch.no_grad():

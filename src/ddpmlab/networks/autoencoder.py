@@ -14,12 +14,13 @@ A patch discriminator (pix2pix/taming's NLayerDiscriminator) is here too; the lo
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ddpmlab.errors import ConfigError
 from ddpmlab.networks.layers import Downsample, SelfAttention, Upsample, group_norm
 
 REGULARIZERS = ("kl", "vq")
@@ -288,3 +289,32 @@ class PatchDiscriminator(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.layers(x)
+
+
+class DiffusersAutoencoderKL(nn.Module):
+    """diffusers' ``AutoencoderKL`` (Stable Diffusion's VAE) behind the first-stage interface (moments / encode /
+    decode). ``config``: the model's config.json as a dict; weights come from its folder or a checkpoint."""
+
+    def __init__(self, config: dict[str, Any]):
+        super().__init__()
+        try:
+            from diffusers import AutoencoderKL
+        except ImportError as e:
+            raise ConfigError("a diffusers AutoencoderKL first stage needs diffusers: pip install diffusers") from e
+        self.vae = AutoencoderKL.from_config(dict(config))
+        self.in_channels, self.latent_channels = int(config["in_channels"]), int(config["latent_channels"])
+        self.factor = 2 ** (len(config["block_out_channels"]) - 1)
+        self.image_size = None  # fully convolutional: any multiple of factor
+
+    def moments(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        dist = self.vae.encode(x).latent_dist
+        return dist.mean, dist.std
+
+    def encode(self, x: Tensor, sample: bool = True, generator: torch.Generator | None = None) -> Tensor:
+        mean, std = self.moments(x)
+        if not sample:
+            return mean
+        return mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype, generator=generator)
+
+    def decode(self, z: Tensor) -> Tensor:
+        return self.vae.decode(z).sample
