@@ -117,7 +117,7 @@ def main() -> None:
     else:
         images = torch.randint(0, 256, (60_000, 1, 28, 28), dtype=torch.uint8)
         mnist, source = (images, torch.randint(0, 10, (60_000,))), "synthetic"
-    make = lambda **o: in_memory("mnist", *mnist, batch_size=args.batch_size, random_flip=False, **o)  # noqa: E731
+    make = lambda **o: in_memory("mnist", *mnist, batch_size=args.batch_size, random_flip=False, **o)
     report["mnist_cpu"] = {
         "data": source,
         "images": len(mnist[0]),
@@ -126,7 +126,7 @@ def main() -> None:
 
     if torch.cuda.is_available():
         cifar = torch.randint(0, 256, (50_000, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (50_000,))
-        make = lambda **o: in_memory("cifar10", *cifar, batch_size=args.batch_size, random_flip=True, **o)  # noqa: E731
+        make = lambda **o: in_memory("cifar10", *cifar, batch_size=args.batch_size, random_flip=True, **o)
         report["cifar_shaped_gpu"] = {
             "data": "synthetic 50,000 x 3 x 32 x 32, random flips",
             "images": 50_000,

@@ -207,7 +207,11 @@ def cmd_env(a) -> int:
         )
         if smi.returncode == 0:
             values = [v.strip() for v in smi.stdout.splitlines()[0].split(",")]
-            env.update(dict(zip(("driver", "sm_clock_max", "sm_clock_now", "temperature", "power_limit"), values)))
+            env.update(
+                dict(
+                    zip(("driver", "sm_clock_max", "sm_clock_now", "temperature", "power_limit"), values, strict=False)
+                )
+            )
     env["headline"] = f"{env.get('gpu', 'cpu')}, torch {env['torch']}, CUDA {env['cuda']}, driver {env.get('driver')}"
     write_json(a.out, env)
     print(json.dumps(env))

@@ -101,7 +101,7 @@ def main() -> None:
     for name, (denoiser, batch) in cases.items():
         step = step_fn(denoiser, batch)
         shape = x0.shape[1:] if denoiser is pixel else z0.shape[1:]
-        f = flops(lambda: denoiser.net(torch.zeros(1, *shape), torch.zeros(1, dtype=torch.long)))
+        f = flops(lambda net=denoiser.net, shape=shape: net(torch.zeros(1, *shape), torch.zeros(1, dtype=torch.long)))
         seconds = time_steps(step, args.steps)
         results[name] = {
             "ms_per_image": round(1000 * seconds / B, 3),

@@ -24,10 +24,10 @@ import torch
 from hydra.utils import instantiate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common as C  # noqa: E402
-from ddpmlab.api import build_denoiser  # noqa: E402
-from ddpmlab.perf import autocast, prepare_sampling  # noqa: E402
-from ddpmlab.samplers import generate  # noqa: E402
+import common as C
+from ddpmlab.api import build_denoiser
+from ddpmlab.perf import autocast, prepare_sampling
+from ddpmlab.samplers import generate
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -27,12 +27,12 @@ import torch
 from hydra.utils import instantiate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common as C  # noqa: E402
-from ddpmlab.api import build_module  # noqa: E402
-from ddpmlab.data.device_loader import DeviceLoader  # noqa: E402
-from ddpmlab.diffusion import Denoiser, GaussianDiffusion  # noqa: E402
-from ddpmlab.lit.module import DiffusionModule, optimizer_partial  # noqa: E402
-from ddpmlab.perf import apply_perf, autocast  # noqa: E402
+import common as C
+from ddpmlab.api import build_module
+from ddpmlab.data.device_loader import DeviceLoader
+from ddpmlab.diffusion import Denoiser, GaussianDiffusion
+from ddpmlab.lit.module import DiffusionModule, optimizer_partial
+from ddpmlab.perf import apply_perf, autocast
 
 PATHS = ("trainer", "bare", "peer")
 

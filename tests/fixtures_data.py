@@ -133,7 +133,7 @@ def decode(x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def one_epoch(loader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """All batches of one pass over ``loader``: (x0, labels, image ids, mirrored)."""
-    xs, ys = zip(*loader)
+    xs, ys = zip(*loader, strict=True)
     x0, y = torch.cat(xs), torch.cat(ys)
     ids, flipped = decode(x0)
     return x0, y, ids, flipped

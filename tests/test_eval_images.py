@@ -65,7 +65,7 @@ def ssim_direct(a, b, k=11, sigma=1.5):
     a, b = (torch.nn.functional.pad(x, (k // 2,) * 4, mode="reflect") for x in (a, b))
     g = torch.exp(-((torch.arange(k) - (k - 1) / 2) ** 2) / (2 * sigma**2))
     w = (g[:, None] * g[None]) / (g.sum() ** 2)
-    conv = lambda x: torch.nn.functional.conv2d(x, w[None, None])  # noqa: E731
+    conv = lambda x: torch.nn.functional.conv2d(x, w[None, None])
     mu_a, mu_b = conv(a), conv(b)
     var_a, var_b, cov = conv(a * a) - mu_a**2, conv(b * b) - mu_b**2, conv(a * b) - mu_a * mu_b
     c1, c2 = 0.01**2, 0.03**2
@@ -149,7 +149,7 @@ def svc_direct(cfg):
 
     dm = rebuild(cfg.data, "data")
     dm.setup("fit")
-    x, y = zip(*(dm.train_set[i] for i in range(len(dm.train_set))))
+    x, y = zip(*(dm.train_set[i] for i in range(len(dm.train_set))), strict=True)
 
     def pixels(t):
         return (((torch.stack(list(t)).clamp(-1, 1) + 1) * 127.5).round() / 255).flatten(1).double().numpy()

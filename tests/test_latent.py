@@ -226,7 +226,7 @@ def test_first_stage_resumes(tmp_path):
     )
     first, second = (torch.load(tmp_path / d / "checkpoints" / "last.ckpt", weights_only=True) for d in "ab")
     assert first["global_step"] == 4 and second["global_step"] == 8
-    adam_steps = lambda c: int(next(iter(c["optimizer_states"][0]["state"].values()))["step"])  # noqa: E731
+    adam_steps = lambda c: int(next(iter(c["optimizer_states"][0]["state"].values()))["step"])
     assert adam_steps(first) == 4 and adam_steps(second) == 8
 
 

@@ -149,7 +149,7 @@ def test_latent_loader_shards_by_rank_and_continues_where_a_run_stopped():
 
     n, batch = 103, 8
     mean, std = torch.arange(n, dtype=torch.float64).view(n, 1, 1, 1), torch.zeros(n, 1, 1, 1, dtype=torch.float64)
-    ids = lambda batches: [int(i) for z, _ in batches for i in z.flatten()]  # noqa: E731
+    ids = lambda batches: [int(i) for z, _ in batches for i in z.flatten()]
 
     def loader(rank, at=None, std=std):
         return LatentLoader(
@@ -162,4 +162,4 @@ def test_latent_loader_shards_by_rank_and_continues_where_a_run_stopped():
     # resumed 2 batches into epoch 4: the rest of that epoch, posterior draws included
     noisy = torch.ones(n, 1, 1, 1, dtype=torch.float64)
     whole, rest = list(loader(0, lambda b: (4, 0), noisy)), list(loader(0, lambda b: (4, 2), noisy))
-    assert len(rest) == len(whole) - 2 and all(torch.equal(a[0], b[0]) for a, b in zip(whole[2:], rest))
+    assert len(rest) == len(whole) - 2 and all(torch.equal(a[0], b[0]) for a, b in zip(whole[2:], rest, strict=True))

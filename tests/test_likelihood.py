@@ -40,7 +40,7 @@ def test_the_decoder_is_a_distribution_over_the_256_levels(mean, scale):
 
 
 def test_the_decoder_bins_and_tails():
-    Phi = lambda z: 0.5 * (1 + math.erf(z / math.sqrt(2)))  # noqa: E731
+    Phi = lambda z: 0.5 * (1 + math.erf(z / math.sqrt(2)))
     h = 1 / 255
     x, mean, scale = LEVELS[100].item(), 0.05, 0.2  # an interior bin
     f64 = dict(dtype=torch.float64)

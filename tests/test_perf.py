@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import sys
 
 import lightning.pytorch as pl
@@ -170,7 +171,7 @@ def test_trainer_steps_make_no_host_syncs_with_ema_bf16_and_fused_adam(tiny_cfg)
 
     class Record(pl.Callback):
         def on_train_start(self, trainer, pl_module):
-            grads = lambda opt: [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]  # noqa: E731
+            grads = lambda opt: [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
             trainer.optimizers[0].register_step_post_hook(
                 lambda opt, a, k: clipped_norms.append(torch.nn.utils.get_total_norm(grads(opt)))
             )
@@ -194,7 +195,7 @@ def test_trainer_steps_make_no_host_syncs_with_ema_bf16_and_fused_adam(tiny_cfg)
     with syncs:
         trainer.fit(module, datamodule=loader)
     assert trainer.global_step == 6
-    steady = [b - a for a, b in zip(per_step[1:], per_step[2:])]  # steps 2..5: no start-up, no logging
+    steady = [b - a for a, b in itertools.pairwise(per_step[1:])]  # steps 2..5: no start-up, no logging
     assert steady == [0, 0, 0, 0], per_step
     ema = next(cb for cb in trainer.callbacks if type(cb).__name__ == "EMA")
     assert int(ema._average_model.n_averaged) == 6

@@ -1,6 +1,8 @@
 """RePaint inpainting (Lugmayr et al. 2022): the jump schedule, the known pixels, the harmonisation that
 resampling buys (an exact oracle), the mask presets and files, and sample.py's inpainting mode."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -34,8 +36,8 @@ def test_schedule_matches_diffusers_repaint_scheduler(S, j, r):
 def test_schedule_shape():
     assert repaint_schedule(6, 1, 1) == [5, 4, 3, 2, 1, 0, -1]  # no resampling: plain descent
     s = repaint_schedule(250, 10, 10)
-    assert all(abs(a - b) == 1 for a, b in zip(s, s[1:])) and max(s) == 249
-    reverse = sum(b < a for a, b in zip(s, s[1:]))
+    assert all(abs(a - b) == 1 for a, b in itertools.pairwise(s)) and max(s) == 249
+    reverse = sum(b < a for a, b in itertools.pairwise(s))
     assert reverse == 250 + 9 * 10 * len(range(0, 240, 10))  # each of 24 stretches of 10 steps passed 10 times
     with pytest.raises(AssertionError):  # Sampler refuses these configurations (see below)
         repaint_schedule(10, 10, 2)
@@ -110,7 +112,7 @@ def test_each_reverse_step_replaces_the_known_pixels_by_the_noised_original():
         )
     )
     alpha_bar_next = list(diffusion.alpha_bar[ts[1:]].double()) + [torch.tensor(1.0, dtype=torch.float64)]
-    for step, a in zip(steps, alpha_bar_next):
+    for step, a in zip(steps, alpha_bar_next, strict=True):
         var = step.x[:, :, :, 4:].var().item()  # known half
         assert abs(var - (1 - a.item())) < 0.03 + 0.05 * (1 - a.item()), (step.t, var, 1 - a.item())
 
@@ -286,7 +288,7 @@ def test_repaint_is_a_sampler_with_every_spacing_and_the_same_validation():
         x = sampler(den, torch.randn(2, 1, 8, 8), x0=x0, keep=keep, generator=g)
         assert torch.equal(x[..., 4:], x0.expand(2, -1, -1, -1)[..., 4:])  # known pixels kept exactly
     assert Sampler("repaint", 10, jump_length=2, jump_n_sample=2).num_evaluations(den.diffusion) == len(
-        [1 for k, k_next in zip(repaint_schedule(10, 2, 2), repaint_schedule(10, 2, 2)[1:]) if k_next < k]
+        [1 for k, k_next in itertools.pairwise(repaint_schedule(10, 2, 2)) if k_next < k]
     )
     with pytest.raises(ConfigError, match="inpaint.num_steps=250 is more than the schedule's T=50"):  # no clamp
         Sampler("repaint", 250, "trailing")(den, torch.randn(1, 1, 8, 8), x0=x0, keep=keep)

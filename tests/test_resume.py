@@ -54,7 +54,7 @@ def test_stopping_and_resuming_gives_the_straight_run_bit_for_bit(train_cfg, tmp
     assert a["global_step"] == 18
     assert_same_training_state(a, b)
     # and the logged losses of the resumed segment are the straight run's
-    loss = lambda run: {r["step"]: r["train/loss"] for r in rows(run) if r.get("train/loss")}  # noqa: E731
+    loss = lambda run: {r["step"]: r["train/loss"] for r in rows(run) if r.get("train/loss")}
     assert loss(tmp_path / "a") == loss(tmp_path / "b")
 
 

@@ -194,7 +194,7 @@ def test_golden_values_of_the_linear_schedule_at_T_1000():
     }
     for t, values in golden.items():
         got = (d.alpha_bar[t], d.beta_tilde[t], d.mu_tilde_coef_x0[t], d.mu_tilde_coef_xt[t])
-        for name, g, v in zip(("alpha_bar", "beta_tilde", "coef_x0", "coef_xt"), got, values):
+        for name, g, v in zip(("alpha_bar", "beta_tilde", "coef_x0", "coef_xt"), got, values, strict=True):
             assert g.item() == pytest.approx(v, rel=2e-6), (t, name)
     assert d.beta_tilde[0] == 0 and d.mu_tilde_coef_x0[0] == 1 and d.mu_tilde_coef_xt[0] == 0  # x_0 is known at t=0
     # The 50-step leading grid's respaced process (improved-diffusion):

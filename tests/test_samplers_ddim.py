@@ -22,7 +22,7 @@ def test_ddim_with_eta_1_on_the_full_grid_is_ancestral_sampling_with_beta_tilde(
     ddim = list(ddim_sample_progressive(den, x_T(), grid, generator=gen(), eta=1.0, clip_x0=clip))
     ddpm = list(ddpm_sample_progressive(den, x_T(), grid, generator=gen(), variance="small", clip_x0=clip))
     assert len(ddim) == len(ddpm) == T
-    for a, b in zip(ddim, ddpm):
+    for a, b in zip(ddim, ddpm, strict=True):
         assert a.t == b.t
         assert torch.allclose(a.x, b.x, atol=2e-5, rtol=1e-5), (a.t, (a.x - b.x).abs().max())
         assert torch.allclose(a.x0_hat, b.x0_hat, atol=2e-4, rtol=1e-5)

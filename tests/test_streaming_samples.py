@@ -94,7 +94,7 @@ def test_a_stopped_draw_continues_to_the_same_samples(tiny_ckpt, tmp_path, monke
 
 def test_a_stopped_inpainting_continues_to_the_same_completions(tiny_ckpt, tmp_path, monkeypatch):
     extra = ["inpaint.index=3", "inpaint.num_steps=6", "inpaint.jump_length=2", "inpaint.jump_n_sample=2"]
-    cfg = lambda out: sample_cfg(tiny_ckpt, out, *extra)  # noqa: E731
+    cfg = lambda out: sample_cfg(tiny_ckpt, out, *extra)
     sample(cfg(tmp_path / "whole"), tmp_path / "whole")
     die_after(monkeypatch, 1)
     with pytest.raises(Killed):

@@ -70,7 +70,7 @@ def test_grids_equal_the_reference_formulas(spacing):
             else:
                 repeats += 1
                 assert spacing == "quadratic" and len(set(ours)) == S
-                assert max(abs(a - b) for a, b in zip(ours, ref)) < S
+                assert max(abs(a - b) for a, b in zip(ours, ref, strict=True)) < S
     assert repeats == 0 or spacing == "quadratic"
 
 

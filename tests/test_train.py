@@ -50,7 +50,7 @@ def test_resume_continues_step_count_optimizer_and_ema(train_cfg, tmp_path):
     train(train_cfg("trainer.max_steps=10", f"ckpt_path={ckpt}", run_dir=tmp_path / "resumed"))
     second = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
     assert first["global_step"] == 6 and second["global_step"] == 10
-    adam_steps = lambda c: int(next(iter(c["optimizer_states"][0]["state"].values()))["step"])  # noqa: E731
+    adam_steps = lambda c: int(next(iter(c["optimizer_states"][0]["state"].values()))["step"])
     assert adam_steps(first) == 6 and adam_steps(second) == 10
     assert int(first["averaging_state"]["n_averaged"]) == 6 and int(second["averaging_state"]["n_averaged"]) == 10
     steps = [int(r["step"]) for r in read_metrics(tmp_path / "resumed") if r.get("train/loss")]

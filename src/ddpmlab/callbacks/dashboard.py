@@ -139,7 +139,10 @@ class LossByTimestep(pl.Callback):
             sums = trainer.strategy.reduce(self._sums, reduce_op="sum")
             means = (sums[0] / sums[1]).tolist()  # the one host sync, once per interval
             counts = sums[1].tolist()
-            log_scalars(trainer, {f"train/loss_q{i + 1}": m for i, (m, c) in enumerate(zip(means, counts)) if c > 0})
+            log_scalars(
+                trainer,
+                {f"train/loss_q{i + 1}": m for i, (m, c) in enumerate(zip(means, counts, strict=True)) if c > 0},
+            )
             self._sums.zero_()
 
 

@@ -48,6 +48,6 @@ def log_labelled_samples(trainer, images: torch.Tensor, labels: torch.Tensor, st
         return
     import wandb
 
-    rows = [[int(y), wandb.Image(x.permute(1, 2, 0).numpy())] for x, y in zip(images.cpu(), labels.cpu())]
+    rows = [[int(y), wandb.Image(x.permute(1, 2, 0).numpy())] for x, y in zip(images.cpu(), labels.cpu(), strict=True)]
     for logger in loggers:
         logger.log_table(key="samples/table", columns=["label", "image"], data=rows, step=step)

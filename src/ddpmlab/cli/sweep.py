@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
     """One row per job directory that has final metrics: job number, overrides, then the metrics."""
     rows = []
-    by_job_number = lambda p: (len(p.parent.name), p.parent.name)  # noqa: E731  (2 before 10)
+    by_job_number = lambda p: (len(p.parent.name), p.parent.name)
     for metrics_file in sorted(Path(sweep_dir).glob("*/final_metrics.json"), key=by_job_number):
         job = metrics_file.parent
         overrides_file = job / ".hydra" / "overrides.yaml"
@@ -37,10 +37,10 @@ def write_summary(sweep_dir: str | Path) -> Path | None:
         writer.writeheader()
         writer.writerows(rows)
     shown = [k for k in keys if k in ("job", "overrides", "step") or k.startswith("val/")]
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
     table = [shown] + [[fmt(row.get(k, "")) for k in shown] for row in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(shown))]
-    print("\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in table))
+    print("\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in table))
     print(f"sweep summary: {path}")
     return path
 

@@ -133,7 +133,7 @@ def load_idx(root: str | Path, name: str, split: str) -> tuple[Tensor, Tensor]:
     raw = idx_dir(root, name)
     found = [next((p for p in (raw / f, raw / f"{f}.gz") if p.is_file()), None) for f in IDX_FILES[split]]
     if None in found:
-        missing = [f for f, p in zip(IDX_FILES[split], found) if p is None]
+        missing = [f for f, p in zip(IDX_FILES[split], found, strict=True) if p is None]
         raise DatasetNotFoundError(
             f"{title} not found: looked in {raw} for {', '.join(missing)} (plain or .gz). Get the four files "
             f"({', '.join(IDX_FILES['train'] + IDX_FILES['val'])}, each .gz) from {url} into that folder, "

@@ -51,6 +51,7 @@ class EMA(WeightAveraging):
         pairs = zip(
             itertools.chain(average.module.parameters(), average.module.buffers()),
             itertools.chain(pl_module.parameters(), pl_module.buffers()),
+            strict=True,
         )
         averaged, current, frozen_avg, frozen = [], [], [], []
         for a, c in pairs:  # frozen parameters (a latent model's first stage) are copied: d x + (1 - d) x rounds

@@ -120,7 +120,7 @@ def evaluate_bpd(
         raise ConfigError(f"asked for num_images={num_images} but the data has only {n}; lower num_images or use null")
     if n == 0:
         raise ConfigError("no images to evaluate")
-    per_image = BitsPerDim(*(torch.cat(p).cpu() for p in zip(*parts)))
+    per_image = BitsPerDim(*(torch.cat(p).cpu() for p in zip(*parts, strict=True)))
     value, stderr = mean_stderr(per_image.total)
     T = denoiser.diffusion.T
     return {

@@ -76,7 +76,7 @@ class ImportanceSampler(TimestepSampler):
         return t.to(device), weight.to(device=device, dtype=torch.float32)
 
     def update(self, t, losses):
-        for ti, loss in zip(t.long().tolist(), losses.detach().double().cpu().tolist()):
+        for ti, loss in zip(t.long().tolist(), losses.detach().double().cpu().tolist(), strict=True):
             if self.count[ti] == self.history_per_term:  # full: drop the oldest
                 self.history[ti, :-1] = self.history[ti, 1:].clone()
                 self.history[ti, -1] = loss

@@ -61,7 +61,7 @@ def dpm_solver_sample_progressive(
     # S+1 time points: the grid, then x_0 (alpha = 1, sigma = 0, lambda = +inf). float64 throughout.
     alpha = alpha_bar.sqrt().tolist() + [1.0]
     sigma = (1 - alpha_bar).sqrt().tolist() + [0.0]
-    lam = [math.log(a) - math.log(s) if s > 0 else math.inf for a, s in zip(alpha, sigma)]
+    lam = [math.log(a) - math.log(s) if s > 0 else math.inf for a, s in zip(alpha, sigma, strict=True)]
     x, x0_hat_prev = x_T, None  # x0_hat_prev: the buffer Q of Algorithm 2
     for i, t in enumerate(ts.tolist()):
         pred = predict(denoiser, x, t, cond, clip_x0)

@@ -54,7 +54,7 @@ def random_strokes(
     H, W = _hw(size)
     scale = min(H, W)
     radius = max(0.75, scale / 12)
-    u = lambda *shape: torch.rand(shape, generator=generator)  # noqa: E731
+    u = lambda *shape: torch.rand(shape, generator=generator)
     points = []
     for _ in range(num_strokes):
         p = u(2) * torch.tensor([H - 1.0, W - 1.0])

@@ -13,6 +13,7 @@ k-th smallest grid entry (the respaced process's index k), state -1 is x_0.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 
 import torch
@@ -70,7 +71,7 @@ def repaint_sample_progressive(
     x0, keep = x0.to(x_T), keep.to(x_T)
     x = x_T
     states = repaint_schedule(len(t_of), jump_length, jump_n_sample)
-    for k, k_next in zip(states[:-1], states[1:]):
+    for k, k_next in itertools.pairwise(states):
         if k_next > k:  # Algorithm 1, line 10: back up one step, x_k ~ q(x_k | x_{k-1}) (DDPM eq. 2)
             x = process.q_step(x, batch_t(k_next, x), randn_like(x, generator))
             continue

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 from collections.abc import Callable, Iterator, Mapping
 from functools import partial
@@ -154,7 +155,7 @@ class Sampler:
             return S
         opts = _with_defaults(self.algorithm, self.options)
         states = repaint_schedule(S, opts["jump_length"], opts["jump_n_sample"])
-        return sum(k_next < k for k, k_next in zip(states, states[1:]))
+        return sum(k_next < k for k, k_next in itertools.pairwise(states))
 
     def steps(self, denoiser, x_T: Tensor, **kwargs) -> Iterator[SamplerStep]:
         """The progressive sampler on this grid of ``denoiser.diffusion``'s schedule."""
