@@ -36,6 +36,43 @@ TINY = [
     "callbacks.sample_grid.num_steps=5",
 ]
 
+# The noisy classifier of classifier guidance, as small and fast.
+TINY_CLASSIFIER = [
+    "experiment=classifier_digits", "schedule.num_timesteps=50", "data.batch_size=32", "trainer.max_steps=4",
+    "trainer.val_check_interval=2", "trainer.limit_val_batches=2", "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false", "model.base_channels=16", "model.channel_mult=[1,2]",
+    "model.num_res_blocks=1", "model.attn_resolutions=[]", "model.num_groups=8", "model.num_heads=1",
+]  # fmt: skip
+
+
+def fid_tiny(feature_target: str, *extra: str) -> list[str]:
+    """callbacks=fid on a few samples, with a tiny feature network (``feature_target``) in place of Inception."""
+    return [
+        "callbacks=fid",
+        f"+callbacks.fid.feature._target_={feature_target}",
+        "callbacks.fid.every_n_steps=3",
+        "callbacks.fid.num_samples=8",
+        "callbacks.fid.batch_size=4",
+        "callbacks.fid.num_steps=2",
+        "callbacks.fid.num_real=200",
+        *extra,
+    ]
+
+
+def tiny_denoiser(T: int = 50, *, num_classes: int | None = None, prediction: str = "eps", seed: int = 0):
+    """A small random U-Net denoiser on 8x8 grey images (initialised from ``seed``), in eval mode: the tests that
+    need a real network but no training share this one."""
+    from ddpmlab.diffusion import Denoiser
+    from ddpmlab.networks import UNet
+
+    torch.manual_seed(seed)
+    net = UNet(
+        in_channels=1, image_size=8, base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
+        dropout=0.0, num_groups=8, num_classes=num_classes,
+    )  # fmt: skip
+    return Denoiser(net, GaussianDiffusion(linear_betas(T)), prediction).eval()
+
+
 # The tests' networks are tiny: one thread beats OpenMP's fork/join by far (3-10x where the cores are shared),
 # here and in the CLI subprocesses the tests start (they inherit OMP_NUM_THREADS).
 os.environ["OMP_NUM_THREADS"] = "1"

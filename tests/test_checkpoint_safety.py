@@ -10,7 +10,7 @@ import pickle
 import pytest
 import torch
 
-from conftest import TINY, compose_cfg, run_cli
+from conftest import run_cli
 from ddpmlab import fileio
 from ddpmlab.api import denoiser_from_checkpoint, load, load_checkpoint
 from ddpmlab.callbacks import checkpoint as ckpt_io
@@ -29,11 +29,9 @@ class Payload:
         return os.system, (f"touch {self.marker}",)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    run = tmp_path_factory.mktemp("trained")
-    train(compose_cfg("train", TINY, run))
-    return run / "checkpoints" / "last.ckpt"
+@pytest.fixture
+def trained(tiny_ckpt):
+    return tiny_ckpt  # read only: the crafted copies go to each test's tmp_path
 
 
 def crafted(trained, tmp_path, section):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import TINY, compose_cfg, run_cli
+from conftest import TINY, TINY_CLASSIFIER, compose_cfg, run_cli
 from ddpmlab.cli.sample import sample
 from ddpmlab.diffusion import Denoiser, GaussianDiffusion, linear_betas, make_timesteps
 from ddpmlab.diffusion.parameterization import Prediction
@@ -145,19 +145,13 @@ def test_guidance_needs_labels(toy):
 
 
 # ---------------------------------------------------------------- the commands
-TINY_CLASSIFIER = [
-    "experiment=classifier_digits", "schedule.num_timesteps=50", "data.batch_size=32", "trainer.max_steps=4",
-    "trainer.val_check_interval=2", "trainer.limit_val_batches=2", "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false", "model.base_channels=16", "model.channel_mult=[1,2]",
-    "model.num_res_blocks=1", "model.attn_resolutions=[]", "model.num_groups=8", "model.num_heads=1",
-]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, tiny_ckpt):
     root = tmp_path_factory.mktemp("guidance")
     metrics = train(compose_cfg("train", TINY_CLASSIFIER, root / "classifier"))
-    train(compose_cfg("train", TINY, root / "diffusion"))
+    (root / "diffusion").symlink_to(tiny_ckpt.parent.parent)  # the session's tiny run, read only
     return root, metrics
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import TINY, compose_cfg, run_cli
+from conftest import TINY, TINY_CLASSIFIER, compose_cfg, run_cli
 from ddpmlab.api import load
 from ddpmlab.cli.evaluate import evaluate
 from ddpmlab.data.datasets import load_digits
@@ -122,12 +122,6 @@ def test_lpips_without_its_weights_is_a_one_line_error(tiny_ckpt, tmp_path, monk
 
 
 # ------------------------------------------------------------------------------------------------ guided agreement
-TINY_CLASSIFIER = [
-    "experiment=classifier_digits", "schedule.num_timesteps=50", "data.batch_size=32", "trainer.max_steps=4",
-    "trainer.val_check_interval=2", "trainer.limit_val_batches=2", "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false", "model.base_channels=16", "model.channel_mult=[1,2]",
-    "model.num_res_blocks=1", "model.attn_resolutions=[]", "model.num_groups=8", "model.num_heads=1",
-]  # fmt: skip
 GUIDED = ["metrics=[guided]", "guided.num_samples=20", "guided.sampler.algorithm=ddim", "guided.sampler.num_steps=4"]
 
 

@@ -39,10 +39,8 @@ def test_load_refuses_a_folder_that_is_not_an_export(tmp_path):
         ddpmlab.load(tmp_path)
 
 
-def test_export_cli(train_cfg, tmp_path):
-    train(train_cfg())
-    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    proc = run_cli("export.py", f"ckpt_path={ckpt}", f"out_dir={tmp_path / 'shared'}", cwd=tmp_path)
+def test_export_cli(tiny_ckpt, tmp_path):
+    proc = run_cli("export.py", f"ckpt_path={tiny_ckpt}", f"out_dir={tmp_path / 'shared'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert f"exported to {tmp_path / 'shared'}" in proc.stdout
     assert (tmp_path / "shared" / "model.safetensors").is_file()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import TINY, compose_cfg
+from conftest import TINY, compose_cfg, fid_tiny
 from ddpmlab.callbacks.fid import FID, share
 from ddpmlab.cli.evaluate import evaluate
 from ddpmlab.metrics.fid import (
@@ -163,15 +163,7 @@ def test_fidelity_metrics_report_fid_kid_is_and_cache_the_reference(tmp_path):
 
 
 # ------------------------------------------------------------------ the callback in a training run
-FID_TINY = [
-    "callbacks=fid",
-    "+callbacks.fid.feature._target_=test_fid.TinyFeatures",
-    "callbacks.fid.every_n_steps=3",
-    "callbacks.fid.num_samples=8",
-    "callbacks.fid.batch_size=4",
-    "callbacks.fid.num_steps=2",
-    "callbacks.fid.num_real=200",
-]
+FID_TINY = fid_tiny("test_fid.TinyFeatures")
 
 
 def test_callback_logs_fid_and_kid_during_training(train_cfg, tmp_path):

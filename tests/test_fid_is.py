@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import fid_tiny
 from ddpmlab.metrics.fid import inception_score
 from ddpmlab.training import train
 
@@ -59,16 +60,7 @@ def test_inception_score_of_logits_is_the_formula():
     assert float(metric.compute()[0]) == pytest.approx(7.0, rel=1e-4)
 
 
-FID_TINY = [
-    "callbacks=fid",
-    "+callbacks.fid.feature._target_=test_fid_is.TinyFeaturesAndLogits",
-    "callbacks.fid.every_n_steps=3",
-    "callbacks.fid.num_samples=8",
-    "callbacks.fid.batch_size=4",
-    "callbacks.fid.num_steps=2",
-    "callbacks.fid.num_real=200",
-    "callbacks.fid.isc_splits=2",
-]
+FID_TINY = fid_tiny("test_fid_is.TinyFeaturesAndLogits", "callbacks.fid.isc_splits=2")
 
 
 def test_callback_logs_the_inception_score_beside_fid(train_cfg, tmp_path):

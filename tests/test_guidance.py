@@ -5,12 +5,11 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY, compose_cfg, run_cli
+from conftest import TINY, compose_cfg, run_cli, tiny_denoiser
 from ddpmlab.cli.sample import sample
-from ddpmlab.diffusion import Denoiser, GaussianDiffusion, Prediction, linear_betas
+from ddpmlab.diffusion import Prediction
 from ddpmlab.errors import ConfigError
 from ddpmlab.lit.module import DiffusionModule
-from ddpmlab.networks import UNet
 from ddpmlab.objectives import SimpleLoss
 from ddpmlab.samplers import ALGORITHMS, Sampler
 from ddpmlab.samplers.guidance import GuidedDenoiser, cycle_labels, with_guidance
@@ -20,18 +19,7 @@ K = 4  # classes of the toy model
 
 
 def conditional_denoiser(prediction="eps", seed=0, num_classes=K):
-    torch.manual_seed(seed)
-    net = UNet(
-        in_channels=1,
-        image_size=8,
-        base_channels=16,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
-        attn_resolutions=(),
-        num_groups=8,
-        num_classes=num_classes,
-    )
-    return Denoiser(net, GaussianDiffusion(linear_betas(50)), prediction).eval()
+    return tiny_denoiser(50, num_classes=num_classes, prediction=prediction, seed=seed)
 
 
 class SeparateForwards(torch.nn.Module):

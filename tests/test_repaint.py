@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch import nn
 
-from conftest import compose_cfg, run_cli
+from conftest import compose_cfg, run_cli, tiny_denoiser
 from ddpmlab.cli.sample import sample
 from ddpmlab.diffusion import Denoiser, GaussianDiffusion, linear_betas, make_timesteps
 from ddpmlab.errors import ConfigError
@@ -46,23 +46,13 @@ def test_schedule_shape():
 
 
 # ------------------------------------------------------------------ the sampler
-def tiny_denoiser():
-    torch.manual_seed(0)
-    net = UNet(
-        in_channels=1,
-        image_size=8,
-        base_channels=16,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
-        attn_resolutions=(),
-        num_groups=8,
-    )
-    return Denoiser(net, GaussianDiffusion(linear_betas(100)), "eps").eval()
+def repaint_denoiser():
+    return tiny_denoiser(100)
 
 
 @pytest.mark.parametrize("j,r", [(1, 1), (3, 3)])
 def test_known_pixels_of_the_result_equal_the_original(j, r):
-    den = tiny_denoiser()
+    den = repaint_denoiser()
     g = torch.Generator().manual_seed(0)
     original = torch.randint(0, 256, (1, 1, 8, 8), generator=g, dtype=torch.uint8)
     keep = make_mask("random_strokes", 8, g)

@@ -9,30 +9,13 @@ import pytest
 import torch
 from torchvision.io import write_png
 
-from ddpmlab.diffusion import Denoiser, GaussianDiffusion, linear_betas
+from conftest import tiny_denoiser
 from ddpmlab.images import load_image, to_hwc_uint8
-from ddpmlab.networks import UNet
 from ddpmlab.samplers import GuidedDenoiser, Sampler, generate
 from ddpmlab.samplers.guidance import cycle_labels
 from ddpmlab.samplers.masks import make_mask
 
 NUM_SAMPLES, BATCH_SIZE, SEED = 5, 2, 123  # three batches: the generator carries over between them
-
-
-def tiny_denoiser(num_classes: int | None = None) -> Denoiser:
-    torch.manual_seed(0)
-    net = UNet(
-        in_channels=1,
-        image_size=8,
-        base_channels=16,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
-        attn_resolutions=(),
-        dropout=0.0,
-        num_groups=8,
-        num_classes=num_classes,
-    )
-    return Denoiser(net, GaussianDiffusion(linear_betas(50)), "eps").eval()
 
 
 def generate_uint8(denoiser, sampler: Sampler, labels=None, **inputs) -> np.ndarray:
