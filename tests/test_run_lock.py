@@ -15,14 +15,12 @@ from ddpmlab.callbacks.run_lock import LOCK_NAME, RunDirBusyError, hold, holder
 from ddpmlab.errors import CheckpointError
 from ddpmlab.training import train
 
-# Another process in the run directory, as a training holds it: an exclusive flock on <run dir>/.lock, its
-# process id and host in the file.
+# Another process in the run directory, holding it as a training does (the same acquire: an exclusive flock on
+# <run dir>/.lock, its process id and host written over whatever an earlier holder left there).
 HOLD = """
-import fcntl, os, socket, sys, time
-os.makedirs(sys.argv[1], exist_ok=True)
-fd = os.open(os.path.join(sys.argv[1], ".lock"), os.O_RDWR | os.O_CREAT)
-fcntl.flock(fd, fcntl.LOCK_EX)
-os.write(fd, f"process {os.getpid()} on host {socket.gethostname()}\\n".encode())
+import sys, time
+from ddpmlab.callbacks.run_lock import acquire
+acquire(sys.argv[1])
 print("ready", flush=True)
 time.sleep(600)
 """
