@@ -7,6 +7,7 @@ from PIL import Image
 
 from conftest import TINY, compose_cfg, run_cli, tiny_denoiser
 from ddpmlab.cli.sample import sample
+from ddpmlab.conditioning import NULL_LABEL
 from ddpmlab.diffusion import Prediction
 from ddpmlab.errors import ConfigError
 from ddpmlab.lit.module import DiffusionModule
@@ -74,7 +75,7 @@ def test_w0_is_the_conditional_models_own_sampling(algorithm):
 
 
 def test_guidance_refuses_an_unconditional_model_and_a_negative_weight():
-    with pytest.raises(ConfigError, match="class-conditional model"):
+    with pytest.raises(ConfigError, match="needs a conditional model"):
         GuidedDenoiser(conditional_denoiser(num_classes=None), 1.0)
     with pytest.raises(ConfigError, match=">= 0"):
         GuidedDenoiser(conditional_denoiser(), -1.0)
@@ -93,19 +94,20 @@ def test_labels_cycle_and_are_checked():
 def test_the_null_label_is_used_at_the_rate_p_uncond(p_uncond):
     module = DiffusionModule(conditional_denoiser(num_classes=10), SimpleLoss(), torch.optim.Adam, p_uncond=p_uncond)
     y = torch.randint(0, 10, (40_000,), generator=torch.Generator().manual_seed(0))
-    out = module._labels(y, torch.Generator().manual_seed(1))
-    dropped = out == 10
+    x0 = torch.zeros(len(y), 1, 2, 2)
+    out = module.condition((x0, y), torch.Generator().manual_seed(1), train=True).labels
+    dropped = out == NULL_LABEL
     sd = (p_uncond * (1 - p_uncond) / len(y)) ** 0.5
     assert abs(dropped.float().mean().item() - p_uncond) < 5 * sd
     assert torch.equal(out[~dropped], y[~dropped])  # the rest keep their own label
     # dropout is independent of the class: each class is dropped at the same rate
     per_class = torch.stack([dropped[y == c].float().mean() for c in range(10)])
     assert (per_class - p_uncond).abs().max() < 5 * (p_uncond * (1 - p_uncond) / 3000) ** 0.5
+    assert torch.equal(module.condition((x0, y), None, train=False).labels, y)  # validation: no dropout
     module.p_uncond = 0.0
-    assert torch.equal(module._labels(y, None), y)
-    assert (
-        DiffusionModule(conditional_denoiser(num_classes=None), SimpleLoss(), torch.optim.Adam)._labels(y, None) is None
-    )
+    assert torch.equal(module.condition((x0, y), None, train=True).labels, y)
+    unconditional = DiffusionModule(conditional_denoiser(num_classes=None), SimpleLoss(), torch.optim.Adam)
+    assert unconditional.condition((x0, y), None, train=True) is None
 
 
 # ------------------------------------------------------------------ through train(cfg) and sample.py

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ddpmlab.conditioning import placeholder
 from ddpmlab.errors import ConfigError
 
 SWITCHES = ("compile", "channels_last", "fused_optimizer", "tf32", "sync_free_logging")
@@ -160,7 +161,8 @@ def training_probe(module, n: int, image_shape: tuple[int, ...]) -> tuple[Callab
     denoiser = module.denoiser
     x = torch.randn((n, *denoiser.sample_shape))
     t = torch.randint(0, denoiser.diffusion.T, (n,))
-    return lambda: denoiser(x, t).eps_hat.square().mean().backward(), list(denoiser.parameters())
+    cond = placeholder(denoiser, n)
+    return lambda: denoiser(x, t, cond).eps_hat.square().mean().backward(), list(denoiser.parameters())
 
 
 def sampling_cpu_threads(denoiser, device: torch.device | str, batch_size: int) -> int:
@@ -171,10 +173,11 @@ def sampling_cpu_threads(denoiser, device: torch.device | str, batch_size: int) 
     net = denoiser.net
     x = torch.randn(min(batch_size, 32), net.in_channels, net.image_size, net.image_size)
     t = torch.zeros(x.shape[0], dtype=torch.long)
+    cond = placeholder(denoiser, x.shape[0])
 
     @torch.no_grad()
     def forward():
-        denoiser(x, t)
+        denoiser(x, t, cond)
 
     return choose_cpu_threads(forward, [])
 

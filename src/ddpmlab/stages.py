@@ -36,6 +36,7 @@ from ddpmlab.checkpoint import (
     load_weights,
     weights,
 )
+from ddpmlab.conditioning import make_task
 from ddpmlab.console import sample_command
 from ddpmlab.diffusion import Denoiser, GaussianDiffusion
 from ddpmlab.diffusion.latent import LatentDenoiser
@@ -159,6 +160,8 @@ class PixelDiffusion(Stage):
             p_uncond=cfg.p_uncond,
             seed=cfg.seed,
             config=OmegaConf.to_container(cfg, resolve=True),
+            task=make_task(cfg.get("task")),
+            data_channels=cfg.data.channels,
         )
 
     def trained_net(self, module) -> nn.Module:
@@ -280,7 +283,7 @@ class LatentDiffusion(PixelDiffusion):
             f"scale factor 1/std = {scale:.4f}, encoding {mode}",
             flush=True,
         )
-        return LatentDataModule(datamodule, denoiser, mode, seed=cfg.seed)
+        return LatentDataModule(datamodule, denoiser, mode, seed=cfg.seed, task=module.task)
 
     def image_shape(self, denoiser: LatentDenoiser, cfg: DictConfig) -> tuple[int, int, int]:
         d = cfg.data

@@ -66,13 +66,15 @@ class DenoisingChain(EveryNSteps):
     def run(self, trainer, pl_module) -> None:
         self.draw(trainer, pl_module)
 
-    def chain(self, denoiser, sampler, perf=None) -> Tensor:
-        """[num_images * F, C, H, W] in [0, 1], row-major: each row one image's x_T ... x_0."""
+    def chain(self, denoiser, sampler, perf=None, cond=None) -> Tensor:
+        """[num_images * F, C, H, W] in [0, 1], row-major: each row one image's x_T ... x_0 (conditioned on
+        ``cond``, one per image: a model conditioned on an image gets the first validation images')."""
         evals = sampler.num_evaluations(denoiser.diffusion)
         with SamplingProgress(evals, "chain", enabled=is_terminal(), leave=False) as bar:
             frames = generate_chain(
-                denoiser, sampler, self.num_images, self.num_frames, seed=self.seed, perf=perf, progress=bar.wrap
-            )
+                denoiser, sampler, self.num_images, self.num_frames, seed=self.seed, cond=cond, perf=perf,
+                progress=bar.wrap,
+            )  # fmt: skip
         return to_unit(frames.flatten(0, 1))
 
     @rank_zero_only
@@ -81,7 +83,12 @@ class DenoisingChain(EveryNSteps):
         if trainer.fast_dev_run:  # a dry run draws nothing
             return None
         denoiser = ema_denoiser(trainer, pl_module)
-        chain = self.chain(denoiser, self.sampler(pl_module), sampling_perf(pl_module, denoiser))
+        cond = None
+        if getattr(pl_module, "task", None) is not None:
+            dataset = trainer.datamodule.val_set or trainer.datamodule.train_set
+            cond = pl_module.fixed_conditions(dataset, self.num_images, self.seed)[0]
+            self.num_images = len(cond)
+        chain = self.chain(denoiser, self.sampler(pl_module), sampling_perf(pl_module, denoiser), cond)
         grid = image_grid(chain, nrow=chain.shape[0] // self.num_images)  # upscaled as the sample grids
         return save_and_log(trainer, "samples/denoising_chain", "chains", grid)
 

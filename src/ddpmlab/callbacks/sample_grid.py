@@ -10,7 +10,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from ddpmlab.callbacks.periodic import EveryNSteps
 from ddpmlab.callbacks.utils import dashboard_step, ema_denoiser, log_image, log_labelled_samples, sampling_perf
-from ddpmlab.images import save_grid, to_unit
+from ddpmlab.images import cond_rows, image_grid, save_grid, save_png, to_unit
 from ddpmlab.progress import SamplingProgress, is_terminal
 from ddpmlab.samplers import GuidedDenoiser, generate
 
@@ -30,7 +30,9 @@ class SampleGrid(EveryNSteps):
         """Draw every ``every_n_steps`` optimizer steps and/or every ``every_n_epochs`` epochs (0: never).
         ``num_steps`` respaces the run's sampler for the grids only (None: the sampler's own grid).
         A class-conditional model draws one row per class (num_samples // K samples each), with classifier-free
-        guidance weight ``guidance`` (Ho & Salimans 2022, eq. 6; 0: the conditional model unguided)."""
+        guidance weight ``guidance`` (Ho & Salimans 2022, eq. 6; 0: the conditional model unguided). A model
+        conditioned on an image (super-resolution, inpainting) draws one row per validation image, 8 rows of
+        input | num_samples // 8 - 2 samples | original."""
         super().__init__(every_n_steps, num_steps, at_train_end)
         self.every_n_epochs, self.num_samples, self.seed = every_n_epochs, num_samples, seed
         self.dirname, self.guidance = dirname, guidance
@@ -52,6 +54,8 @@ class SampleGrid(EveryNSteps):
         perf = sampling_perf(pl_module, denoiser)
         sampler = self.sampler(pl_module)
         num_classes = denoiser.num_classes
+        if pl_module.task is not None:
+            return self.draw_conditioned(trainer, pl_module, denoiser, sampler, perf, step)
         cond, nrow = None, None
         if num_classes:  # one row per class
             nrow = max(1, self.num_samples // num_classes)
@@ -67,4 +71,23 @@ class SampleGrid(EveryNSteps):
         log_image(trainer, "samples/grid", grid, dashboard_step(trainer))
         if cond is not None:
             log_labelled_samples(trainer, images, cond, dashboard_step(trainer))
+        return path
+
+    def draw_conditioned(self, trainer, pl_module, denoiser, sampler, perf, step: int) -> Path:
+        """Rows of input | samples | original for the first validation images (the same ones at every step)."""
+        dataset = trainer.datamodule.val_set or trainer.datamodule.train_set
+        rows = 8
+        per = max(1, self.num_samples // rows - 2)
+        cond, originals = pl_module.fixed_conditions(dataset, rows, self.seed)
+        if self.guidance:
+            denoiser = GuidedDenoiser(denoiser, self.guidance)
+        n = len(cond) * per
+        evals = sampler.num_evaluations(denoiser.diffusion)
+        with SamplingProgress(evals, "grid", enabled=is_terminal(), leave=False) as bar:
+            x0 = generate(denoiser, sampler, n, seed=self.seed, batch_size=n, cond=cond.repeat_interleave(per),
+                          perf=perf, progress=bar.wrap)  # fmt: skip
+        grid = image_grid(cond_rows(cond.image, x0, originals), nrow=per + 2)
+        path = Path(trainer.default_root_dir) / self.dirname / f"step_{step:07d}.png"
+        save_png(grid, path)
+        log_image(trainer, "samples/grid", grid, dashboard_step(trainer))
         return path

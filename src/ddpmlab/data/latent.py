@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ddpmlab.data.order import ResumesAtStep, batch_seed, epoch_order, position
 from ddpmlab.diffusion.latent import LatentDenoiser
+from ddpmlab.errors import ConfigError
 from ddpmlab.images import to_model_range
 
 ENCODE_MODES = ("auto", "once", "per_batch")
@@ -32,23 +33,29 @@ def _pixels(dataset, batch_size: int):
 
 @torch.no_grad()
 def encode_split(
-    denoiser: LatentDenoiser, dataset, device: torch.device, batch_size: int = 256, limit: int | None = None
-) -> tuple[Tensor, Tensor]:
-    """The unscaled latent moments (mean, std) of a split's first ``limit`` images, on ``device``."""
-    means, stds, n = [], [], 0
+    denoiser: LatentDenoiser, dataset, device: torch.device, batch_size: int = 256, limit: int | None = None,
+    task=None,
+) -> tuple[Tensor, ...]:  # fmt: skip
+    """The unscaled latent moments (mean, std) of a split's first ``limit`` images, on ``device``; with an image
+    ``task`` (super-resolution), also each image's condition computed from its pixels (the low-resolution image)."""
+    means, stds, images, n = [], [], [], 0
     for x in _pixels(dataset, batch_size):
-        mean, std = denoiser.moments(x.to(device))
+        x = x.to(device)
+        mean, std = denoiser.moments(x)
         means.append(mean)
         stds.append(std)
+        if task is not None:
+            images.append(task(x))
         n += x.shape[0]
         if limit is not None and n >= limit:
             break
-    mean, std = torch.cat(means), torch.cat(stds)
-    return (mean[:limit], std[:limit]) if limit is not None else (mean, std)
+    out = [torch.cat(means), torch.cat(stds)] + ([torch.cat(images)] if task is not None else [])
+    return tuple(o[:limit] for o in out) if limit is not None else tuple(out)
 
 
 class LatentLoader(ResumesAtStep):
-    """(z [B,c,h,w], label [B]) batches from latent moments held on one device, with a fresh posterior sample
+    """(z [B,c,h,w], label [B][, cond image]) batches from latent moments held on one device (and the conditioning
+    images of an image task, computed from the pixels), with a fresh posterior sample
     z = s * (mean + std * eps) every batch, like encoding each batch anew. Training (``train``): each epoch in the
     order and rank shard of data/order.py, from the first batch not yet trained on (``position``), eps of a batch
     seeded by its place in that order, so a resumed run draws what the uninterrupted run drew. Validation: the
@@ -67,8 +74,10 @@ class LatentLoader(ResumesAtStep):
         rank: int = 0,
         world_size: int = 1,
         position: Callable[[int], tuple[int, int] | None] | None = None,
+        images: Tensor | None = None,
     ):
         self.denoiser, self.mean, self.std, self.labels = denoiser, mean, std, labels.to(mean.device)
+        self.images = images
         self.batch_size, self.train, self.seed, self.rank, self.world_size = batch_size, train, seed, rank, world_size
         n = mean.shape[0]
         # Training shards are cut to equal length so that every rank runs the same number of steps.
@@ -93,7 +102,8 @@ class LatentLoader(ResumesAtStep):
         for b in range(skip, len(self)):
             i = shard[b * self.batch_size : (b + 1) * self.batch_size]
             g = torch.Generator(device).manual_seed(batch_seed(self.seed, self.rank, epoch, b, split))
-            yield self.denoiser.scaled_sample(self.mean[i], self.std[i], g), self.labels[i]
+            z = self.denoiser.scaled_sample(self.mean[i], self.std[i], g)
+            yield (z, self.labels[i]) if self.images is None else (z, self.labels[i], self.images[i])
 
 
 class SeededBatches(ResumesAtStep):
@@ -124,9 +134,17 @@ class LatentDataModule(pl.LightningDataModule):
     ``"per_batch"`` encodes every batch after it reaches the device. Both resume mid-epoch exactly (data/order.py).
     Anything else goes to the wrapped module."""
 
-    def __init__(self, data: pl.LightningDataModule, denoiser: LatentDenoiser, encode: str = "once", seed: int = 0):
+    def __init__(
+        self, data: pl.LightningDataModule, denoiser: LatentDenoiser, encode: str = "once", seed: int = 0, task=None
+    ):
         super().__init__()
         self.data, self.denoiser, self.encode, self.seed = data, denoiser, encode, seed
+        if task is not None and task.random:
+            raise ConfigError(
+                f"task={task.name} draws its condition from the pixels at every step, which a latent run does not "
+                "see: train it in pixel space (experiment=inpaint_digits), or use task=sr on latents"
+            )
+        self.task = task  # super-resolution: the low-resolution image, computed once from the pixels
         self.encode_seconds = 0.0
 
     def __getattr__(self, name: str):
@@ -156,7 +174,7 @@ class LatentDataModule(pl.LightningDataModule):
         start = time.perf_counter()
         limit = None if train or self.trainer is None else self.trainer.limit_val_batches
         limit = limit * self.data.batch_size if isinstance(limit, int) else None  # only the batches validation uses
-        mean, std = encode_split(self.denoiser, dataset, self._device(), limit=limit)
+        mean, std, *images = encode_split(self.denoiser, dataset, self._device(), limit=limit, task=self.task)
         seconds = time.perf_counter() - start
         self.encode_seconds += seconds
         if train:
@@ -173,6 +191,7 @@ class LatentDataModule(pl.LightningDataModule):
             rank=rank,
             world_size=world_size,
             position=self._position(train),
+            images=images[0] if images else None,
         )
 
     def _per_batch(self, loader, train: bool) -> SeededBatches:
@@ -193,7 +212,8 @@ class LatentDataModule(pl.LightningDataModule):
         if self.encode != "per_batch":
             return batch
         x, y, seed = batch
-        return self.denoiser.encode(x, torch.Generator(x.device).manual_seed(seed)), y
+        z = self.denoiser.encode(x, torch.Generator(x.device).manual_seed(seed))
+        return (z, y) if self.task is None else (z, y, self.task(x))
 
 
 def encode_mode(cfg, num_train: int) -> str:

@@ -12,6 +12,7 @@ from typing import Literal, NamedTuple
 
 from torch import Tensor, nn
 
+from ddpmlab.conditioning import Cond
 from ddpmlab.diffusion.gaussian import GaussianDiffusion, extract
 
 PredictionType = Literal["eps", "x0", "v"]
@@ -32,10 +33,11 @@ class Prediction(NamedTuple):
 class Denoiser(nn.Module):
     """Wraps ``net(x_t, t[, cond])`` whose output is ``prediction`` (eps: DDPM eq. 11; x0; v: Salimans & Ho 2022).
 
-    It also says what it samples: ``sample_shape`` (C, H, W) of one x_t, and ``num_classes`` (None for an
-    unconditional model; a conditional one takes labels 0..num_classes-1 as ``cond``). Both default to the
-    network's ``in_channels`` / ``image_size`` / ``num_classes``; pass ``sample_shape`` for a network that has no
-    such attributes (e.g. one denoising latents)."""
+    ``cond`` is a :class:`~ddpmlab.conditioning.Cond` (a tensor of class labels is taken as ``Cond(labels=...)``).
+    The denoiser also says what it samples: ``sample_shape`` (C, H, W) of one x_t, ``num_classes`` (None for a
+    model without classes; a class-conditional one takes labels 0..num_classes-1) and ``cond_channels`` (0, or the
+    channels of the image it is conditioned on). They default to the network's ``in_channels`` / ``image_size`` /
+    ``num_classes`` / ``cond_channels``; pass ``sample_shape`` for a network that has no such attributes."""
 
     x0_range: tuple[float, float] | None = (-1.0, 1.0)  # where samplers may clip x0_hat (data in [-1, 1])
 
@@ -72,7 +74,13 @@ class Denoiser(nn.Module):
         """The number of classes of a class-conditional network (its null label is ``num_classes``), else None."""
         return getattr(self.net, "num_classes", None) or None
 
-    def forward(self, x_t: Tensor, t: Tensor, cond: Tensor | None = None) -> Prediction:
+    @property
+    def cond_channels(self) -> int:
+        """The channels of the conditioning image concatenated with x_t (0: no image condition)."""
+        return int(getattr(self.net, "cond_channels", 0) or 0)
+
+    def forward(self, x_t: Tensor, t: Tensor, cond: Cond | Tensor | None = None) -> Prediction:
+        cond = Cond.of(cond)
         out = self.net(x_t, t) if cond is None else self.net(x_t, t, cond)
         return self.from_output(out.float(), x_t, t)
 
@@ -134,6 +142,10 @@ class DenoiserWrapper(nn.Module):
     @property
     def num_classes(self) -> int | None:
         return self.denoiser.num_classes
+
+    @property
+    def cond_channels(self) -> int:
+        return getattr(self.denoiser, "cond_channels", 0)
 
     @property
     def learn_sigma(self) -> bool:

@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from ddpmlab.conditioning import Cond, Inpainting, SuperResolution
 from ddpmlab.diffusion.parameterization import Denoiser
 from ddpmlab.errors import CheckpointError, ConfigError
 from ddpmlab.objectives.timestep_samplers import UniformSampler
@@ -18,7 +19,7 @@ from ddpmlab.samplers import Sampler
 from ddpmlab.seeding import seed_step, validation_seed
 
 # Config sections that must match for a checkpoint to resume into this run.
-ARCH_KEYS = ("model", "schedule", "prediction")
+ARCH_KEYS = ("model", "schedule", "prediction", "task")
 LR_SCHEDULES = ("constant", "cosine")  # after the linear warm-up: constant, or a cosine decay to 0 at max_steps
 # Keys of the optimizer config that configure_optimizers reads (the LambdaLR around the optimizer), not torch.
 SCHEDULE_KEYS = ("lr_warmup_steps", "lr_schedule")
@@ -36,9 +37,13 @@ class DiffusionModule(pl.LightningModule):
         p_uncond: float = 0.0,
         seed: int = 0,
         config: dict[str, Any] | None = None,
+        task: SuperResolution | Inpainting | None = None,
+        data_channels: int | None = None,
     ):
         super().__init__()
         self.denoiser = denoiser
+        self.task = task  # the image condition built from each clean image (super-resolution, inpainting), or None
+        check_task(task, denoiser.cond_channels, data_channels or denoiser.sample_shape[0])
         self.objective = objective
         if hasattr(objective, "check"):  # e.g. a learned variance needs objective=hybrid or vlb
             objective.check(denoiser)
@@ -70,21 +75,40 @@ class DiffusionModule(pl.LightningModule):
         eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         return t, eps
 
-    def _labels(self, y: Tensor, generator: torch.Generator | None) -> Tensor | None:
-        num_classes = self.denoiser.num_classes
-        if not num_classes:
+    def condition(self, batch: tuple[Tensor, ...], generator: torch.Generator | None, train: bool) -> Cond | None:
+        """What the batch (x0, y[, image]) conditions on: its labels (a class-conditional model) and its image (an
+        image task: built here from x0, or given by a latent run's data, computed from the pixels), with condition
+        dropout (Ho & Salimans 2022: the null condition at rate p_uncond) in training."""
+        x0, y, *image = batch
+        fields = {}
+        if self.denoiser.num_classes:
+            fields["labels"] = y
+        if self.task is not None:
+            fields["image"] = image[0] if image else self.task(x0, generator)
+        if not fields:
             return None
-        if self.p_uncond > 0:  # condition dropout (Ho & Salimans 2022): train the null label too
-            drop = torch.rand(y.shape, device=y.device, generator=generator) < self.p_uncond
-            y = torch.where(drop, torch.full_like(y, num_classes), y)
-        return y
+        cond = Cond(**fields)
+        if train and self.p_uncond > 0:
+            return cond.drop(torch.rand(y.shape, device=y.device, generator=generator) < self.p_uncond)
+        return cond
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x0, y = batch
+    def fixed_conditions(self, dataset, n: int, seed: int = 0) -> tuple[Cond, Tensor]:
+        """Conditions for grids and chains: those of the first ``n`` images of ``dataset`` (the validation split),
+        with their labels (a class-conditional model) and the task's image (inpainting masks seeded by ``seed``),
+        and the images themselves [n,C,H,W] in pixel space."""
+        items = [dataset[i] for i in range(min(n, len(dataset)))]
+        x0 = torch.stack([x for x, _ in items])
+        fields = {"image": self.task(x0, torch.Generator().manual_seed(seed))}
+        if self.denoiser.num_classes:
+            fields["labels"] = torch.stack([torch.as_tensor(y) for _, y in items]).long()
+        return Cond(**fields), x0
+
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        x0 = batch[0]
         seed_step(self._noise, self.seed, self.global_rank, self.global_step)  # a resumed run draws the same
         t, weight = self.timestep_sampler.sample(x0.shape[0], self.diffusion.T, x0.device, self._noise)
         eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=self._noise)
-        loss_per_sample = self.objective(self.denoiser, x0, t, eps, self._labels(y, self._noise))
+        loss_per_sample = self.objective(self.denoiser, x0, t, eps, self.condition(batch, self._noise, True))
         loss = (loss_per_sample * weight).mean()  # weight = 1 / (T p_t): 1 for uniform t
         if not isinstance(self.timestep_sampler, UniformSampler):  # every rank keeps the same loss history
             gathered = self.all_gather(torch.stack([t.to(loss_per_sample.dtype), loss_per_sample.detach()]))
@@ -93,13 +117,12 @@ class DiffusionModule(pl.LightningModule):
         # per-sample loss and t go to callbacks (loss by timestep quartile: callbacks.dashboard.LossByTimestep)
         return {"loss": loss, "loss_per_sample": loss_per_sample.detach(), "t": t}
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        # Same t and eps for a batch at every validation, so val/loss curves compare like with like.
-        x0, y = batch
+    def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        # Same t, eps (and inpainting masks) for a batch at every validation, so val/loss curves compare like with like.
+        x0 = batch[0]
         g = torch.Generator(x0.device).manual_seed(validation_seed(self.seed, self.global_rank, batch_idx))
         t, eps = self._draw(x0, g)
-        labels = y if self.denoiser.num_classes else None
-        loss = self.objective(self.denoiser, x0, t, eps, labels).mean()
+        loss = self.objective(self.denoiser, x0, t, eps, self.condition(batch, g, False)).mean()
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         return loss
 
@@ -135,6 +158,17 @@ class DiffusionModule(pl.LightningModule):
         check_compatible(checkpoint.get("ddpmlab_config"), self.config)
         if checkpoint.get("timestep_sampler"):
             self.timestep_sampler.load_state_dict(checkpoint["timestep_sampler"])
+
+
+def check_task(task, cond_channels: int, data_channels: int) -> None:
+    """The network's conditioning input must be the one the image task builds."""
+    want = 0 if task is None else task.channels(data_channels)
+    if want != cond_channels:
+        what = "no image task (task=null)" if task is None else f"task={task.name} on {data_channels}-channel data"
+        raise ConfigError(
+            f"model.cond_channels={cond_channels} does not fit {what}, which concatenates {want} channels with x_t: "
+            f"set model.cond_channels={want}"
+        )
 
 
 def optimizer_partial(node) -> Callable[..., torch.optim.Optimizer]:

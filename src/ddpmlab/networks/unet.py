@@ -1,7 +1,10 @@
 """The noise-predicting U-Net of DDPM (Ho et al. 2020, Appendix B), PixelCNN++-style.
 
-Knows nothing of schedules: it maps (x_t [B,C,H,W], t [B], labels [B] or None) -> [B,C_out,H,W]; with
-``learn_sigma`` C_out doubles (the prediction, then iDDPM eq. 15's variance interpolation).
+Knows nothing of schedules: it maps (x_t [B,C,H,W], t [B], cond) -> [B,C_out,H,W], cond a
+:class:`~ddpmlab.conditioning.Cond` (or a tensor of class labels, or None); with ``learn_sigma`` C_out doubles (the
+prediction, then iDDPM eq. 15's variance interpolation). Conditioning: a class label's embedding is added to the
+time embedding (``num_classes``); a conditioning image of ``cond_channels`` channels is resized to x_t's size and
+concatenated with x_t before the first convolution (SR3; LDM Sec. 4.4).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from ddpmlab.conditioning import NULL_LABEL, Cond, image_input
 from ddpmlab.errors import ConfigError
 from ddpmlab.networks.embeddings import TimeEmbedding
 from ddpmlab.networks.layers import Downsample, ResBlock, SelfAttention, Upsample, group_norm
@@ -43,6 +47,7 @@ class UNet(nn.Module):
         num_classes: int | None = None,
         learn_sigma: bool = False,
         use_scale_shift_norm: bool = False,
+        cond_channels: int = 0,
     ):
         super().__init__()
         check_image_size(image_size, channel_mult)
@@ -55,6 +60,9 @@ class UNet(nn.Module):
         self.time_embed = TimeEmbedding(base_channels, emb_dim)
         # Classifier-free guidance (Ho & Salimans 2022): class num_classes is the learned null label.
         self.label_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
+        self.cond_channels = int(cond_channels)
+        # The "no image" flag of a dropped conditioning image (zeroed): a learned vector added to the embedding.
+        self.image_null_embed = nn.Parameter(torch.zeros(emb_dim)) if cond_channels else None
 
         def block(i: int, o: int) -> ResBlock:
             return ResBlock(i, o, emb_dim, dropout, num_groups, use_scale_shift_norm)
@@ -62,7 +70,7 @@ class UNet(nn.Module):
         def attn(ch: int) -> SelfAttention:
             return SelfAttention(ch, num_heads, num_groups)
 
-        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+        self.conv_in = nn.Conv2d(in_channels + self.cond_channels, base_channels, 3, padding=1)
         self.down = nn.ModuleList()
         chans, ch, res = [base_channels], base_channels, image_size
         for level, mult in enumerate(channel_mult):
@@ -98,12 +106,19 @@ class UNet(nn.Module):
             h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
         return h
 
-    def forward(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, cond: Cond | Tensor | None = None) -> Tensor:
+        cond = Cond.of(cond)
         emb = self.time_embed(t)
         if self.label_embed is not None:
+            labels = None if cond is None else cond.labels
             if labels is None:  # unconditional call of a conditional model: the null label
                 labels = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
-            emb = emb + self.label_embed(labels)
+            emb = emb + self.label_embed(torch.where(labels == NULL_LABEL, self.num_classes, labels))
+        if self.cond_channels:
+            image, null = image_input(cond, self.cond_channels, tuple(x.shape[-2:]))
+            x = torch.cat([x, image.to(x.dtype)], dim=1)
+            if null is not None:
+                emb = emb + null.to(emb.dtype)[:, None] * self.image_null_embed
         hs = [self.conv_in(x)]
         for layers in self.down:
             hs.append(self._run(layers, hs[-1], emb))

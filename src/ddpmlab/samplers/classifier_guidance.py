@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ddpmlab.conditioning import Cond
 from ddpmlab.diffusion.gaussian import GaussianDiffusion
 from ddpmlab.diffusion.parameterization import Denoiser, DenoiserWrapper, Prediction
 from ddpmlab.errors import ConfigError
@@ -43,15 +44,18 @@ class ClassifierGuidedDenoiser(DenoiserWrapper):
     def extra_repr(self) -> str:
         return f"scale={self.scale}"
 
-    def forward(self, x_t: Tensor, t: Tensor, cond: Tensor | None = None) -> Prediction:
-        if cond is None or cond.shape != (x_t.shape[0],):
+    def forward(self, x_t: Tensor, t: Tensor, cond: Cond | Tensor | None = None) -> Prediction:
+        cond = Cond.of(cond)
+        y = None if cond is None else cond.labels
+        if y is None or y.shape != (x_t.shape[0],):
             raise ConfigError(
                 f"classifier guidance needs one class label per sample, [{x_t.shape[0]}], e.g. labels=[0,1,2]"
             )
-        pred = self.denoiser(x_t, t, cond if self.conditional_model else None)
+        model_cond = cond if self.conditional_model else cond.replace(labels=None)  # the image, if any, stays
+        pred = self.denoiser(x_t, t, model_cond if model_cond.image is not None or self.conditional_model else None)
         if self.scale == 0:
             return pred
-        return pred._replace(guide_grad=self.scale * grad_log_p(self.classifier, x_t, t, cond))
+        return pred._replace(guide_grad=self.scale * grad_log_p(self.classifier, x_t, t, y))
 
 
 def check_classifier_fits(

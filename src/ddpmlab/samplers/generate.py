@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ddpmlab.conditioning import Cond
 from ddpmlab.perf import autocast, prepare_sampling
 from ddpmlab.progress import SamplingProgress
 
@@ -69,6 +70,7 @@ def generate(
     seed: int = 0,
     batch_size: int = 256,
     labels: Tensor | None = None,
+    cond: Cond | None = None,
     x0: Tensor | None = None,
     keep: Tensor | None = None,
     perf: Mapping[str, Any] | None = None,
@@ -80,7 +82,9 @@ def generate(
 
     - ``denoiser``: a :class:`~ddpmlab.diffusion.Denoiser` (or a ``GuidedDenoiser`` for classifier-free
       guidance); its ``sample_shape`` is the shape of each sample and its ``diffusion`` the schedule.
-    - ``labels`` [N]: the class of each sample (class-conditional models; passed to the network as ``cond``).
+    - ``labels`` [N]: the class of each sample (class-conditional models), short for ``cond=Cond(labels=labels)``.
+    - ``cond``: a :class:`~ddpmlab.conditioning.Cond` of N conditions, one per sample (labels, a conditioning
+      image, ...), sliced batch by batch; given with ``labels``, the labels are added to it.
     - ``x0`` [1 or N, C, H, W] in [-1, 1] and ``keep`` (1 = known pixel, broadcastable): RePaint's inputs, for a
       ``Sampler("repaint", ...)``, in the diffusion's space (for a latent denoiser: the encoded image and the mask
       at latent size).
@@ -93,8 +97,8 @@ def generate(
       several calls; False: silent.
     """
     batches = generate_batches(
-        denoiser, sampler, num_samples, seed=seed, batch_size=batch_size, labels=labels, x0=x0, keep=keep, perf=perf,
-        progress=progress,
+        denoiser, sampler, num_samples, seed=seed, batch_size=batch_size, labels=labels, cond=cond, x0=x0, keep=keep,
+        perf=perf, progress=progress,
     )  # fmt: skip
     return torch.cat([x.cpu() if to_cpu else x for x, _ in batches])
 
@@ -107,6 +111,7 @@ def generate_batches(
     seed: int = 0,
     batch_size: int = 256,
     labels: Tensor | None = None,
+    cond: Cond | None = None,
     x0: Tensor | None = None,
     keep: Tensor | None = None,
     perf: Mapping[str, Any] | None = None,
@@ -122,8 +127,9 @@ def generate_batches(
     uninterrupted :func:`generate` would have drawn. Other arguments as for :func:`generate`."""
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"num_samples ({num_samples}) and batch_size ({batch_size}) must be >= 1")
-    if labels is not None and len(labels) != num_samples:
-        raise ValueError(f"labels holds {len(labels)} classes for {num_samples} samples")
+    cond = with_labels(cond, labels)
+    if cond is not None and len(cond) != num_samples:
+        raise ValueError(f"cond holds {len(cond)} conditions for {num_samples} samples")
     aligned = start % batch_size == 0 or start == num_samples
     if not aligned or not 0 <= start <= num_samples or (start > 0) != (generator_state is not None):
         raise ValueError(f"start={start}: give a multiple of batch_size up to {num_samples} and the state there")
@@ -137,10 +143,17 @@ def generate_batches(
             n = min(batch_size, num_samples - lo)
             with numerics():
                 x_T = torch.randn((n, *denoiser.sample_shape), generator=generator, device=device)
-                cond = None if labels is None else labels[lo : lo + n].to(device)
-                x = sampler(denoiser, x_T, generator=generator, cond=cond, progress=wrap, **inpaint)
+                c = None if cond is None else cond[lo : lo + n].to(device)
+                x = sampler(denoiser, x_T, generator=generator, cond=c, progress=wrap, **inpaint)
                 x = denoiser.decode(x).float()  # latent diffusion: z -> pixels; the identity for pixel diffusion
             yield x, generator.get_state()
+
+
+def with_labels(cond: Cond | None, labels: Tensor | None) -> Cond | None:
+    """``cond`` with ``labels`` added (either may be None)."""
+    if labels is None:
+        return cond
+    return Cond(labels=labels) if cond is None else cond.replace(labels=labels)
 
 
 def generate_chain(
@@ -151,6 +164,7 @@ def generate_chain(
     *,
     seed: int = 0,
     labels: Tensor | None = None,
+    cond: Cond | None = None,
     perf: Mapping[str, Any] | None = None,
     progress: bool | str | Callable = False,
 ) -> Tensor:
@@ -165,7 +179,8 @@ def generate_chain(
     ):
         generator = torch.Generator(device).manual_seed(seed)
         x_T = torch.randn((num_samples, *denoiser.sample_shape), generator=generator, device=device)
-        cond = None if labels is None else labels.to(device)
+        cond = with_labels(cond, labels)
+        cond = None if cond is None else cond.to(device)
         frames = sampler.chain(denoiser, x_T, num_frames, generator=generator, cond=cond, progress=wrap)
         frames = denoiser.decode(frames.flatten(0, 1)).unflatten(0, frames.shape[:2])  # latents: each state as pixels
     return frames.float().cpu()

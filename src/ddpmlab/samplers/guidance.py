@@ -1,8 +1,8 @@
 """Classifier-free guidance (Ho & Salimans 2022): a Denoiser that mixes the conditional and the unconditional
-predictions of one class-conditional network, so that every sampler guides without knowing it.
+predictions of one conditional network, so that every sampler guides without knowing it.
 
-The network learnt both terms in one training run: with probability p_uncond a label was replaced by the null
-label (UNet's label ``num_classes``). At sampling, for guidance weight w >= 0,
+The network learnt both terms in one training run: with probability p_uncond a condition was replaced by its null
+(``Cond.drop``: the null label, the flagged zero image). At sampling, for guidance weight w >= 0,
 
     eps_tilde(x_t, c) = (1 + w) eps_hat(x_t, c) - w eps_hat(x_t, null)          (Ho & Salimans 2022, eq. 6)
 
@@ -14,14 +14,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ddpmlab.conditioning import Cond
 from ddpmlab.diffusion.parameterization import Denoiser, DenoiserWrapper, Prediction
 from ddpmlab.errors import ConfigError
 
 
 class GuidedDenoiser(DenoiserWrapper):
-    """Wraps a class-conditional :class:`Denoiser`; ``forward(x_t, t, cond)`` returns the guided Prediction.
+    """Wraps a conditional :class:`Denoiser`; ``forward(x_t, t, cond)`` returns the guided Prediction.
 
-    Both terms come from ONE forward pass over the batch [x_t; x_t] with labels [cond; null] [2B]. x0_hat is
+    Both terms come from ONE forward pass over the batch [x_t; x_t] with conditions [cond; null] [2B]. x0_hat is
     re-derived from the guided eps_hat (DDPM eq. 4 inverted), so the pair stays consistent whatever the network
     predicts (eps, x0 or v: each is affine in the other at fixed x_t, so guiding eps guides them all alike).
     ``cond=None`` is the unconditional model itself (the null label), unguided.
@@ -29,28 +30,28 @@ class GuidedDenoiser(DenoiserWrapper):
 
     def __init__(self, denoiser: Denoiser, w: float):
         super().__init__()
-        num_classes = denoiser.num_classes
-        if not num_classes:
+        if not denoiser.num_classes and not getattr(denoiser, "cond_channels", 0):
             raise ConfigError(
-                "classifier-free guidance needs a class-conditional model: train with model.num_classes=<K> "
-                "(e.g. experiment=cond_digits), or sample this checkpoint with guidance=0 and no labels"
+                "classifier-free guidance needs a conditional model: train with model.num_classes=<K> "
+                "(e.g. experiment=cond_digits) or on an image task, or sample this checkpoint with guidance=0 and "
+                "no labels"
             )
         if not float(w) >= 0:
             raise ConfigError(f"guidance weight w={w} must be >= 0 (0: the conditional model, unguided)")
-        self.denoiser, self.w, self.null_label = denoiser, float(w), int(num_classes)
+        self.denoiser, self.w = denoiser, float(w)
 
     def extra_repr(self) -> str:
-        return f"w={self.w}, null_label={self.null_label}"
+        return f"w={self.w}"
 
-    def forward(self, x_t: Tensor, t: Tensor, cond: Tensor | None = None) -> Prediction:
+    def forward(self, x_t: Tensor, t: Tensor, cond: Cond | Tensor | None = None) -> Prediction:
+        cond = Cond.of(cond)
         if cond is None:
             return self.denoiser(x_t, t, None)
-        if cond.shape != (x_t.shape[0],):
-            raise ConfigError(f"cond must hold one class label per sample, [{x_t.shape[0]}], got {list(cond.shape)}")
+        if len(cond) != x_t.shape[0] or (cond.labels is not None and cond.labels.shape != (x_t.shape[0],)):
+            raise ConfigError(f"cond must hold one condition per sample, {x_t.shape[0]}, got {len(cond)}")
         if self.w == 0:  # eq. 6 at w = 0 is the conditional term alone: skip the unconditional half
             return self.denoiser(x_t, t, cond)
-        null = torch.full_like(cond, self.null_label)
-        both = self.denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, null]))  # [2B,...]
+        both = self.denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), Cond.cat([cond, cond.null()]))  # [2B,...]
         eps_cond, eps_uncond = both.eps_hat.chunk(2)
         eps_hat = (1 + self.w) * eps_cond - self.w * eps_uncond  # Ho & Salimans 2022, eq. (6)
         var_interp = None if both.var_interp is None else both.var_interp.chunk(2)[0]  # the conditional variance
