@@ -79,10 +79,11 @@ class Cond:
         out = {}
         for name in {k for c in conds for k in c._fields()}:
             parts = [getattr(c, name) for c in conds]
-            if name == "image_null":
-                parts = [p if p is not None else torch.zeros(len(c), dtype=torch.bool) for p, c in zip(parts, conds)]
-                device = next(p.device for p in parts if p is not None)
-                parts = [p.to(device) for p in parts]
+            if name == "image_null":  # a Cond without flags has its image everywhere
+                parts = [
+                    torch.zeros(len(c), dtype=torch.bool, device=c.image.device) if p is None else p
+                    for p, c in zip(parts, conds, strict=True)
+                ]
             elif any(p is None for p in parts):
                 raise ValueError(f"cannot concatenate conditions where only some have {name}")
             out[name] = torch.cat(parts)
