@@ -59,16 +59,18 @@ def fid_tiny(feature_target: str, *extra: str) -> list[str]:
     ]
 
 
-def tiny_denoiser(T: int = 50, *, num_classes: int | None = None, prediction: str = "eps", seed: int = 0):
-    """A small random U-Net denoiser on 8x8 grey images (initialised from ``seed``), in eval mode: the tests that
-    need a real network but no training share this one."""
+def tiny_denoiser(
+    T: int = 50, *, num_classes: int | None = None, prediction: str = "eps", seed: int = 0, cond_channels: int = 0
+):
+    """A small random U-Net denoiser on 8x8 grey images (initialised from ``seed``; ``cond_channels``: conditioned
+    on an image of that many channels), in eval mode: the tests that need a real network but no training share it."""
     from ddpmlab.diffusion import Denoiser
     from ddpmlab.networks import UNet
 
     torch.manual_seed(seed)
     net = UNet(
         in_channels=1, image_size=8, base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
-        dropout=0.0, num_groups=8, num_classes=num_classes,
+        dropout=0.0, num_groups=8, num_classes=num_classes, cond_channels=cond_channels,
     )  # fmt: skip
     return Denoiser(net, GaussianDiffusion(linear_betas(T)), prediction).eval()
 

@@ -4,7 +4,9 @@ EMA copy of a module would duplicate Inception and average it).
 Every ``every_n_steps`` the EMA weights generate ``num_samples`` images with the run's sampler (respaced to
 ``num_steps``). The images come in chunks of ``batch_size``; chunk k is drawn from the seed ``seed + k`` and
 the chunks are split into contiguous blocks, one per rank, so each rank generates its own share with its
-own seeds (rank r starts at chunk r * K / W) and the sample set is the same whatever the number of GPUs.
+own seeds (rank r starts at chunk r * K / W) and the sample set is the same whatever the number of GPUs. A model
+conditioned on an image (super-resolution, inpainting) draws sample i for the condition of validation image i
+(cycled), so the set does not depend on the chunks either.
 Each rank feeds its features to torchmetrics' FID/KID; ``compute`` syncs them and every rank gets the same
 value, logged as ``val/fid`` and ``val/kid``; with ``isc`` the Inception Score of the same samples, from the
 logits of the same forward pass (``features_and_logits``), is logged as ``val/is``.
@@ -139,8 +141,13 @@ class FID(EveryNSteps):
         sampler = self.sampler(pl_module)
         denoiser = ema_denoiser(trainer, pl_module)
         self.generated = share(self.num_samples, self.batch_size, trainer.global_rank, trainer.world_size)
+        conds = None
+        if getattr(pl_module, "task", None) is not None:  # an image condition: those of the validation split, cycled
+            dataset = trainer.datamodule.val_set or trainer.datamodule.train_set
+            conds = pl_module.fixed_conditions(dataset, min(len(dataset), self.num_samples), self.seed)[0]
         for chunk in self.generated:  # this rank's share, one chunk of images at a time
-            x0 = generate_chunks(denoiser, sampler, [chunk], self.seed, sampling_perf(pl_module, denoiser))
+            x0 = generate_chunks(denoiser, sampler, [chunk], self.seed, sampling_perf(pl_module, denoiser), conds=conds,
+                                 chunk_size=self.batch_size)  # fmt: skip
             with torch.no_grad():
                 if self.isc:  # features and logits from one forward pass
                     features, logits = self.net.features_and_logits(to_inception_input(x0))

@@ -272,12 +272,30 @@ def real_images(datamodule, num_real: int | None) -> Tensor:
     return torch.cat([to_uint8(x) for x, *_ in loader])
 
 
-def generate_chunks(denoiser, sampler, chunks: list[tuple[int, int]], seed: int, perf=None, progress=None) -> Tensor:
+def generate_chunks(
+    denoiser, sampler, chunks: list[tuple[int, int]], seed: int, perf=None, progress=None, conds=None,
+    chunk_size: int = 0,
+) -> Tensor:  # fmt: skip
     """Samples [sum n, C, H, W] in [-1, 1] on the denoiser's device; chunk (k, n) draws its n images from the
     seed ``seed + k`` (:func:`ddpmlab.samplers.generate`), so a sample set does not depend on how the chunks were
-    shared out."""
+    shared out. A model conditioned on an image draws sample i (chunk k holds i = k * chunk_size ...) for the
+    condition ``conds[i % len(conds)]`` of a pool of M conditions (a :class:`~ddpmlab.conditioning.Cond`)."""
+
+    def cond_of(k: int, n: int):
+        return None if conds is None else conds[(k * chunk_size + torch.arange(n)) % len(conds)]
+
     out = [
-        generate(denoiser, sampler, n, seed=seed + k, batch_size=n, perf=perf, to_cpu=False, progress=progress or False)
+        generate(
+            denoiser,
+            sampler,
+            n,
+            seed=seed + k,
+            batch_size=n,
+            cond=cond_of(k, n),
+            perf=perf,
+            to_cpu=False,
+            progress=progress or False,
+        )  # fmt: skip
         for k, n in chunks
     ]
     if not out:
