@@ -43,10 +43,14 @@ def assert_same_training_state(a, b):
 
 
 @pytest.mark.parametrize(
-    "on_device,dropout", [(False, 0.0), (True, 0.0), (False, 0.3)], ids=["dataloader", "device_loader", "dropout"]
+    "on_device,dropout,task",
+    [(False, 0.0, None), (True, 0.0, None), (False, 0.3, None), (True, 0.0, "inpaint_digits")],
+    ids=["dataloader", "device_loader", "dropout", "inpainting_masks_and_condition_dropout"],
 )
-def test_stopping_and_resuming_gives_the_straight_run_bit_for_bit(train_cfg, tmp_path, on_device, dropout):
+def test_stopping_and_resuming_gives_the_straight_run_bit_for_bit(train_cfg, tmp_path, on_device, dropout, task):
     extra = [*EXACT, f"data.on_device={on_device}", f"model.dropout={dropout}"]
+    if task:  # random masks and condition dropout drawn each step: a resumed run draws the same
+        extra += [f"experiment={task}", "p_uncond=0.3"]
     train(train_cfg(*extra, "trainer.max_steps=9", run_dir=tmp_path / "a"))
     train(train_cfg(*extra, "trainer.max_steps=18", "ckpt_path=last", run_dir=tmp_path / "a"))
     train(train_cfg(*extra, "trainer.max_steps=18", run_dir=tmp_path / "b"))
