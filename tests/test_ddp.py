@@ -30,9 +30,9 @@ class RecordingFID(FID):
         return values
 
 
-def fid_run(tmp_path, name, devices, cache_dir):
+def fid_run(tmp_path, name, devices, cache_dir, extra=()):
     """One training step at lr=0 (weights stay at their seeded init), then FID at the end of training."""
-    cfg = compose_cfg("train", TINY + ["optimizer.lr=0.0"], tmp_path / name)
+    cfg = compose_cfg("train", TINY + ["optimizer.lr=0.0", *extra], tmp_path / name)
     pl.seed_everything(0, verbose=False)
     module, datamodule = build_module(cfg), instantiate(cfg.data)
     out = tmp_path / name
@@ -65,9 +65,11 @@ def fid_run(tmp_path, name, devices, cache_dir):
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(devices)]
 
 
-def test_fid_under_two_process_ddp_equals_one_process_and_ranks_share_the_work(tmp_path):
-    [single] = fid_run(tmp_path, "single", 1, cache_dir=None)
-    r0, r1 = fid_run(tmp_path, "ddp", 2, cache_dir=tmp_path / "cache")
+@pytest.mark.parametrize("extra", [[], ["experiment=sr_digits"]], ids=["unconditional", "image_conditioned"])
+def test_fid_under_two_process_ddp_equals_one_process_and_ranks_share_the_work(tmp_path, extra):
+    # an image-conditioned model draws sample i for validation image i's condition, on whichever rank draws it
+    [single] = fid_run(tmp_path, "single", 1, cache_dir=None, extra=extra)
+    r0, r1 = fid_run(tmp_path, "ddp", 2, cache_dir=tmp_path / "cache", extra=extra)
     # 3 chunks of 4 images, seeds 0, 1, 2: rank 0 draws chunks 0-1, rank 1 chunk 2; one process draws all three
     assert single["generated"] == [[0, 4], [1, 4], [2, 4]]
     assert r0["generated"] == [[0, 4], [1, 4]] and r1["generated"] == [[2, 4]]
