@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from conftest import TINY, compose_cfg, run_cli
+from conftest import TINY, TINY_CLASSIFIER, compose_cfg, run_cli
 from ddpmlab import evaluation
 from ddpmlab.api import load
 from ddpmlab.cli.evaluate import evaluate
@@ -302,3 +302,24 @@ def test_bad_trained_inpainting_configs_are_config_errors(runs, tiny_ckpt, tmp_p
     ckpt = tiny_ckpt if ckpt_of == "tiny" else runs["inpaint_digits"]
     with pytest.raises(ConfigError, match=match):
         evaluate(eval_cfg(ckpt, tmp_path, *INPAINT, *extra), tmp_path)
+
+
+def test_a_classifier_judge_of_another_image_size_reads_resized_outputs(runs, tmp_path_factory, tmp_path, monkeypatch):
+    """A noisy classifier trained on 16x16 digits judges the 8x8 outputs resized to 16x16 (as a 28x28 MNIST
+    classifier judges 32x32 latent-diffusion samples), at t = 0."""
+    from ddpmlab.api import classifier_from_checkpoint, load_checkpoint
+    from ddpmlab.training import train
+
+    run = tmp_path_factory.mktemp("clf16")
+    train(compose_cfg("train", [*TINY_CLASSIFIER, "data.image_size=16"], run))
+    judge = run / "checkpoints" / "last.ckpt"
+    denoiser, cfg = load(runs["sr_digits"])
+    x0, labels = held_out_digits(cfg, 12)
+    monkeypatch.setattr(evaluation, "generate", lambda *a, **k: x0.flip(0).repeat_interleave(3, dim=0))
+    result = evaluate(eval_cfg(runs["sr_digits"], tmp_path, *SR, f"sr.judge={judge}"), tmp_path)["sr"]
+    classifier = classifier_from_checkpoint(load_checkpoint(judge))[0]
+    with torch.no_grad():
+        seen = F.interpolate(x0.flip(0), size=(16, 16), mode="bilinear", antialias=True)
+        predicted = classifier(seen, torch.zeros(12, dtype=torch.long)).argmax(-1)
+    assert result["model"]["accuracy"] == pytest.approx(float((predicted == labels).float().mean()))
+    assert result["protocol"]["judge_image_size"] == 16 and result["protocol"]["judge"].endswith("at t = 0")
