@@ -3,8 +3,10 @@
 
 - ``bpd``: bits/dim (DDPM eq. 5) on validation images (pixel-space models only);
 - ``fid``: FID, KID and IS of generated samples against training images (``ddpmlab.metrics.fid``'s protocol);
-- ``inpaint``: RePaint completions of held-out images against the originals;
-- ``guided``: samples drawn for requested labels, judged by a classifier.
+- ``inpaint``: RePaint completions of held-out images against the originals; for a trained inpainting model
+  (``task=inpaint``), its completions beside RePaint's on an unconditional model, on the same masks;
+- ``guided``: samples drawn for requested labels, judged by a classifier;
+- ``sr``: super-resolution (``task=sr``) against the high-resolution originals, beside bicubic upsampling.
 
 The numbers come from ``ddpmlab.metrics``; sampling is ``generate(...)``."""
 
@@ -18,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from ddpmlab.api import denoiser_from_checkpoint, pick_device
 from ddpmlab.checkpoint import load_checkpoint, rebuild
+from ddpmlab.conditioning import Cond, Inpainting, SuperResolution, make_task, upsample_bicubic
 from ddpmlab.diffusion import Denoiser
 from ddpmlab.errors import ConfigError
 from ddpmlab.fileio import write_atomic
@@ -29,12 +33,14 @@ from ddpmlab.metrics.image_metrics import (
     classifier_judge,
     guided_agreement,
     inpainting_metrics,
+    sr_metrics,
+    ssim_window,
     svc_digits,
     to_pixels,
     within_class_std,
 )
 from ddpmlab.metrics.nll import evaluate_bpd
-from ddpmlab.samplers import Sampler, generate, with_guidance
+from ddpmlab.samplers import GuidedDenoiser, Sampler, generate, with_guidance
 from ddpmlab.samplers.masks import make_mask
 from ddpmlab.sampling import classifier_guidance, given
 from ddpmlab.stages import classifier_from_checkpoint, stage_of
@@ -145,6 +151,23 @@ def held_out(ctx: EvalContext, num_images: int | None, what: str) -> tuple[torch
 def inpaint(ctx: EvalContext, options: DictConfig) -> dict[str, Any]:
     """RePaint completions (one per image, seed ``cfg.seed``) of the first ``num_images`` validation images with
     the mask ``mask``; MSE in the hole, PSNR, SSIM (and LPIPS with ``lpips=true``) against the originals."""
+    task = make_task(ctx.train_cfg.get("task"))
+    if isinstance(task, Inpainting):
+        return trained_inpaint(ctx, options, task)
+    if task is not None:
+        raise ConfigError(
+            f"metrics=[inpaint] completes images with an unconditional model (RePaint) or a trained inpainting "
+            f"model (task=inpaint); {ctx.cfg.ckpt_path} was trained for task={task.name}"
+            + (": use metrics=[sr]" if isinstance(task, SuperResolution) else "")
+        )
+    if options.get("repaint_ckpt"):
+        raise ConfigError(
+            "inpaint.repaint_ckpt sets RePaint beside a trained inpainting model (ckpt_path of experiment="
+            f"inpaint_digits), but {ctx.cfg.ckpt_path} is unconditional: drop inpaint.repaint_ckpt to run RePaint on "
+            "it, or pass the inpainting checkpoint as ckpt_path"
+        )
+    if options.get("masks"):  # a table per mask: RePaint on each
+        return per_mask(ctx, options, {"repaint": ctx.denoiser}, None)
     denoiser = ctx.denoiser
     if not stage_of(ctx.train_cfg).pixel_space:
         raise ConfigError(
@@ -154,8 +177,7 @@ def inpaint(ctx: EvalContext, options: DictConfig) -> dict[str, Any]:
     x0, _ = held_out(ctx, options.num_images, "inpaint")
     _, H, W = denoiser.sample_shape
     keep = make_mask(str(options.mask), (H, W), torch.Generator().manual_seed(ctx.cfg.seed))  # [H,W], 1 = known
-    sampler = Sampler("repaint", options.num_steps, options.spacing, jump_length=options.jump_length,
-                      jump_n_sample=options.jump_n_sample, variance=options.variance)  # fmt: skip
+    sampler = repaint_sampler(options, options.num_steps)
     print(f"sampler: {sampler}")
     start = time.perf_counter()
     completions = generate(denoiser, sampler, len(x0), seed=ctx.cfg.seed, batch_size=ctx.cfg.batch_size, x0=x0,
@@ -176,19 +198,138 @@ def inpaint(ctx: EvalContext, options: DictConfig) -> dict[str, Any]:
     return {**values, "seconds_sampling": seconds_sampling, "protocol": protocol}
 
 
-def judge_for(ctx: EvalContext, judge: str) -> tuple[Any, dict[str, Any]]:
-    """(predict(images) -> labels, what it is) for ``guided.judge``: ``svc_digits`` or a noisy-classifier checkpoint."""
+def repaint_sampler(options: DictConfig, num_steps: int) -> Sampler:
+    """RePaint (``inpaint.*``: spacing, jump_length, jump_n_sample, variance) on a grid of ``num_steps``."""
+    return Sampler("repaint", num_steps, options.spacing, jump_length=options.jump_length,
+                   jump_n_sample=options.jump_n_sample, variance=options.variance)  # fmt: skip
+
+
+def repaint_steps_for(nfe: int, T: int, jump_length: int, jump_n_sample: int) -> int:
+    """The largest RePaint grid S <= T whose network evaluations are at most ``nfe``. RePaint's walk
+    (``repaint_schedule``) takes S reverse steps, plus j more for each of its r - 1 jumps back at every state
+    0, j, 2j, ... below S - j: S + (r - 1) j ceil((S - j) / j) evaluations, which grow with S."""
+    j, r = jump_length, jump_n_sample
+
+    def evaluations(S: int) -> int:
+        return S + (r - 1) * j * len(range(0, S - j, j))
+
+    lowest = 1 if r == 1 else j + 1  # resampling needs j < S
+    if lowest > T or evaluations(lowest) > nfe:
+        raise ConfigError(
+            f"RePaint with jump_length={j}, jump_n_sample={r} needs at least {evaluations(lowest)} network "
+            f"evaluations, more than the trained model's {nfe}: lower inpaint.jump_length / inpaint.jump_n_sample, "
+            "give the trained model more steps (inpaint.sampler.num_steps), or inpaint.match_nfe=false"
+        )
+    return max(S for S in range(lowest, T + 1) if evaluations(S) <= nfe)
+
+
+def repaint_model(ctx: EvalContext, path: str) -> Denoiser:
+    """The unconditional pixel-space model at ``path`` that RePaint runs on, for images of ctx's model's shape."""
+    ckpt = load_checkpoint(path)
+    denoiser, cfg = denoiser_from_checkpoint(ckpt, ema=ctx.cfg.use_ema, where=path)
+    if not stage_of(cfg).pixel_space or getattr(denoiser, "cond_channels", 0):
+        raise ConfigError(
+            f"inpaint.repaint_ckpt={path} must be an unconditional pixel-space model (RePaint conditions it on "
+            "the known pixels alone), e.g. the run of python train.py on the same data"
+        )
+    if tuple(denoiser.sample_shape) != tuple(ctx.denoiser.sample_shape):
+        raise ConfigError(
+            f"inpaint.repaint_ckpt={path} draws images of shape {list(denoiser.sample_shape)}, the inpainting "
+            f"model {list(ctx.denoiser.sample_shape)}: train it on the same data"
+        )
+    return denoiser.to(ctx.device)
+
+
+def trained_inpaint(ctx: EvalContext, options: DictConfig, task: Inpainting) -> dict[str, Any]:
+    """A trained inpainting model (Palette; Stable Diffusion's inpainting model), conditioned on [x0 * keep, keep],
+    beside RePaint on the unconditional model ``repaint_ckpt`` (where given), on the same images and masks; RePaint's
+    grid matches the trained sampler's network evaluations (``match_nfe``) or is ``num_steps``."""
+    sampler = Sampler.from_config(given(ctx.train_cfg.get("sampler")), given(options.get("sampler")))
+    nfe = sampler.num_evaluations(ctx.denoiser.diffusion)
+    models: dict[str, Any] = {"trained": ctx.denoiser}
+    if options.get("repaint_ckpt"):
+        models["repaint"] = repaint_model(ctx, str(options.repaint_ckpt))
+    return per_mask(ctx, options, models, (task, sampler, nfe))
+
+
+def per_mask(ctx: EvalContext, options: DictConfig, models: dict[str, Any], trained) -> dict[str, Any]:
+    """Completions of the first ``num_images`` validation images for each mask of ``masks`` (or ``mask``) by each
+    model (``trained``: conditioned on the masked image; ``repaint``: RePaint), with the metrics of each, a table
+    per mask. The masks are drawn once per mask name, from ``cfg.seed``: every model sees the same ones."""
+    if not stage_of(ctx.train_cfg).pixel_space:
+        raise ConfigError("metrics=[inpaint] with several masks or a trained inpainting model runs on pixel space")
+    x0, _ = held_out(ctx, options.num_images, "inpaint")
+    H, W = x0.shape[-2:]
+    samplers, nfes = {}, {}
+    if trained is not None:
+        task, samplers["trained"], nfes["trained"] = trained
+    if "repaint" in models:
+        diffusion = models["repaint"].diffusion
+        matched = trained is not None and options.get("match_nfe", True)
+        steps = (
+            repaint_steps_for(nfes["trained"], diffusion.T, options.jump_length, options.jump_n_sample)
+            if matched
+            else options.num_steps
+        )
+        samplers["repaint"] = repaint_sampler(options, steps)
+        nfes["repaint"] = samplers["repaint"].num_evaluations(diffusion)
+    for name, sampler in samplers.items():
+        print(f"{name}: {sampler}, {nfes[name]} network evaluations per image")
+    masks = [str(m) for m in (options.get("masks") or [options.mask])]
+    rows: dict[str, dict[str, Any]] = {}
+    start = time.perf_counter()
+    for mask in masks:
+        keep = make_mask(mask, (H, W), torch.Generator().manual_seed(ctx.cfg.seed))  # [H,W], 1 = known
+        row: dict[str, Any] = {"hole_fraction": float((keep < 0.5).float().mean())}
+        for name, model in models.items():
+            if name == "trained":
+                cond = Cond(image=task(x0, keep=keep))  # [N,C+1,H,W]: the masked image and the mask
+                out = generate(model, samplers[name], len(x0), seed=ctx.cfg.seed, batch_size=ctx.cfg.batch_size,
+                               cond=cond, progress=True)  # fmt: skip
+                out = torch.where(keep.bool(), x0, out)  # the known pixels are given, as RePaint's output keeps them
+            else:
+                out = generate(model, samplers[name], len(x0), seed=ctx.cfg.seed, batch_size=ctx.cfg.batch_size,
+                               x0=x0, keep=keep, progress=True)  # fmt: skip
+            row[name] = inpainting_metrics(out, x0, keep, lpips=bool(options.lpips))
+        rows[mask] = row
+        print_table(f"mask {mask} (hole {row['hole_fraction']:.0%}), {len(x0)} validation images",
+                    {name: row[name] for name in models})  # fmt: skip
+    protocol = {
+        "masks": masks, "num_images": len(x0), "dataset": ctx.train_cfg.data.get("name", "?"),
+        "split": "validation (the first num_images)", "seed": ctx.cfg.seed, "range": "[0, 1]",
+        "samplers": {name: s.to_config() for name, s in samplers.items()}, "network_evaluations": nfes,
+        "nfe_matched": "repaint" in models and trained is not None and bool(options.get("match_nfe", True)),
+        "repaint_ckpt": str(options.repaint_ckpt) if options.get("repaint_ckpt") else None,
+        "known_pixels": "the trained model's known pixels replaced by the original's (RePaint's equal them)",
+        "mse_hole": "mean over the hole's pixels", "psnr_ssim": "whole images, mean over images",
+        "ssim_window": "gaussian sigma 1.5, 11 taps, reflect-padded",
+    }  # fmt: skip
+    return {"masks": rows, "seconds_sampling": time.perf_counter() - start, "protocol": protocol}
+
+
+def print_table(title: str, rows: dict[str, dict[str, float]]) -> None:
+    """A small table: a row per method, a column per metric."""
+    columns = list(dict.fromkeys(k for row in rows.values() for k in row))
+    print(title)
+    print(f"{'':10s}" + "".join(f"{c:>13s}" for c in columns))
+    for name, row in rows.items():
+        print(f"{name:10s}" + "".join(f"{row[c]:13.4f}" if c in row else f"{'-':>13s}" for c in columns))
+
+
+def judge_for(ctx: EvalContext, judge: str, what: str = "guided") -> tuple[Any, dict[str, Any]]:
+    """(predict(images) -> labels, what it is) for ``<what>.judge``: ``svc_digits`` or a noisy-classifier
+    checkpoint (at t = 0, images resized to the size it was trained on where they differ)."""
     if judge == "svc_digits":
         if ctx.train_cfg.data.get("name") != "digits":
             raise ConfigError(
-                f"guided.judge=svc_digits judges the bundled 8x8 digits, but this checkpoint was "
+                f"{what}.judge=svc_digits judges the bundled 8x8 digits, but this checkpoint was "
                 f"trained on {ctx.train_cfg.data.get('name')!r}: name a classifier checkpoint instead "
-                "(guided.judge=<classifier run>/checkpoints/last.ckpt)"
+                f"({what}.judge=<classifier run>/checkpoints/last.ckpt)"
             )
         datamodule = ctx.datamodule()
         fit = [datamodule.train_set[i] for i in range(len(datamodule.train_set))]
         predict = svc_digits(torch.stack([x for x, _ in fit]), torch.tensor([int(y) for _, y in fit]))
-        x_val, y_val = held_out(ctx, None, "guided")
+        x_val, y_val = held_out(ctx, None, what)
         accuracy = float((predict(x_val) == y_val.numpy()).mean())
         real = torch.cat([torch.stack([x for x, _ in fit]), x_val])  # every digit: the spread to compare with
         real_std = within_class_std(to_pixels(real), torch.cat([torch.tensor([int(y) for _, y in fit]), y_val]).numpy())
@@ -199,11 +340,19 @@ def judge_for(ctx: EvalContext, judge: str) -> tuple[Any, dict[str, Any]]:
         }
     if not judge:
         raise ConfigError(
-            "metrics=[guided] needs a judge: guided.judge=svc_digits (the bundled digits) or "
-            "guided.judge=<noisy-classifier run>/checkpoints/last.ckpt"
+            f"metrics=[{what}] needs a judge: {what}.judge=svc_digits (the bundled digits) or "
+            f"{what}.judge=<noisy-classifier run>/checkpoints/last.ckpt"
         )
-    classifier, _, _ = classifier_from_checkpoint(load_checkpoint(judge))
-    return classifier_judge(classifier.to(ctx.device), ctx.cfg.batch_size), {"judge": f"{judge} at t = 0"}
+    classifier, _, classifier_cfg = classifier_from_checkpoint(load_checkpoint(judge), f"{what}.judge")
+    judged = classifier_judge(classifier.to(ctx.device), ctx.cfg.batch_size)
+    size = int(classifier_cfg.data.image_size)
+
+    def predict(images: torch.Tensor):  # e.g. 32x32 latent-diffusion samples judged by a 28x28 MNIST classifier
+        if tuple(images.shape[-2:]) != (size, size):
+            images = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True)
+        return judged(images)
+
+    return predict, {"judge": f"{judge} at t = 0", "judge_image_size": size}
 
 
 def guided(ctx: EvalContext, options: DictConfig) -> dict[str, Any]:
@@ -240,11 +389,67 @@ def guided(ctx: EvalContext, options: DictConfig) -> dict[str, Any]:
     return {**values, "seconds_sampling": seconds_sampling, "protocol": protocol}
 
 
+def sr(ctx: EvalContext, options: DictConfig) -> dict[str, Any]:
+    """Super-resolution (``task=sr``) of the first ``num_images`` validation images from their low-resolution
+    versions, ``num_samples`` samples each (``sampler``, classifier-free ``guidance``), beside bicubic upsampling:
+    ``sr_metrics`` of both (PSNR, SSIM, consistency, the ``judge``'s accuracy where one is named, spread)."""
+    task = make_task(ctx.train_cfg.get("task"))
+    if not isinstance(task, SuperResolution):
+        raise ConfigError(
+            f"metrics=[sr] evaluates a super-resolution model (trained with task=sr, e.g. experiment=sr_digits); "
+            f"{ctx.cfg.ckpt_path} has task={getattr(task, 'name', None)}"
+        )
+    if not (isinstance(options.num_samples, int) and options.num_samples >= 1):
+        raise ConfigError(f"sr.num_samples={options.num_samples} must be an integer >= 1 (samples per input)")
+    x0, labels = held_out(ctx, options.num_images, "sr")  # pixels, also for latent diffusion
+    lowres = task(x0)  # [N,C,H/f,W/f]: the condition, computed from the pixels as in training
+    N, K = len(x0), int(options.num_samples)
+    predict, judge_info = judge_for(ctx, str(options.judge), "sr") if options.get("judge") else (None, {"judge": None})
+    w = float(options.get("guidance") or 0.0)
+    denoiser = GuidedDenoiser(ctx.denoiser, w) if w else ctx.denoiser
+    cond = Cond(image=lowres, labels=labels if ctx.denoiser.num_classes else None).repeat_interleave(K)
+    sampler = Sampler.from_config(given(ctx.train_cfg.get("sampler")), given(options.get("sampler")))
+    print(f"sampler: {sampler}")
+    start = time.perf_counter()
+    samples = generate(denoiser, sampler, N * K, seed=ctx.cfg.seed, batch_size=ctx.cfg.batch_size, cond=cond,
+                       progress=True)  # fmt: skip  # [N*K,C,H,W] pixels (latents decoded), K per input in a row
+    seconds_sampling = time.perf_counter() - start
+    window = ssim_window(tuple(x0.shape[-2:]))
+    bicubic = upsample_bicubic(lowres, tuple(x0.shape[-2:]))
+    results = {
+        "model": sr_metrics(samples.unflatten(0, (N, K)), x0, lowres, task, predict, labels, window),
+        "bicubic": sr_metrics(bicubic[:, None], x0, lowres, task, predict, labels, window),
+    }
+    if predict is not None:
+        results["originals_accuracy"] = float((predict(x0) == labels.numpy()).mean())  # the judge's own ceiling
+    f = task.factor
+    protocol = {
+        "num_images": N, "num_samples": K, "dataset": ctx.train_cfg.data.get("name", "?"),
+        "split": "validation (the first num_images)", "factor": f,
+        "sizes": f"{x0.shape[-2] // f}x{x0.shape[-1] // f} -> {x0.shape[-2]}x{x0.shape[-1]}",
+        "degradation": f"mean over {f}x{f} blocks (the task's)", "bicubic": "torch bicubic (a = -0.75), clamped",
+        "sampler": sampler.to_config(), "network_evaluations": sampler.num_evaluations(ctx.denoiser.diffusion),
+        "guidance": w, "seed": ctx.cfg.seed, "range": "[0, 1], clamped",
+        "averaging": "every number is the mean over all num_images x num_samples outputs",
+        "psnr": "per image, then the mean",
+        "ssim_window": f"gaussian sigma {window[1]}, {window[0]} taps, reflect-padded",
+        "consistency": "PSNR of the output downsampled by the task against the low-resolution input",
+        "spread": "per-pixel std (population) over an input's samples, mean over pixels and inputs",
+        **judge_info,
+    }  # fmt: skip
+    print_table(f"x{f} super-resolution of {N} validation images ({K} samples each)",
+                {"model": results["model"], "bicubic": results["bicubic"]})  # fmt: skip
+    if predict is not None:
+        print(f"judge ({judge_info['judge']}) on the originals: accuracy {results['originals_accuracy']:.4f}")
+    return {**results, "seconds_sampling": seconds_sampling, "protocol": protocol}
+
+
 METRICS: dict[str, Callable[[EvalContext, DictConfig], dict[str, Any]]] = {
     "bpd": bpd,
     "fid": fid,
     "inpaint": inpaint,
     "guided": guided,
+    "sr": sr,
 }
 
 
