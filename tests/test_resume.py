@@ -153,3 +153,18 @@ def test_tensorboard_and_wandb_keep_the_history_across_resume(train_cfg, tmp_pat
     wandb.teardown()
     run_id = (run / "wandb_run_id").read_text()
     assert len(list((run / "wandb").glob(f"offline-run-*-{run_id}"))) == 2  # both segments log to one W&B run
+
+
+def test_a_checkpoint_older_than_a_model_key_resumes_at_that_keys_default(train_cfg, tmp_path):
+    """A checkpoint written before ``model.cond_channels`` existed stored no such key: it was trained with the
+    network's default (0), so it resumes; a real difference in the key is still refused."""
+    run = tmp_path / "a"
+    train(train_cfg(*EXACT, "trainer.max_steps=4", run_dir=run))
+    last = run / "checkpoints" / "last.ckpt"
+    ckpt = load(last)
+    del ckpt["ddpmlab_config"]["model"]["cond_channels"]
+    torch.save(ckpt, last)
+    train(train_cfg(*EXACT, "trainer.max_steps=8", "ckpt_path=last", run_dir=run))
+    assert load(last)["global_step"] == 8
+    with pytest.raises(CheckpointError, match="model.cond_channels: checkpoint 0, this run 1"):
+        train(train_cfg(*EXACT, "trainer.max_steps=12", "ckpt_path=last", "model.cond_channels=1", run_dir=run))

@@ -198,13 +198,31 @@ def lr_factor(schedule: str, warmup: int, max_steps: int, step: int) -> float:
     return 1.0
 
 
+def with_defaults(section: Any) -> Any:
+    """A stored ``model`` / ``schedule`` section with the keys it predates filled in with the defaults of its own
+    class (one of ddpmlab's: a checkpoint written before ``UNet(cond_channels=...)`` existed was trained with 0)."""
+    target = section.get("_target_") if isinstance(section, dict) else None
+    if not isinstance(target, str) or not target.startswith("ddpmlab."):
+        return section
+    import inspect
+
+    from hydra.utils import get_class
+
+    try:
+        params = inspect.signature(get_class(target).__init__).parameters
+    except Exception:  # not a class ddpmlab has (any more): compare as stored
+        return section
+    defaults = {k: p.default for k, p in params.items() if k != "self" and p.default is not inspect.Parameter.empty}
+    return {**{k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}, **section}
+
+
 def check_compatible(saved: dict | None, current: dict) -> None:
     """Refuse a checkpoint whose network or schedule differs from the run's config (before weights load)."""
     if not saved or not current:
         return
     for key in ARCH_KEYS:
-        if key in saved and key in current and saved[key] != current[key]:
-            diff = _differences(saved[key], current[key], key)
+        if key in saved and key in current and with_defaults(saved[key]) != with_defaults(current[key]):
+            diff = _differences(with_defaults(saved[key]), with_defaults(current[key]), key)
             raise CheckpointError(
                 f"the checkpoint was trained with a different '{key}' config ({'; '.join(diff[:4])}); use the same "
                 f"{key} settings as the run that wrote it, or start afresh in a new run directory"
