@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from conftest import tiny_denoiser
 from ddpmlab.conditioning import NULL_LABEL, Cond, Inpainting, SuperResolution, make_task, placeholder
 from ddpmlab.errors import ConfigError
+from ddpmlab.images import to_uint8
 from ddpmlab.lit.module import DiffusionModule, check_task
 from ddpmlab.metrics.fid import generate_chunks
 from ddpmlab.objectives import SimpleLoss
@@ -229,3 +230,28 @@ def test_gpu_an_image_conditioned_model_trains_bf16_compiled_and_samples_compile
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
     bf16 = generate(copy.deepcopy(eager), sampler, 16, seed=0, cond=cond, perf={**perf, "precision": "bf16"})
     assert torch.isfinite(bf16).all() and (bf16 - expected).abs().mean() < 0.05
+
+
+def test_bits_per_dim_of_an_image_conditioned_model_is_given_each_images_own_condition():
+    from ddpmlab.metrics.fid import generate_on_devices
+    from ddpmlab.metrics.nll import bits_per_dim, evaluate_bpd
+
+    den = tiny_denoiser(cond_channels=1)
+    x0 = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    batches = [(x0[:4], torch.zeros(4).long()), (x0[4:], torch.zeros(2).long())]
+    task = SuperResolution(2)
+    result = evaluate_bpd(den, batches, task=task, stride=5)
+    manual = torch.cat([
+        bits_per_dim(den, x, stride=5, cond=Cond(image=task(x)), generator=g).total
+        for g in [torch.Generator().manual_seed(0)] for x, _ in batches
+    ])  # fmt: skip
+    assert result["value"] == pytest.approx(float(manual.double().mean()), rel=1e-5)
+    assert result["protocol"]["image_condition"] == "sr"
+    with pytest.raises(ConfigError, match="conditioned on an image"):
+        evaluate_bpd(den, batches, stride=5)  # without its condition
+    # evaluate.py's FID draws image-conditioned samples from the same pool the training callback does
+    pool = Cond(image=task(x0))
+    sampler = Sampler("ddim", num_steps=3)
+    fake = generate_on_devices(den, sampler, 5, 2, 0, ["cpu"], conds=pool)
+    chunks = generate_chunks(den, sampler, [(0, 2), (1, 2), (2, 1)], 0, conds=pool, chunk_size=2)
+    assert torch.equal(fake, to_uint8(chunks))

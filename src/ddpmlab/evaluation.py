@@ -85,6 +85,7 @@ def bpd(ctx: EvalContext, options: DictConfig) -> dict[str, Any]:
         conditional=bool(ctx.denoiser.num_classes),
         seed=ctx.cfg.seed,
         device=ctx.device,
+        task=make_task(ctx.train_cfg.get("task")),
     )
     result["protocol"].update(dataset=ctx.train_cfg.data.get("name", "?"), split="validation")
     print(
@@ -110,9 +111,15 @@ def fid(ctx: EvalContext, options: DictConfig) -> dict[str, Any]:
     perf = (ctx.cfg.get("perf") or {}).get("sampling")
     gpus = [torch.device("cuda", i) for i in range(torch.cuda.device_count())] if ctx.device.type == "cuda" else []
     devices = gpus if options.all_gpus and gpus else [ctx.device]
+    conds = None
+    task = make_task(ctx.train_cfg.get("task"))
+    if task is not None:  # an image-conditioned model: sample i for validation image i's condition (cycled)
+        x_val, y_val = held_out(ctx, None, "fid")
+        conds = Cond(image=task(x_val, torch.Generator().manual_seed(ctx.cfg.seed)))
+        conds = conds.replace(labels=y_val) if ctx.denoiser.num_classes else conds
     start = time.perf_counter()
     fake = generate_on_devices(
-        ctx.denoiser, sampler, options.num_samples, ctx.cfg.batch_size, ctx.cfg.seed, devices, perf
+        ctx.denoiser, sampler, options.num_samples, ctx.cfg.batch_size, ctx.cfg.seed, devices, perf, conds=conds
     )
     seconds_sampling = time.perf_counter() - start
     name = getattr(datamodule, "name", ctx.train_cfg.data.get("name", "data"))
@@ -129,6 +136,7 @@ def fid(ctx: EvalContext, options: DictConfig) -> dict[str, Any]:
         "sampler": sampler.to_config(),
         "steps": len(sampler.timesteps(ctx.denoiser.diffusion)), "seed": ctx.cfg.seed, "devices": len(devices),
         "feature_extractor": options.feature_extractor, "feature_layer": options.feature_layer,
+        "conditions": None if task is None else f"{task.name} of the validation images, cycled",
         "resize": "TF1 bilinear to 299, no antialiasing (inside the extractor)", "kid_subset_size":
         min(options.kid_subset_size, len(fake), len(real)), "kid_subsets": options.kid_subsets,
     }  # fmt: skip

@@ -305,10 +305,11 @@ def generate_chunks(
 
 
 def generate_on_devices(
-    denoiser, sampler, num_samples: int, batch_size: int, seed: int, devices: list, perf=None
+    denoiser, sampler, num_samples: int, batch_size: int, seed: int, devices: list, perf=None, conds=None
 ) -> Tensor:
     """``num_samples`` images as uint8 [N,C,H,W] on the CPU, the chunks shared out over ``devices`` (one thread
-    and one copy of the denoiser per device); the same images whatever the number of devices."""
+    and one copy of the denoiser per device); the same images whatever the number of devices. ``conds``: the pool
+    of conditions of an image-conditioned model (:func:`generate_chunks`)."""
     import copy
     from concurrent.futures import ThreadPoolExecutor
 
@@ -321,7 +322,8 @@ def generate_on_devices(
     def run(rank: int) -> Tensor:
         model = denoiser if len(devices) == 1 else copy.deepcopy(denoiser).to(devices[rank])
         chunks = share(num_samples, batch_size, rank, len(devices))
-        return to_uint8(generate_chunks(model, sampler, chunks, seed, perf, progress=bar.wrap)).cpu()
+        x = generate_chunks(model, sampler, chunks, seed, perf, progress=bar.wrap, conds=conds, chunk_size=batch_size)
+        return to_uint8(x).cpu()
 
     with SamplingProgress(evals, f"sampling {num_samples}") as bar, ThreadPoolExecutor(len(devices)) as pool:
         return torch.cat(list(pool.map(run, range(len(devices)))))

@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from ddpmlab.conditioning import Cond
 from ddpmlab.diffusion.gaussian import VARIANCES
 from ddpmlab.diffusion.parameterization import Denoiser
 from ddpmlab.errors import ConfigError
@@ -84,8 +85,12 @@ def evaluate_bpd(
     conditional: bool = False,
     seed: int = 0,
     device: torch.device | str = "cpu",
+    task=None,
 ) -> dict[str, Any]:
-    """Bits/dim on the first ``num_images`` images of ``batches`` ((x0 in [-1, 1], label) pairs; None: all of them).
+    """Bits/dim on the first ``num_images`` images of ``batches`` ((x0 in [-1, 1], label) pairs; None: all of them):
+    of p(x0 | label) for a ``conditional`` model, of p(x0 | image) for a model trained on an image ``task`` (the
+    bound given each image's own condition: its low-resolution version, or its masked version with a mask drawn
+    from the run's generator).
 
     Returns ``{"value", "stderr", "n", "seconds", "terms", "protocol"}``: the mean bound, its standard error over
     images (it covers the noise and, for stride > 1, the timestep sampling too: each image's estimate is unbiased
@@ -108,7 +113,10 @@ def evaluate_bpd(
             break
         take = x0.shape[0] if num_images is None else min(x0.shape[0], num_images - n)
         x0 = x0[:take].to(device)
-        cond = label[:take].to(device) if conditional else None
+        fields = {"labels": label[:take].to(device)} if conditional else {}
+        if task is not None:
+            fields["image"] = task(x0, generator)
+        cond = Cond(**fields) if fields else None
         parts.append(
             bits_per_dim(
                 denoiser, x0, stride=stride, variance=variance, clip_x0=clip_x0, cond=cond, generator=generator
@@ -145,6 +153,7 @@ def evaluate_bpd(
             if stride == 1
             else f"stratified: one uniform t per block of {stride}, weighted by the block length",
             "conditional": conditional,
+            "image_condition": None if task is None else task.name,
             "seed": seed,
         },
     }
