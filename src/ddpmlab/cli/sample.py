@@ -229,7 +229,7 @@ def condition_inputs(
     x = read_cond_image(spec.image, C)
     size = tuple(x.shape[-2:])
     low = H // task.factor if task.name == "sr" else H
-    if size == (low, low):  # super-resolution's input as it is
+    if task.name == "sr" and size == (low, low):  # super-resolution's input as it is
         out["image"] = x
     elif size == (H, H) and (task.name == "inpaint" or spec.get("downsample")):
         out.update(image=build(x), original=x)
