@@ -171,6 +171,11 @@ def test_condition_errors(sr_ckpt, tiny_ckpt, tmp_path):
         draw(tiny_ckpt, tmp_path / "e", "cond.index=0")
     with pytest.raises(ConfigError, match="has no image condition"):
         draw(tiny_ckpt, tmp_path / "f", f"cond.image={tmp_path / 'x.png'}")
+    ckpt = torch.load(sr_ckpt, weights_only=True)
+    del ckpt["ddpmlab_config"]["task"]  # a network with an image input, and nothing that says how to build it
+    torch.save(ckpt, tmp_path / "no_task.ckpt")
+    with pytest.raises(ConfigError, match="takes a 1-channel image but its stored config names no task"):
+        draw(tmp_path / "no_task.ckpt", tmp_path / "g", "cond.index=0")
 
 
 def test_cli_errors_are_one_line_with_exit_2(sr_ckpt, tmp_path):

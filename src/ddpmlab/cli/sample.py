@@ -133,6 +133,11 @@ def wants_condition(cfg: DictConfig) -> bool:
 def check_condition_given(cfg: DictConfig, denoiser, task) -> None:
     """``cond.*`` for a model trained on an image task, and only for one; ``inpaint.*`` (RePaint) for the others."""
     where = cfg.ckpt_path
+    if task is None and denoiser.cond_channels:  # a network with an image input, but no task says how to build it
+        raise ConfigError(
+            f"{where}: its network takes a {denoiser.cond_channels}-channel image but its stored config names no "
+            f"task (task=sr or task=inpaint) to build it with; sample it from Python with generate(..., cond=Cond(...))"
+        )
     if task is None:
         if wants_condition(cfg):
             raise ConfigError(
