@@ -51,6 +51,7 @@ __all__ = [
     "denoiser_from_checkpoint",
     "load",
     "load_checkpoint",
+    "load_denoiser",
     "load_export",
     "pick_device",
     "rebuild",
@@ -113,6 +114,20 @@ def load_export(folder: str | Path, trusted_targets=()) -> tuple[nn.Module, Dict
     model = stage.build(cfg, trusted_targets, str(folder))
     stage.load_state(model, read_safetensors(weights), str(weights))
     return model.eval(), cfg
+
+
+def load_denoiser(path: str | Path, ema: bool = True) -> tuple[Denoiser, DictConfig]:
+    """(the denoiser in eval mode on the CPU, its config) from a training checkpoint or a folder ``export.py`` wrote
+    (whose weights are the ones it exported: ``ema`` does not apply), as ``sample.py ckpt_path=`` takes either."""
+    if not Path(str(path)).expanduser().is_dir():
+        return denoiser_from_checkpoint(load_checkpoint(path), ema=ema, where=str(path))
+    model, cfg = load_export(path)
+    stage = stage_of(cfg, str(path))
+    if not stage.draws_samples:
+        raise CheckpointError(
+            f"{path} holds a {stage.title}, not a diffusion model: pass the export of a diffusion run"
+        )
+    return model, cfg
 
 
 def pick_device(device: str = "auto") -> torch.device:

@@ -211,14 +211,49 @@ class PixelDiffusion(Stage):
             f"| prediction, objective | {cfg.prediction}, {cfg.objective._target_.rsplit('.', 1)[-1]} |",
             f"| network | {net} |",
             f"| class-conditional | {'yes, ' + str(m.num_classes) + ' classes' if m.get('num_classes') else 'no'} |",
+            *condition_rows(cfg),
         ]
 
     def usage(self, cfg: DictConfig) -> list[str]:
         shape = f"{cfg.model.in_channels}, {cfg.model.image_size}, {cfg.model.image_size}"
+        cond, given = condition_usage(cfg)
         return [
             f"x_T = torch.randn(16, {shape})",
-            "x0 = Sampler('ddim', num_steps=50)(denoiser, x_T)   # in [-1, 1]",
+            *cond,
+            f"x0 = Sampler('ddim', num_steps=50)(denoiser, x_T{given})   # in [-1, 1]",
         ]
+
+
+def condition_rows(cfg: DictConfig) -> list[str]:
+    """The model card's row for an image condition (a model trained on an image task), else none."""
+    task, d = cfg.get("task"), cfg.data
+    if not task:
+        return []
+    if task.name == "sr":
+        low = d.image_size // task.factor
+        what = f"x{task.factor} super-resolution: the {low}x{low} low-resolution image"
+    else:
+        what = "inpainting: the masked image and its mask"
+    return [
+        f"| image condition | task={task.name}, {what}, resized to x_t's size and concatenated with it "
+        f"(cond_channels={cfg.model.cond_channels}); condition dropout p_uncond={cfg.get('p_uncond', 0)} |"
+    ]
+
+
+def condition_usage(cfg: DictConfig) -> tuple[list[str], str]:
+    """(the model card's lines that build a condition, the sampler's argument) for an image-conditioned model."""
+    task, d = cfg.get("task"), cfg.data
+    if not task:
+        return [], ""
+    if task.name == "sr":
+        low = d.image_size // task.factor
+        image = f"lowres = torch.zeros(16, {d.channels}, {low}, {low})   # your {low}x{low} inputs in [-1, 1]"
+        build = "cond = Cond(image=lowres)"
+    else:
+        image = f"x, keep = torch.zeros(16, {d.channels}, {d.image_size}, {d.image_size}), torch.ones(16, 1, "
+        image += f"{d.image_size}, {d.image_size})   # your images in [-1, 1], 1 = known pixel"
+        build = "cond = Cond(image=torch.cat([x * keep, keep], dim=1))"
+    return ["from ddpmlab.conditioning import Cond", image, build], ", cond=cond"
 
 
 class LatentDiffusion(PixelDiffusion):
@@ -322,13 +357,18 @@ class LatentDiffusion(PixelDiffusion):
         net = cfg.first_stage.net
         fields = ", ".join(f"{k}={v}" for k, v in net.items() if k not in ("_target_", "config"))
         first = f"{net._target_.rsplit('.', 1)[-1]}{': ' + fields if fields else ''}"
-        return [f"| first stage | {first} (frozen; its weights and the scale factor are in this folder) |"]
+        return [
+            f"| first stage | {first} (frozen; its weights and the scale factor are in this folder) |",
+            *condition_rows(cfg),
+        ]
 
     def usage(self, cfg: DictConfig) -> list[str]:
         shape = f"{cfg.model.in_channels}, {cfg.model.image_size}, {cfg.model.image_size}"
+        cond, given = condition_usage(cfg)
         return [
             f"z_T = torch.randn(16, {shape})   # latents",
-            "z0 = Sampler('ddim', num_steps=50)(denoiser, z_T)",
+            *cond,
+            f"z0 = Sampler('ddim', num_steps=50)(denoiser, z_T{given})",
             "x0 = denoiser.decode(z0)   # pixels, about [-1, 1]",
         ]
 

@@ -1,6 +1,8 @@
 """``python sample.py ckpt_path=... num_samples=N seed=S``: samples.npz (uint8 N x H x W x C), grid.png and
-sampler.yaml (the sampler used: the checkpoint's own unless the command line changes it). With ``inpaint.image``
-or ``inpaint.index``: RePaint completions and inpaint.png instead.
+sampler.yaml (the sampler used: the checkpoint's own unless the command line changes it). ``ckpt_path`` may also be
+a folder ``export.py`` wrote. With ``inpaint.image`` or ``inpaint.index``: RePaint completions and inpaint.png
+instead. A model trained on an image task (super-resolution, inpainting) is sampled from its condition,
+``cond.index`` (images of the dataset split) or ``cond.image`` (a file): ``num_samples`` per input, and cond.png.
 
 The samples go to disk batch by batch as they are drawn (``ddpmlab.chunks``): memory holds one batch, and the
 same command run again into the same folder (``hydra.run.dir=...``) after a kill continues where it stopped and
@@ -14,53 +16,62 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torchvision.transforms.v2.functional import pil_to_tensor
 
-from ddpmlab.api import CONFIG_DIR, denoiser_from_checkpoint, load_checkpoint, pick_device, rebuild
+from ddpmlab.api import CONFIG_DIR, load_denoiser, pick_device, rebuild
 from ddpmlab.chunks import SampleChunks, tensor_hash
 from ddpmlab.cli.common import friendly_errors
+from ddpmlab.conditioning import Cond, make_task
 from ddpmlab.errors import ConfigError
-from ddpmlab.fileio import write_atomic
-from ddpmlab.images import load_image, save_grid, side_by_side, to_hwc_uint8, to_model_range, to_unit
+from ddpmlab.fileio import read_image, write_atomic
+from ddpmlab.images import cond_rows, load_image, save_grid, side_by_side, to_hwc_uint8, to_model_range, to_unit
 from ddpmlab.perf import sampling_cpu_threads
-from ddpmlab.samplers import Sampler, generate_chain, with_guidance
+from ddpmlab.samplers import GuidedDenoiser, Sampler, generate_chain, with_guidance
 from ddpmlab.samplers.generate import generate_batches
+from ddpmlab.samplers.guidance import cycle_labels
 from ddpmlab.samplers.masks import make_mask
 from ddpmlab.sampling import chosen_sampler, classifier_guidance, given  # noqa: F401  (given: for callers)
 from ddpmlab.stages import stage_of
-from ddpmlab.validate import check_sample_config, check_sampler_steps
+from ddpmlab.validate import MAX_NUM_SAMPLES, check_sample_config, check_sampler_steps
 
 GRID_SAMPLES = 100  # grid.png and inpaint.png show the first 100 samples
+COND_ROWS, COND_PER_ROW = 16, 8  # cond.png shows up to 16 inputs with up to 8 samples each
 
 
-def draw_to_disk(cfg: DictConfig, out: Path, denoiser, sampler: Sampler, labels, perf, **inputs) -> SampleChunks:
-    """Draw ``cfg.num_samples`` batch by batch into ``<out>/chunks`` (one batch in memory at a time), continuing
-    from the chunks a stopped run with the same settings left there."""
+def draw_to_disk(
+    cfg: DictConfig, out: Path, denoiser, sampler: Sampler, labels, perf, num_samples: int | None = None, **inputs
+) -> SampleChunks:
+    """Draw ``num_samples`` (default ``cfg.num_samples``) batch by batch into ``<out>/chunks`` (one batch in memory
+    at a time), continuing from the chunks a stopped run with the same settings left there."""
+    num_samples = num_samples or cfg.num_samples
     device = next(denoiser.parameters()).device
+    cond = inputs.get("cond")
+    conditions = () if cond is None else (cond.image, cond.labels)  # nothing added for the other paths' hashes
     settings = {
         "seed": cfg.seed,
         "sampler": sampler.to_config(),
         "weights": tensor_hash(modules=(denoiser,)),  # the EMA or raw weights, classifier and first stage included
-        "inputs": tensor_hash(labels, inputs.get("x0"), inputs.get("keep")),
+        "inputs": tensor_hash(labels, inputs.get("x0"), inputs.get("keep"), *conditions),
         "guidance": cfg.get("guidance"),
         "classifier_scale": (cfg.get("classifier") or {}).get("scale"),
         "device": device.type,  # CPU and CUDA generators draw different numbers
         "perf": OmegaConf.to_container(perf, resolve=True) if isinstance(perf, DictConfig) else perf,
     }
-    chunks = SampleChunks(out / "chunks", settings, cfg.num_samples, cfg.batch_size)
+    chunks = SampleChunks(out / "chunks", settings, num_samples, cfg.batch_size)
     start, state = chunks.resume()
     if start:
-        print(f"continuing: {start} of {cfg.num_samples} samples already drawn in {chunks.folder}")
-    if start == cfg.num_samples:  # stopped after the last batch: only the outputs are left to write
+        print(f"continuing: {start} of {num_samples} samples already drawn in {chunks.folder}")
+    if start == num_samples:  # stopped after the last batch: only the outputs are left to write
         return chunks
     began = time.perf_counter()
     batches = generate_batches(
-        denoiser, sampler, cfg.num_samples, seed=cfg.seed, batch_size=cfg.batch_size, labels=labels, perf=perf,
+        denoiser, sampler, num_samples, seed=cfg.seed, batch_size=cfg.batch_size, labels=labels, perf=perf,
         progress=True, start=start, generator_state=state, **inputs,
     )  # fmt: skip
     for index, (x, state) in enumerate(batches, start // cfg.batch_size):
         chunks.write(index, to_hwc_uint8(x), state)
-    seconds, drawn = time.perf_counter() - began, cfg.num_samples - start
+    seconds, drawn = time.perf_counter() - began, num_samples - start
     print(f"{drawn} samples in {seconds:.1f}s ({drawn / seconds:.1f} img/s) on {device}")
     return chunks
 
@@ -72,20 +83,23 @@ def write_outputs(out: Path, chunks: SampleChunks, sampler: Sampler, labels: tor
     write_atomic(out / "sampler.yaml", OmegaConf.to_yaml(OmegaConf.create(sampler.to_config())))
 
 
-def first_samples(chunks: SampleChunks) -> torch.Tensor:
-    """The first GRID_SAMPLES samples as samples.npz holds them (uint8), back in [-1, 1] for a grid."""
-    return to_model_range(torch.from_numpy(chunks.head(GRID_SAMPLES)).permute(0, 3, 1, 2))
+def first_samples(chunks: SampleChunks, n: int = GRID_SAMPLES) -> torch.Tensor:
+    """The first ``n`` samples as samples.npz holds them (uint8), back in [-1, 1] for a grid."""
+    return to_model_range(torch.from_numpy(chunks.head(n)).permute(0, 3, 1, 2))
 
 
 def sample(cfg: DictConfig, output_dir: str | Path) -> Path:
     check_sample_config(cfg)
     device = pick_device(cfg.device)
-    ckpt = load_checkpoint(cfg.ckpt_path)
-    denoiser, ckpt_cfg = denoiser_from_checkpoint(ckpt, ema=cfg.use_ema, where=str(cfg.ckpt_path))
+    denoiser, ckpt_cfg = load_denoiser(cfg.ckpt_path, ema=cfg.use_ema)
     check_sampler_steps(cfg, denoiser.diffusion.T)
+    task = make_task(ckpt_cfg.get("task"))
+    check_condition_given(cfg, denoiser, task)
     denoiser.to(device)
     perf = (cfg.get("perf") or {}).get("sampling")
     sampling_cpu_threads(denoiser, device, cfg.batch_size)  # small networks sample faster on one CPU thread
+    if task is not None:
+        return sample_conditioned(cfg, denoiser, ckpt_cfg, task, Path(output_dir), perf)
     if wants_inpainting(cfg):
         return inpaint(cfg, denoiser, ckpt_cfg, Path(output_dir), perf)
     guided = classifier_guidance(cfg, denoiser, ckpt_cfg, cfg.num_samples, device)  # with classifier.ckpt_path
@@ -111,18 +125,183 @@ def wants_inpainting(cfg: DictConfig) -> bool:
     return spec.get("image") is not None or spec.get("index") is not None
 
 
-def dataset_image(data_cfg: DictConfig, index: int, split: str = "val") -> tuple[torch.Tensor, int]:
-    """Image ``index`` of the checkpoint's dataset split ('val' or 'train') as [1,C,H,W] in [-1, 1], and its label."""
+def wants_condition(cfg: DictConfig) -> bool:
+    spec = cfg.get("cond") or {}
+    return spec.get("image") is not None or spec.get("index") is not None
+
+
+def check_condition_given(cfg: DictConfig, denoiser, task) -> None:
+    """``cond.*`` for a model trained on an image task, and only for one; ``inpaint.*`` (RePaint) for the others."""
+    where = cfg.ckpt_path
+    if task is None and denoiser.cond_channels:  # a network with an image input, but no task says how to build it
+        raise ConfigError(
+            f"{where}: its network takes a {denoiser.cond_channels}-channel image but its stored config names no "
+            f"task (task=sr or task=inpaint) to build it with; sample it from Python with generate(..., cond=Cond(...))"
+        )
+    if task is None:
+        if wants_condition(cfg):
+            raise ConfigError(
+                f"cond.image / cond.index give the image of a model trained on an image task (experiment=sr_digits, "
+                f"inpaint_digits, ldm_sr_mnist); {where} has no image condition: drop them (RePaint inpaints "
+                f"it with inpaint.image or inpaint.index)"
+            )
+        return
+    what = describe_task(task)
+    if wants_inpainting(cfg):
+        raise ConfigError(
+            f"{where} is conditioned on an image ({what}): give it with cond.image or cond.index"
+            f"{' (and cond.mask)' if task.name == 'inpaint' else ''}, not inpaint.* (RePaint, for models without an "
+            f"image condition)"
+        )
+    if not wants_condition(cfg):
+        raise ConfigError(
+            f"{where} is conditioned on an image ({what}): give its condition with cond.index=<n> (image n of its "
+            f"validation split, or a list [0,1,2]) or cond.image=<png>"
+        )
+    if (cfg.get("classifier") or {}).get("ckpt_path"):
+        raise ConfigError("classifier.ckpt_path guides models without an image condition; drop it for this one")
+
+
+def describe_task(task) -> str:
+    if task.name == "sr":
+        return f"task=sr: x{task.factor} super-resolution of a low-resolution input"
+    return "task=inpaint: a masked image and its mask"
+
+
+def dataset_images(data_cfg: DictConfig, indices: list[int], split: str, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images ``indices`` of the checkpoint's dataset split ('val' or 'train') as [N,C,H,W] in [-1, 1], and their
+    labels [N]; ``key`` names the setting in the error (``inpaint.index``, ``cond.index``)."""
     datamodule = rebuild(data_cfg, "data")  # the checkpoint's data config: only ddpmlab's own targets
     datamodule.setup("fit")
     ds = {"val": datamodule.val_set, "train": datamodule.train_set}.get(split)
-    if ds is None or not 0 <= index < len(ds):
+    size = 0 if ds is None else len(ds)
+    bad = [i for i in indices if not 0 <= i < size]
+    if bad:
+        shown = bad[0] if len(indices) == 1 else indices
         raise ConfigError(
-            f"inpaint.index={index} is not an image of the {data_cfg.name} '{split}' split "
-            f"({0 if ds is None else len(ds)} images); use inpaint.split=val|train and an index below that"
+            f"{key}={shown} is not an image of the {data_cfg.name} '{split}' split ({size} images); use "
+            f"{key.split('.')[0]}.split=val|train and indices below that"
         )
-    x0, label = ds[index]
-    return x0[None], int(label)
+    items = [ds[i] for i in indices]
+    return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])
+
+
+def dataset_image(data_cfg: DictConfig, index: int, split: str = "val") -> tuple[torch.Tensor, int]:
+    """Image ``index`` of the checkpoint's dataset split as [1,C,H,W] in [-1, 1], and its label (RePaint's input)."""
+    x0, labels = dataset_images(data_cfg, [index], split, "inpaint.index")
+    return x0, int(labels[0])
+
+
+def index_list(value) -> list[int]:
+    """``cond.index``: one index or a non-empty list of them."""
+    values = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ConfigError(f"cond.index={value} must be an image number or a list of them, e.g. cond.index=[0,1,2]")
+    return values
+
+
+def read_cond_image(path: str, channels: int) -> torch.Tensor:
+    """``cond.image`` as [1,channels,h,w] in [-1, 1] at the file's own size (nothing resized: the size says what
+    the file is). A colour file for a grey model is refused, not silently converted."""
+    if channels not in (1, 3):
+        raise ConfigError(f"cond.image is read as a grey or RGB file; this model takes {channels}-channel images")
+    rgb = pil_to_tensor(read_image(path, "RGB", "cond.image"))  # [3,h,w] uint8
+    if channels == 1 and not bool((rgb == rgb[:1]).all()):
+        raise ConfigError(
+            f"cond.image={path} is a colour image (3 channels); this model takes 1-channel (grey) images: give a "
+            f"grey-scale file"
+        )
+    return to_model_range(rgb[:channels])[None]
+
+
+def condition_inputs(
+    spec: DictConfig, seed: int, data_cfg: DictConfig, task, C: int, H: int
+) -> dict[str, torch.Tensor]:
+    """What ``cond.*`` (``spec``) asks for: ``image`` [N,C',h,w] (the model's condition, built with its task),
+    ``original`` [N,C,H,W] where known, ``labels`` and ``split_index`` [N] (images of the checkpoint's dataset,
+    ``data_cfg``), ``keep`` [H,W] (inpainting; random_strokes drawn from ``seed``)."""
+    out = {}
+    if task.name == "inpaint":
+        out["keep"] = make_mask(str(spec.mask), H, torch.Generator().manual_seed(seed))  # 1 = known
+    build = (lambda x: task(x, keep=out["keep"])) if task.name == "inpaint" else task
+    if spec.get("index") is not None:
+        if spec.get("image") is not None:
+            raise ConfigError("give cond.image or cond.index, not both")
+        indices = index_list(spec.index)
+        x0, out["labels"] = dataset_images(data_cfg, indices, str(spec.get("split", "val")), "cond.index")
+        out.update(image=build(x0), original=x0, split_index=torch.tensor(indices))
+        return out
+    x = read_cond_image(spec.image, C)
+    size = tuple(x.shape[-2:])
+    low = H // task.factor if task.name == "sr" else H
+    if task.name == "sr" and size == (low, low):  # super-resolution's input as it is
+        out["image"] = x
+    elif size == (H, H) and (task.name == "inpaint" or spec.get("downsample")):
+        out.update(image=build(x), original=x)
+    elif size == (H, H):
+        raise ConfigError(
+            f"cond.image={spec.image} is {H}x{H}, the model's output size; it takes the {low}x{low} low-resolution "
+            f"input (x{task.factor} super-resolution): give that, or add cond.downsample=true to downsample this one"
+        )
+    else:
+        raise ConfigError(
+            f"cond.image={spec.image} is {size[1]}x{size[0]}; this model takes a {low}x{low} image "
+            f"({'the low-resolution input' if task.name == 'sr' else 'the full image, masked with cond.mask'})"
+        )
+    return out
+
+
+def sample_conditioned(cfg: DictConfig, denoiser, ckpt_cfg: DictConfig, task, out: Path, perf=None) -> Path:
+    """``num_samples`` samples for each input of ``cond.*`` (consecutive: input 0's first); writes samples.npz
+    (images, cond_image, original where known, input_index, ...), sampler.yaml and cond.png: rows of
+    [input | samples | original]."""
+    C, H, _ = stage_of(ckpt_cfg).image_shape(denoiser, ckpt_cfg)  # pixels, for latent diffusion too
+    inputs = condition_inputs(cfg.cond, cfg.seed, ckpt_cfg.data, task, C, H)
+    image, original = inputs["image"], inputs.get("original")
+    N, K = len(image), cfg.num_samples
+    if N * K > MAX_NUM_SAMPLES:
+        raise ConfigError(f"{N} inputs x num_samples={K} is more than {MAX_NUM_SAMPLES:,} samples; draw fewer")
+    labels = None
+    if denoiser.num_classes:  # also class-conditional: the given classes, else the dataset images' own
+        labels = (
+            inputs.get("labels") if cfg.get("labels") is None else cycle_labels(cfg.labels, denoiser.num_classes, N)
+        )
+        if labels is None:
+            raise ConfigError("this model is also class-conditional: give labels=[...] for cond.image")
+    elif cfg.get("labels") is not None:
+        raise ConfigError("labels= needs a class-conditional checkpoint (trained with model.num_classes); drop it")
+    w = float(cfg.get("guidance") or 0.0)
+    if w != 0:
+        if not float(ckpt_cfg.get("p_uncond") or 0.0) > 0:
+            raise ConfigError(
+                f"guidance={w} needs a model trained with condition dropout (p_uncond > 0: the unconditional term "
+                f"of classifier-free guidance); {cfg.ckpt_path} was trained with p_uncond=0: sample it with guidance=0"
+            )
+        denoiser = GuidedDenoiser(denoiser, w)
+    cond = Cond(labels=labels, image=image).repeat_interleave(K)  # K samples of each input, one after another
+    sampler = chosen_sampler(cfg, ckpt_cfg)
+    print(f"sampler: {sampler}; {K} samples for each of {N} inputs ({describe_task(task)})")
+    chunks = draw_to_disk(cfg, out, denoiser, sampler, None, perf, num_samples=N * K, cond=cond)
+    arrays = {"cond_image": to_hwc_uint8(image[:, :C]), "input_index": torch.arange(N).repeat_interleave(K).numpy()}
+    if original is not None:
+        arrays["original"] = to_hwc_uint8(original)
+    if "keep" in inputs:
+        arrays["keep"] = inputs["keep"].bool().numpy()
+    if "split_index" in inputs:
+        arrays["split_index"] = inputs["split_index"].numpy()
+    write_outputs(out, chunks, sampler, None if labels is None else labels.repeat_interleave(K), **arrays)
+    rows, per = min(N, COND_ROWS), min(K, COND_PER_ROW)
+    shown = first_samples(chunks, rows * K).unflatten(0, (rows, K))[:, :per].flatten(0, 1)
+    grid = cond_rows(image[:rows], shown, None if original is None else original[:rows])
+    save_grid(grid, out / "cond.png", nrow=len(grid) // rows)
+    chunks.remove()  # samples.npz holds them all now
+    if cfg.get("save_chain"):  # the first input's chain
+        frames = generate_chain(
+            denoiser, sampler, cfg.chain_samples, cfg.chain_frames, seed=cfg.seed, perf=perf, progress=True,
+            cond=cond[:1].repeat_interleave(cfg.chain_samples),
+        )  # fmt: skip
+        save_grid(to_unit(frames.flatten(0, 1)), out / "chain.png", nrow=frames.shape[1])
+    return out
 
 
 def inpaint(cfg: DictConfig, denoiser, ckpt_cfg: DictConfig, out: Path, perf=None) -> Path:
