@@ -4,6 +4,9 @@ confidence (max softmax probability) of the samples in a ``samples.npz`` written
     python bench/mnist_classifier.py --data-root <dir holding MNIST/raw> --samples <sample run>/samples.npz \
         [--weights outputs/mnist_cnn.pt] [--out bench/results/ldm_mnist_samples.json]
 
+With the true ``labels`` in the file (evaluate.py's ``sr_samples.npz``), it also reports the accuracy of the
+samples, and of the ``bicubic`` and ``originals`` arrays the file holds beside them.
+
 The classifier (two conv layers, ~0.1M parameters) trains for ``--epochs`` on the 60k training digits at the samples'
 size (28x28 resized once, as the data module does) and reports its accuracy on the 10k test digits; its weights are
 cached in ``--weights`` so that later calls only classify.
@@ -108,6 +111,15 @@ def main() -> None:
         "mean_confidence": round(float(conf.mean()), 4),
         "share_confident_over_0.9": round(float((conf > 0.9).float().mean()), 4),
     }
+    arrays = np.load(args.samples)
+    if "labels" in arrays:  # an evaluation's outputs: accuracy against the true labels, for every array there
+        labels = torch.from_numpy(arrays["labels"]).long()
+        result["accuracy"] = round(float((cls == labels).float().mean()), 4)
+        for name in ("bicubic", "originals"):
+            if name in arrays:
+                x = to_model_range(torch.from_numpy(arrays[name]).permute(0, 3, 1, 2))
+                truth = labels if len(x) == len(labels) else labels[:: len(labels) // len(x)]
+                result[f"{name}_accuracy"] = round(accuracy(net, x, truth), 4)
     print(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

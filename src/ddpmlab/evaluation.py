@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
@@ -28,7 +29,8 @@ from ddpmlab.checkpoint import load_checkpoint, rebuild
 from ddpmlab.conditioning import Cond, Inpainting, SuperResolution, make_task, upsample_bicubic
 from ddpmlab.diffusion import Denoiser
 from ddpmlab.errors import ConfigError
-from ddpmlab.fileio import write_atomic
+from ddpmlab.fileio import atomic_path, write_atomic
+from ddpmlab.images import to_hwc_uint8
 from ddpmlab.metrics.image_metrics import (
     classifier_judge,
     guided_agreement,
@@ -49,13 +51,14 @@ from ddpmlab.validate import check_evaluate_config
 
 @dataclass
 class EvalContext:
-    """What every metric may use: the denoiser (on ``device``, eval mode), the checkpoint's training config and
-    this evaluation's config."""
+    """What every metric may use: the denoiser (on ``device``, eval mode), the checkpoint's training config,
+    this evaluation's config and the folder its outputs go to."""
 
     denoiser: Denoiser
     train_cfg: DictConfig
     cfg: DictConfig
     device: torch.device
+    output_dir: Path | None = None
 
     def datamodule(self):
         """The checkpoint's data module (its data config, ``cfg.data`` merged over it, batches of
@@ -430,6 +433,13 @@ def sr(ctx: EvalContext, options: DictConfig) -> dict[str, Any]:
     }
     if predict is not None:
         results["originals_accuracy"] = float((predict(x0) == labels.numpy()).mean())  # the judge's own ceiling
+    if ctx.output_dir is not None:  # the outputs, for any other judge (bench/mnist_classifier.py reads them)
+        with atomic_path(ctx.output_dir / "sr_samples.npz") as tmp:
+            np.savez_compressed(
+                tmp, images=to_hwc_uint8(samples), labels=labels.repeat_interleave(K).numpy(),
+                input_index=torch.arange(N).repeat_interleave(K).numpy(), bicubic=to_hwc_uint8(bicubic),
+                originals=to_hwc_uint8(x0), lowres=to_hwc_uint8(lowres),
+            )  # fmt: skip
     f = task.factor
     protocol = {
         "num_images": N, "num_samples": K, "dataset": ctx.train_cfg.data.get("name", "?"),
@@ -480,7 +490,7 @@ def evaluate(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
             f"{cfg.ckpt_path} is latent diffusion, whose U-Net models latents of its first stage: evaluate it with "
             "metrics=[fid] (its samples are decoded to pixels)"
         )
-    ctx = EvalContext(denoiser.to(device), train_cfg, cfg, device)
+    ctx = EvalContext(denoiser.to(device), train_cfg, cfg, device, Path(output_dir))
     results: dict[str, Any] = {
         "checkpoint": {"path": str(cfg.ckpt_path), "global_step": ckpt.get("global_step"), "ema": cfg.use_ema}
     }
