@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from conftest import compose_cfg, run_cli
 from ddpmlab.api import build_module
@@ -233,3 +234,11 @@ def test_closing_lines_name_the_next_command_for_what_was_trained(stage, expecte
     out = final_summary(600, 312.0, metrics, "run/last.ckpt", stage.next_command)
     assert expected in out and "checkpoint: run/last.ckpt" in out
     assert "val/psnr 27.91" in out and "val/acc 0.5" in out and "lr-Adam" not in out
+
+
+@pytest.mark.parametrize("stage", [PIXEL, LATENT])
+def test_the_closing_line_of_an_image_conditioned_run_gives_the_input_too(stage):
+    cfg = OmegaConf.create({"task": {"name": "sr", "factor": 2}})
+    line = stage.next_command("run/last.ckpt", cfg)
+    assert line == "sample with: python sample.py ckpt_path=run/last.ckpt cond.index=0 num_samples=8"
+    assert stage.next_command("run/last.ckpt", OmegaConf.create({})).endswith("ckpt_path=run/last.ckpt")

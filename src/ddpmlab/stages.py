@@ -87,8 +87,8 @@ class Stage:
         ``perf.cpu_threads=auto`` to time."""
         raise NotImplementedError
 
-    def next_command(self, ckpt: str | Path) -> str:
-        """The closing line that says what to do with the checkpoint the run wrote."""
+    def next_command(self, ckpt: str | Path, cfg: DictConfig | None = None) -> str:
+        """The closing line that says what to do with the checkpoint the run wrote (``cfg``: the run's config)."""
         raise NotImplementedError
 
     # ---- loading and exporting
@@ -179,8 +179,9 @@ class PixelDiffusion(Stage):
     def training_probe(self, module, n: int, image_shape: tuple[int, ...]):
         return training_probe(module, n, image_shape)
 
-    def next_command(self, ckpt: str | Path) -> str:
-        return f"sample with: {sample_command(ckpt)}"
+    def next_command(self, ckpt: str | Path, cfg: DictConfig | None = None) -> str:
+        given = " cond.index=0 num_samples=8" if cfg is not None and cfg.get("task") else ""  # its input, too
+        return f"sample with: {sample_command(ckpt)}{given}"
 
     def build(self, cfg: DictConfig, trusted_targets=(), where: str = "checkpoint") -> Denoiser:
         try:
@@ -429,7 +430,7 @@ class FirstStage(Stage):
 
         return step, list(ae.parameters())
 
-    def next_command(self, ckpt: str | Path) -> str:
+    def next_command(self, ckpt: str | Path, cfg: DictConfig | None = None) -> str:
         return (
             "train a latent diffusion model on it with: python train.py experiment=ldm_mnist "
             f"first_stage.ckpt_path={shlex.quote(str(ckpt))} (plus this run's data keys)"
@@ -540,7 +541,7 @@ class NoisyClassifierStage(Stage):
         x, t = torch.randn((n, *image_shape)), torch.randint(0, module.diffusion.T, (n,))
         return lambda: module.net(x, t).logsumexp(-1).mean().backward(), list(module.net.parameters())
 
-    def next_command(self, ckpt: str | Path) -> str:
+    def next_command(self, ckpt: str | Path, cfg: DictConfig | None = None) -> str:
         return (
             "guide a diffusion model with it: python sample.py ckpt_path=<diffusion ckpt> "
             f"classifier.ckpt_path={shlex.quote(str(ckpt))}"

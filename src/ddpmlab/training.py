@@ -6,6 +6,7 @@ submitit requeue hand-off (``defer_submitit_requeue``) live here too."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import secrets
@@ -99,7 +100,8 @@ def _train(cfg: DictConfig, run_dir: Path, stage: Stage, prepared, start: float)
         run_dir.mkdir(parents=True, exist_ok=True)  # what a sweep summary reads
         write_atomic(run_dir / "final_metrics.json", json.dumps({"step": trainer.global_step, **metrics}, indent=2))
         seconds = time.perf_counter() - start
-        print(final_summary(trainer.global_step, seconds, metrics, last_checkpoint(trainer), stage.next_command))
+        next_command = functools.partial(stage.next_command, cfg=cfg)
+        print(final_summary(trainer.global_step, seconds, metrics, last_checkpoint(trainer), next_command))
         print(f"run directory: {trainer.default_root_dir}")
     if any(isinstance(logger, WandbLogger) for logger in trainer.loggers) and trainer.is_global_zero:
         import wandb
