@@ -137,7 +137,49 @@ def placeholder(denoiser, n: int, device=None) -> Cond | None:
     channels = getattr(denoiser, "cond_channels", 0)
     if channels:
         fields["image"] = torch.zeros(n, channels, *denoiser.sample_shape[1:], device=device)
+    tokenizer = getattr(denoiser, "tokenizer", None)
+    if tokenizer is not None:  # the empty caption, at the full context length
+        fields["tokens"] = torch.zeros(n, tokenizer.max_length, dtype=torch.long, device=device)
+        fields["token_mask"] = torch.zeros(n, tokenizer.max_length, dtype=torch.bool, device=device)
     return Cond(**fields) if fields else None
+
+
+def text_cond(denoiser, prompts: Sequence[str], device=None) -> Cond:
+    """The Cond of ``prompts`` for a text-conditioned ``denoiser``, tokenized by its own tokenizer (a word it never
+    saw, or a prompt longer than its context, is a ConfigError naming it; so is a model without text)."""
+    tokenizer = getattr(denoiser, "tokenizer", None)
+    if tokenizer is None:
+        raise ConfigError(
+            "prompt= needs a text-conditioned model (trained with text_encoder=learned | pooled | clip); this one "
+            "has no text encoder"
+        )
+    tokens, mask = tokenizer(list(prompts))
+    return Cond(tokens=tokens.to(device), token_mask=mask.to(device))
+
+
+class CaptionBank:
+    """Every caption of every item key of a text dataset (``captions[key]``: that item's captions), tokenized once:
+    tokens [N,K,L] (an item with fewer than K captions repeats them), so a batch's captions are one gather on the
+    device, drawn uniformly among the item's own."""
+
+    def __init__(self, captions: Sequence[Sequence[str]], tokenizer):
+        if not captions or any(len(c) == 0 for c in captions):
+            raise ConfigError("a text dataset must give every item at least one caption")
+        K = max(len(c) for c in captions)
+        tokens, mask = tokenizer([c[k % len(c)] for c in captions for k in range(K)])
+        self.tokens, self.mask = tokens.view(len(captions), K, -1), mask.view(len(captions), K, -1)
+        self.count = torch.tensor([len(c) for c in captions])
+        self._on: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
+
+    def draw(self, keys: Tensor, generator: torch.Generator | None = None) -> Cond:
+        """The tokens of one caption per key [B], each drawn uniformly among its item's captions."""
+        device = str(keys.device)
+        if device not in self._on:
+            self._on[device] = (self.tokens.to(keys.device), self.mask.to(keys.device), self.count.to(keys.device))
+        tokens, mask, count = self._on[device]
+        u = torch.rand(keys.shape, device=keys.device, generator=generator)
+        k = (u * count[keys]).long().clamp(max=tokens.shape[1] - 1)
+        return Cond(tokens=tokens[keys, k], token_mask=mask[keys, k])
 
 
 # --------------------------------------------------------------------------------------------- image tasks

@@ -68,14 +68,18 @@ def side_by_side(x0: torch.Tensor, keep: torch.Tensor, completions: torch.Tensor
     return torch.cat(rows)
 
 
-def cond_rows(inputs: torch.Tensor, samples: torch.Tensor, originals: torch.Tensor | None = None) -> torch.Tensor:
+def cond_rows(
+    inputs: torch.Tensor | None, samples: torch.Tensor, originals: torch.Tensor | None = None, n: int | None = None
+) -> torch.Tensor:
     """Rows of [input | its samples | original (when known)] in [0, 1], for N inputs [N,C',h,w] (a conditioning
     image: its first C channels, nearest-upsampled to the samples' size, so a low-resolution input shows its
-    pixels), N*K samples [N*K,C,H,W] (K per input, consecutive) and N originals [N,C,H,W]; every row 1+K(+1) wide."""
-    n, (C, H, W) = inputs.shape[0], samples.shape[1:]
-    shown = to_unit(F.interpolate(inputs[:, :C].float(), size=(H, W), mode="nearest"))
+    pixels; None: no input column, e.g. a caption, and ``n`` rows), N*K samples [N*K,C,H,W] (K per input,
+    consecutive) and N originals [N,C,H,W]; every row 1+K(+1) wide."""
+    n, (C, H, W) = (n if inputs is None else inputs.shape[0]), samples.shape[1:]
     per = samples.shape[0] // n
-    rows = [shown[:, None], to_unit(samples).unflatten(0, (n, per))]
+    rows = [to_unit(samples).unflatten(0, (n, per))]
+    if inputs is not None:
+        rows.insert(0, to_unit(F.interpolate(inputs[:, :C].float(), size=(H, W), mode="nearest"))[:, None])
     if originals is not None:
         rows.append(to_unit(originals)[:, None])
     return torch.cat(rows, dim=1).flatten(0, 1)
@@ -83,7 +87,7 @@ def cond_rows(inputs: torch.Tensor, samples: torch.Tensor, originals: torch.Tens
 
 def image_grid(images: torch.Tensor, nrow: int | None = None, min_cell: int = 32) -> torch.Tensor:
     """[N,C,H,W] in [0, 1] -> one [C,H',W'] grid; each image upscaled by an integer factor to >= min_cell px."""
-    scale = max(1, math.ceil(min_cell / images.shape[-1]))
+    scale = max(1, math.ceil(min_cell / min(images.shape[-2:])))
     if scale > 1:
         images = F.interpolate(images.float(), scale_factor=scale, mode="nearest")
     nrow = nrow or math.ceil(math.sqrt(images.shape[0]))

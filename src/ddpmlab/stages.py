@@ -164,6 +164,15 @@ class PixelDiffusion(Stage):
             data_channels=cfg.data.channels,
         )
 
+    def prepare(self, cfg: DictConfig) -> tuple[DictConfig, Any]:
+        return prepare_text(cfg), None
+
+    def setup_data(self, cfg: DictConfig, module, datamodule, prepared: Any):
+        if module.text:  # the captions of each split, tokenized once
+            datamodule.setup("fit")
+            module.set_captions(datamodule.train_set, datamodule.val_set)
+        return datamodule
+
     def trained_net(self, module) -> nn.Module:
         return module.denoiser.net
 
@@ -225,6 +234,29 @@ class PixelDiffusion(Stage):
         ]
 
 
+def prepare_text(cfg: DictConfig) -> DictConfig:
+    """A text model's config completed from outside it: the learned encoder's vocabulary, built from the training
+    captions (once: a resumed run rebuilds the same one and is compared with the checkpoint's), and a CLIP
+    encoder's width, read from its folder's config.json."""
+    text = cfg.get("text_encoder")
+    if not text:
+        return cfg
+    if text.get("_target_", "").endswith("TransformerTextEncoder") and text.get("vocab") is None:
+        from ddpmlab.text import WordTokenizer
+
+        datamodule = instantiate(cfg.data)
+        datamodule.setup("fit")
+        captions = getattr(datamodule.train_set, "captions", None)
+        if captions is None:
+            raise ConfigError(
+                f"text_encoder=learned needs captions to learn from, and data={cfg.data.name} has none: use "
+                "data=digit_pairs, or data=captioned_folder (a .txt caption beside each image)"
+            )
+        with open_dict(cfg):
+            cfg.text_encoder.vocab = WordTokenizer.build_vocab(c for item in captions for c in item)
+    return cfg
+
+
 def condition_rows(cfg: DictConfig) -> list[str]:
     """The model card's row for an image condition (a model trained on an image task), else none."""
     task, d = cfg.get("task"), cfg.data
@@ -270,6 +302,11 @@ class LatentDiffusion(PixelDiffusion):
         return LatentDenoiser(net, diffusion, build_first_stage(net_cfg, where), cfg.prediction)
 
     def prepare(self, cfg: DictConfig) -> tuple[DictConfig, nn.Module]:
+        if cfg.get("text_encoder"):
+            raise ConfigError(
+                "text conditioning is built for pixel diffusion: a latent run (first_stage=...) does not carry "
+                "captions; drop text_encoder=..., or train on pixels"
+            )
         """Read the first stage from ``first_stage.ckpt_path``, check it against the data, put its architecture
         into ``cfg.first_stage.net`` and the latent shape into ``cfg.model``."""
         from ddpmlab.data.latent import ENCODE_MODES

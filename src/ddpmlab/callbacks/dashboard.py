@@ -84,7 +84,7 @@ class DenoisingChain(EveryNSteps):
             return None
         denoiser = ema_denoiser(trainer, pl_module)
         cond = None
-        if getattr(pl_module, "task", None) is not None:
+        if getattr(pl_module, "data_conditioned", False):
             dataset = trainer.datamodule.val_set or trainer.datamodule.train_set
             cond = pl_module.fixed_conditions(dataset, self.num_images, self.seed)[0]
             self.num_images = len(cond)

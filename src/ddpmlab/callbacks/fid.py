@@ -142,7 +142,7 @@ class FID(EveryNSteps):
         denoiser = ema_denoiser(trainer, pl_module)
         self.generated = share(self.num_samples, self.batch_size, trainer.global_rank, trainer.world_size)
         conds = None
-        if getattr(pl_module, "task", None) is not None:  # an image condition: those of the validation split, cycled
+        if getattr(pl_module, "data_conditioned", False):  # image or caption conditions of validation items, cycled
             dataset = trainer.datamodule.val_set or trainer.datamodule.train_set
             conds = pl_module.fixed_conditions(dataset, min(len(dataset), self.num_samples), self.seed)[0]
         for chunk in self.generated:  # this rank's share, one chunk of images at a time

@@ -54,7 +54,7 @@ class SampleGrid(EveryNSteps):
         perf = sampling_perf(pl_module, denoiser)
         sampler = self.sampler(pl_module)
         num_classes = denoiser.num_classes
-        if pl_module.task is not None:
+        if getattr(pl_module, "data_conditioned", False):
             return self.draw_conditioned(trainer, pl_module, denoiser, sampler, perf, step)
         cond, nrow = None, None
         if num_classes:  # one row per class
@@ -77,7 +77,7 @@ class SampleGrid(EveryNSteps):
         """Rows of input | samples | original for the first validation images (the same ones at every step)."""
         dataset = trainer.datamodule.val_set or trainer.datamodule.train_set
         rows = 8
-        per = max(1, self.num_samples // rows - 2)
+        per = max(1, self.num_samples // rows - 1 - (pl_module.task is not None))  # [input |] samples | original
         cond, originals = pl_module.fixed_conditions(dataset, rows, self.seed)
         if self.guidance:
             denoiser = GuidedDenoiser(denoiser, self.guidance)
@@ -86,7 +86,7 @@ class SampleGrid(EveryNSteps):
         with SamplingProgress(evals, "grid", enabled=is_terminal(), leave=False) as bar:
             x0 = generate(denoiser, sampler, n, seed=self.seed, batch_size=n, cond=cond.repeat_interleave(per),
                           perf=perf, progress=bar.wrap)  # fmt: skip
-        grid = image_grid(cond_rows(cond.image, x0, originals), nrow=per + 2)
+        grid = image_grid(cond_rows(cond.image, x0, originals, n=len(cond)), nrow=per + 1 + (cond.image is not None))
         path = Path(trainer.default_root_dir) / self.dirname / f"step_{step:07d}.png"
         save_png(grid, path)
         log_image(trainer, "samples/grid", grid, dashboard_step(trainer))

@@ -63,7 +63,9 @@ class Denoiser(nn.Module):
         if self._sample_shape is not None:
             return self._sample_shape
         try:
-            return (int(self.net.in_channels), int(self.net.image_size), int(self.net.image_size))
+            size = self.net.image_size
+            height, width = (size, size) if isinstance(size, int) else size
+            return (int(self.net.in_channels), int(height), int(width))
         except AttributeError:
             raise AttributeError(
                 f"{type(self.net).__name__} has no in_channels / image_size: give Denoiser(..., sample_shape=(C, H, W))"
@@ -73,6 +75,12 @@ class Denoiser(nn.Module):
     def num_classes(self) -> int | None:
         """The number of classes of a class-conditional network (its null label is ``num_classes``), else None."""
         return getattr(self.net, "num_classes", None) or None
+
+    @property
+    def tokenizer(self):
+        """The tokenizer of a text-conditioned network (captions -> (tokens, token_mask)), else None."""
+        encoder = getattr(self.net, "text_encoder", None)
+        return None if encoder is None else encoder.tokenizer
 
     @property
     def cond_channels(self) -> int:
@@ -142,6 +150,12 @@ class DenoiserWrapper(nn.Module):
     @property
     def num_classes(self) -> int | None:
         return self.denoiser.num_classes
+
+    @property
+    def tokenizer(self):
+        """The tokenizer of a text-conditioned network (captions -> (tokens, token_mask)), else None."""
+        encoder = getattr(self.net, "text_encoder", None)
+        return None if encoder is None else encoder.tokenizer
 
     @property
     def cond_channels(self) -> int:

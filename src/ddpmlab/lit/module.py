@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from ddpmlab.conditioning import Cond, Inpainting, SuperResolution
+from ddpmlab.conditioning import CaptionBank, Cond, Inpainting, SuperResolution
 from ddpmlab.diffusion.parameterization import Denoiser
 from ddpmlab.errors import CheckpointError, ConfigError
 from ddpmlab.objectives.timestep_samplers import UniformSampler
@@ -19,7 +19,7 @@ from ddpmlab.samplers import Sampler
 from ddpmlab.seeding import seed_step, validation_seed
 
 # Config sections that must match for a checkpoint to resume into this run.
-ARCH_KEYS = ("model", "schedule", "prediction", "task")
+ARCH_KEYS = ("model", "schedule", "prediction", "task")  # (a text encoder, with its vocabulary, is in model)
 LR_SCHEDULES = ("constant", "cosine")  # after the linear warm-up: constant, or a cosine decay to 0 at max_steps
 # Keys of the optimizer config that configure_optimizers reads (the LambdaLR around the optimizer), not torch.
 SCHEDULE_KEYS = ("lr_warmup_steps", "lr_schedule")
@@ -59,6 +59,7 @@ class DiffusionModule(pl.LightningModule):
         self.seed = seed
         self.config = config or {}
         self._noise: torch.Generator | None = None
+        self.captions: dict[str, CaptionBank] = {}  # a text model's captions of each split's item keys
         # The progress bar reads train/loss with .item() every step, a host sync; perf.sync_free_logging turns it off.
         self.loss_in_progress_bar = True
 
@@ -75,16 +76,43 @@ class DiffusionModule(pl.LightningModule):
         eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         return t, eps
 
+    @property
+    def text(self) -> bool:
+        """Whether the model is conditioned on captions (a text encoder in its network)."""
+        return self.denoiser.tokenizer is not None
+
+    @property
+    def data_conditioned(self) -> bool:
+        """Whether each sample's condition comes from a data item (an image task's input, a caption), so that grids
+        and FID draw with the conditions of validation items."""
+        return self.task is not None or self.text
+
+    def set_captions(self, train_set, val_set=None) -> None:
+        """Tokenize the captions of a text dataset's splits once (``dataset.captions[key]``: the item's captions)."""
+        tokenizer = self.denoiser.tokenizer
+        for split, ds in (("train", train_set), ("val", val_set)):
+            if ds is not None and len(ds):
+                self.captions[split] = CaptionBank(ds.captions, tokenizer)
+
     def condition(self, batch: tuple[Tensor, ...], generator: torch.Generator | None, train: bool) -> Cond | None:
-        """What the batch (x0, y[, image]) conditions on: its labels (a class-conditional model) and its image (an
-        image task: built here from x0, or given by a latent run's data, computed from the pixels), with condition
-        dropout (Ho & Salimans 2022: the null condition at rate p_uncond) in training."""
+        """What the batch (x0, y[, image]) conditions on: its labels (a class-conditional model), its image (an
+        image task: built here from x0, or given by a latent run's data, computed from the pixels) and its caption (a
+        text model: y is the item's key, one of its captions drawn at random), with condition dropout (Ho &
+        Salimans 2022: the null condition at rate p_uncond) in training."""
         x0, y, *image = batch
         fields = {}
         if self.denoiser.num_classes:
             fields["labels"] = y
         if self.task is not None:
             fields["image"] = image[0] if image else self.task(x0, generator)
+        if self.text:
+            bank = self.captions.get("train" if train else "val") or self.captions.get("train")
+            if bank is None:
+                raise ConfigError(
+                    "this model is conditioned on text but its data has no captions: use a captioned dataset "
+                    "(data=digit_pairs | captioned_folder)"
+                )
+            fields.update(bank.draw(y, generator)._fields())
         if not fields:
             return None
         cond = Cond(**fields)
@@ -96,12 +124,29 @@ class DiffusionModule(pl.LightningModule):
         """Conditions for grids and chains: those of the first ``n`` images of ``dataset`` (the validation split),
         with their labels (a class-conditional model) and the task's image (inpainting masks seeded by ``seed``),
         and the images themselves [n,C,H,W] in pixel space."""
+        if self.text:
+            return self.caption_conditions(dataset, n)
         items = [dataset[i] for i in range(min(n, len(dataset)))]
         x0 = torch.stack([x for x, _ in items])
         fields = {"image": self.task(x0, torch.Generator().manual_seed(seed))}
         if self.denoiser.num_classes:
             fields["labels"] = torch.stack([torch.as_tensor(y) for _, y in items]).long()
         return Cond(**fields), x0
+
+    def caption_conditions(self, dataset, n: int) -> tuple[Cond, Tensor]:
+        """Conditions for grids of a text model: the canonical captions (``captions[key][0]``) of ``n`` items of
+        ``dataset`` with distinct keys -- its ``preview_keys`` where it names them, else spread over its keys -- and
+        the first image of each."""
+        keys = [int(k) for k in getattr(dataset, "preview_keys", None) or []][:n]
+        labels = dataset.labels
+        if not keys:
+            distinct = torch.unique(labels).tolist()
+            keys = [distinct[i * len(distinct) // n] for i in range(min(n, len(distinct)))]
+        first = [int((labels == k).nonzero()[0]) for k in keys]
+        x0 = torch.stack([dataset[i][0] for i in first])
+        prompts = [dataset.captions[k][0] for k in keys]
+        tokens, mask = self.denoiser.tokenizer(prompts)
+        return Cond(tokens=tokens, token_mask=mask), x0
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
         x0 = batch[0]

@@ -1,4 +1,5 @@
 from ddpmlab.networks.classifier import NoisyClassifier
+from ddpmlab.networks.text import TransformerTextEncoder
 from ddpmlab.networks.unet import UNet, check_image_size
 
-__all__ = ["NoisyClassifier", "UNet", "check_image_size"]
+__all__ = ["NoisyClassifier", "TransformerTextEncoder", "UNet", "check_image_size"]

@@ -1,4 +1,5 @@
-"""U-Net building blocks: ResBlock, self-attention, down/up-sampling (DDPM, Appendix B)."""
+"""U-Net building blocks: ResBlock, self-attention, down/up-sampling (DDPM, Appendix B); LDM's SpatialTransformer
+(cross-attention to a context sequence, Rombach et al. 2022, Sec. 3.3)."""
 
 from __future__ import annotations
 
@@ -61,6 +62,83 @@ class SelfAttention(nn.Module):
         )
         h = F.scaled_dot_product_attention(q, k, v)  # [B, heads, HW, C/heads]
         return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
+
+
+class Attention(nn.Module):
+    """Multi-head attention of the tokens x [B,N,dim] to ``context`` [B,L,context_dim] (itself when None) where
+    ``mask`` [B,L] is True: softmax(Q K^T / sqrt(d)) V with Q = x W_Q, K = context W_K, V = context W_V (LDM eq. 3)."""
+
+    def __init__(self, dim: int, context_dim: int | None, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim or dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim or dim, dim, bias=False)
+        self.to_out = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        context = x if context is None else context
+        B, N, D = x.shape
+
+        def split(t: Tensor) -> Tensor:  # [B, n, D] -> [B, heads, n, D/heads]
+            return t.reshape(B, t.shape[1], self.heads, D // self.heads).transpose(1, 2)
+
+        q, k, v = split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context))
+        attn_mask = None if mask is None else mask[:, None, None, :]  # padding of the context: never attended
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.to_out(h.transpose(1, 2).reshape(B, N, D))
+
+
+class GEGLU(nn.Module):
+    """The gated feed-forward of LDM's transformer blocks (Shazeer 2020): (x W + b) * GELU(x V + c), then a linear."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.proj = nn.Linear(dim, 2 * mult * dim)
+        self.out = nn.Linear(mult * dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, gate = self.proj(x).chunk(2, dim=-1)
+        return self.out(a * F.gelu(gate))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm: self-attention, cross-attention to the context, GEGLU feed-forward, each with a residual."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int):
+        super().__init__()
+        self.norm1, self.attn1 = nn.LayerNorm(dim), Attention(dim, None, heads)
+        self.norm2, self.attn2 = nn.LayerNorm(dim), Attention(dim, context_dim, heads)
+        self.norm3, self.ff = nn.LayerNorm(dim), GEGLU(dim)
+
+    def forward(self, x: Tensor, context: Tensor, mask: Tensor | None) -> Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context, mask)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """LDM's SpatialTransformer: GroupNorm -> 1x1 projection -> the H*W positions as tokens through ``depth``
+    transformer blocks that cross-attend to the context -> 1x1 projection, zero-initialised so that the block starts
+    as the identity -> + x."""
+
+    def __init__(self, channels: int, context_dim: int, num_heads: int = 1, num_groups: int = 32, depth: int = 1):
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"cross-attention: {channels} channels do not split into {num_heads} heads")
+        self.norm = group_norm(channels, num_groups)
+        self.proj_in = nn.Conv2d(channels, channels, 1)
+        self.blocks = nn.ModuleList([TransformerBlock(channels, context_dim, num_heads) for _ in range(depth)])
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:
+        B, C, H, W = x.shape
+        h = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)  # [B, HW, C]
+        for block in self.blocks:
+            h = block(h, context, mask)
+        return x + self.proj_out(h.transpose(1, 2).reshape(B, C, H, W))
 
 
 class Downsample(nn.Module):
