@@ -18,7 +18,6 @@ from ddpmlab.networks.clip_text import (  # noqa: E402
     CLIPTextEncoder,
     clip_hidden_size,
     load_clip_text_model,
-    make_text_encoder,
 )
 
 POSITIONS = 16
@@ -147,11 +146,14 @@ def test_a_caption_longer_than_the_context_is_refused_with_both_lengths(encoder)
     assert encoder.tokenizer(["abcdefghijklmn"])[1].all()  # 14 + BOS + EOS fit exactly
 
 
-def test_make_text_encoder_and_hidden_size_of_a_full_clip_folder(clip_dir, tmp_path):
-    enc = make_text_encoder({"name": "clip", "path": str(clip_dir), "max_length": None, "dim": None, "pooled": False})
-    assert isinstance(enc, CLIPTextEncoder) and enc.dim == 32
-    with pytest.raises(ConfigError, match="text_encoder.name=bert"):
-        make_text_encoder({"name": "bert"})
+def test_text_encoder_clip_config_builds_a_unet_that_cross_attends_to_clip_and_a_full_clip_folder(clip_dir, tmp_path):
+    from conftest import compose_cfg
+    from ddpmlab.api import build_denoiser
+
+    over = ["data=digit_pairs", "text_encoder=clip", f"text_encoder.path={clip_dir}", "model=unet_tiny"]
+    denoiser = build_denoiser(compose_cfg("train", over, tmp_path))
+    assert isinstance(denoiser.net.text_encoder, CLIPTextEncoder) and denoiser.net.context_dim == 32
+    assert denoiser.tokenizer(["a cat"])[0].shape == (1, 16)
     # a whole CLIPModel's folder: its text half is read (the same encoding), its width is text_config.hidden_size
     text = transformers.CLIPTextConfig.from_pretrained(str(clip_dir))
     vision = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,

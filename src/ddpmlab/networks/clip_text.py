@@ -236,11 +236,3 @@ class CLIPTextEncoder(nn.Module):
             final_norm = getattr(self.model, "text_model", self.model).final_layer_norm
             context = final_norm(out.hidden_states[-2])
         return context, token_mask
-
-
-def make_text_encoder(spec: dict) -> nn.Module:
-    """The text encoder a ``text_encoder`` config names (here: ``clip``)."""
-    name = spec.get("name")
-    if name == "clip":
-        return CLIPTextEncoder(spec.get("path"), max_length=spec.get("max_length"), layer=spec.get("layer", "last"))
-    raise ConfigError(f"text_encoder.name={name} is not a text encoder here (clip)")
