@@ -170,8 +170,7 @@ def sampling_cpu_threads(denoiser, device: torch.device | str, batch_size: int) 
     (timed on a slice of the batch), unless ``OMP_NUM_THREADS`` is set. Returns the count in force."""
     if torch.device(device).type != "cpu" or "OMP_NUM_THREADS" in os.environ:
         return torch.get_num_threads()
-    net = denoiser.net
-    x = torch.randn(min(batch_size, 32), net.in_channels, net.image_size, net.image_size)
+    x = torch.randn((min(batch_size, 32), *denoiser.sample_shape))  # x_t as it is sampled, non-square ones too
     t = torch.zeros(x.shape[0], dtype=torch.long)
     cond = placeholder(denoiser, x.shape[0])
 

@@ -17,6 +17,7 @@ weights and the scale factor s beside the U-Net, and its ``config.yaml`` the fir
 
 from __future__ import annotations
 
+import re
 import shlex
 import warnings
 from collections.abc import Mapping
@@ -190,6 +191,10 @@ class PixelDiffusion(Stage):
 
     def next_command(self, ckpt: str | Path, cfg: DictConfig | None = None) -> str:
         given = " cond.index=0 num_samples=8" if cfg is not None and cfg.get("task") else ""  # its input, too
+        if cfg is not None and text_encoder_of(cfg):  # a caption of its data, guided as its grids were
+            given = f" {prompt_argument(example_prompt(cfg, read_data=True) or PROMPT_PLACEHOLDER)} num_samples=16"
+            w = OmegaConf.select(cfg, "callbacks.sample_grid.guidance", default=None) or 3
+            given += f" guidance={w:g}" if float(cfg.get("p_uncond") or 0) > 0 else ""
         return f"sample with: {sample_command(ckpt)}{given}"
 
     def build(self, cfg: DictConfig, trusted_targets=(), where: str = "checkpoint") -> Denoiser:
@@ -222,11 +227,14 @@ class PixelDiffusion(Stage):
             f"| network | {net} |",
             f"| class-conditional | {'yes, ' + str(m.num_classes) + ' classes' if m.get('num_classes') else 'no'} |",
             *condition_rows(cfg),
+            *text_rows(cfg),
         ]
 
     def usage(self, cfg: DictConfig) -> list[str]:
-        shape = f"{cfg.model.in_channels}, {cfg.model.image_size}, {cfg.model.image_size}"
-        cond, given = condition_usage(cfg)
+        from ddpmlab.networks.unet import image_hw
+
+        shape = f"{cfg.model.in_channels}, {', '.join(map(str, image_hw(cfg.model.image_size)))}"
+        cond, given = condition_usage(cfg) if cfg.get("task") else text_usage(cfg)
         return [
             f"x_T = torch.randn(16, {shape})",
             *cond,
@@ -287,6 +295,94 @@ def condition_usage(cfg: DictConfig) -> tuple[list[str], str]:
         image += f"{d.image_size}, {d.image_size})   # your images in [-1, 1], 1 = known pixel"
         build = "cond = Cond(image=torch.cat([x * keep, keep], dim=1))"
     return ["from ddpmlab.conditioning import Cond", image, build], ", cond=cond"
+
+
+# ---- text
+PROMPT_PLACEHOLDER = "<a caption in the words of its training captions>"
+
+
+def text_encoder_of(cfg: DictConfig):
+    """The text encoder's config of a model (its network's ``text_encoder``), or None for a model without text."""
+    return (cfg.get("model") or {}).get("text_encoder") or None
+
+
+def example_prompt(cfg: DictConfig, read_data: bool = False) -> str | None:
+    """A prompt a text model of ``cfg`` knows the words of: "a 4 left of a 9" on the digit pairs (a fixed example,
+    written by their own caption template); elsewhere, with ``read_data``, the canonical caption of the first
+    training item (the data is read again: where it cannot be, None); else None."""
+    data = cfg.get("data") or {}
+    if data.get("name") == "digit_pairs":
+        from ddpmlab.data.captions import pair_captions
+
+        return pair_captions(4, 9)[0]
+    if not read_data:
+        return None
+    try:
+        datamodule = instantiate(data)
+        datamodule.setup("fit")
+        captions = getattr(datamodule.train_set, "captions", None)
+    except (ConfigError, OSError):  # moved or deleted since training: a placeholder says what to give
+        return None
+    return captions[0][0] if captions else None
+
+
+def prompt_argument(prompt: str) -> str:
+    """``prompt=<prompt>`` as a shell and Hydra read it: plain words in double quotes for the shell alone; anything
+    else (a comma would make Hydra sweep over it) quoted for Hydra, then for the shell."""
+    if re.fullmatch(r"[\w ]*", prompt) and prompt.strip() == prompt:
+        return f'prompt="{prompt}"'
+    escaped = prompt.replace("\\", "\\\\").replace('"', '\\"')
+    return shlex.quote(f'prompt="{escaped}"')
+
+
+def text_rows(cfg: DictConfig) -> list[str]:
+    """The model card's rows for a text-conditioned model: its encoder and where the U-Net reads it."""
+    enc, m = text_encoder_of(cfg), cfg.model
+    if not enc:
+        return []
+    if enc._target_.rsplit(".", 1)[-1] == "CLIPTextEncoder":
+        context = f"{enc.max_length} tokens" if enc.get("max_length") else "the model's positions (77 for CLIP)"
+        encoder = (
+            f"CLIP text Transformer (Radford et al. 2021), frozen, read from {enc.path} (layer {enc.get('layer')}); "
+            f"CLIP's byte-level BPE tokenizer (no word is unknown), context {context}"
+        )
+    else:
+        encoder = (
+            f"learned Transformer encoder{' pooled to one vector' if enc.get('pooled') else ''}, trained with the "
+            f"U-Net: word-level vocabulary of {len(enc.vocab or [])} words (+ padding and unknown), context "
+            f"{enc.max_length} words, width {enc.dim}, {enc.depth} layers of {enc.heads} heads"
+        )
+    if enc.get("pooled"):
+        reads = "one vector (the mean over the caption) added to the time embedding; no cross-attention"
+    else:
+        width = m.get("context_dim") or enc.get("dim") or "the encoder's width"
+        reads = (
+            f"cross-attention (SpatialTransformer, LDM) at feature heights {list(m.get('context_resolutions') or [])} "
+            f"and in the middle, context_dim {width}"
+        )
+    return [
+        f"| text encoder | {encoder} |",
+        f"| text condition | {reads}; condition dropout p_uncond={cfg.get('p_uncond', 0)} (the empty caption is the "
+        f"null of classifier-free guidance) |",
+    ]
+
+
+def text_usage(cfg: DictConfig) -> tuple[list[str], str]:
+    """(the model card's lines that build a text condition and guide it, the sampler's argument), else none."""
+    if not text_encoder_of(cfg):
+        return [], ""
+    prompt = example_prompt(cfg) or PROMPT_PLACEHOLDER
+    lines = [
+        "from ddpmlab.conditioning import text_cond",
+        f"cond = text_cond(denoiser, [{prompt!r}] * 16)   # a caption per sample, in the words it was trained on",
+    ]
+    if float(cfg.get("p_uncond") or 0) > 0:
+        lines = [
+            "from ddpmlab.samplers import GuidedDenoiser",
+            *lines,
+            "denoiser = GuidedDenoiser(denoiser, 3.0)   # classifier-free guidance, w = 3, against the empty caption",
+        ]
+    return lines, ", cond=cond"
 
 
 class LatentDiffusion(PixelDiffusion):

@@ -10,7 +10,8 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from ddpmlab.callbacks.periodic import EveryNSteps
 from ddpmlab.callbacks.utils import dashboard_step, ema_denoiser, log_image, log_labelled_samples, sampling_perf
-from ddpmlab.images import cond_rows, image_grid, save_grid, save_png, to_unit
+from ddpmlab.images import caption_grid, cond_rows, image_grid, save_grid, save_png, to_unit
+from ddpmlab.lit.module import preview_keys
 from ddpmlab.progress import SamplingProgress, is_terminal
 from ddpmlab.samplers import GuidedDenoiser, generate
 
@@ -74,7 +75,8 @@ class SampleGrid(EveryNSteps):
         return path
 
     def draw_conditioned(self, trainer, pl_module, denoiser, sampler, perf, step: int) -> Path:
-        """Rows of input | samples | original for the first validation images (the same ones at every step)."""
+        """Rows of input | samples | original for the first validation images (the same ones at every step); a text
+        model's rows are samples | a real item of the caption, the caption written under each row."""
         dataset = trainer.datamodule.val_set or trainer.datamodule.train_set
         rows = 8
         per = max(1, self.num_samples // rows - 1 - (pl_module.task is not None))  # [input |] samples | original
@@ -86,7 +88,12 @@ class SampleGrid(EveryNSteps):
         with SamplingProgress(evals, "grid", enabled=is_terminal(), leave=False) as bar:
             x0 = generate(denoiser, sampler, n, seed=self.seed, batch_size=n, cond=cond.repeat_interleave(per),
                           perf=perf, progress=bar.wrap)  # fmt: skip
-        grid = image_grid(cond_rows(cond.image, x0, originals, n=len(cond)), nrow=per + 1 + (cond.image is not None))
+        cells = cond_rows(cond.image, x0, originals, n=len(cond))
+        if pl_module.text:  # the captions fixed_conditions drew, written under their rows
+            captions = [dataset.captions[k][0] for k in preview_keys(dataset, len(cond))]
+            grid = caption_grid(cells, captions, per_row=per + 1)
+        else:
+            grid = image_grid(cells, nrow=per + 1 + (cond.image is not None))
         path = Path(trainer.default_root_dir) / self.dirname / f"step_{step:07d}.png"
         save_png(grid, path)
         log_image(trainer, "samples/grid", grid, dashboard_step(trainer))

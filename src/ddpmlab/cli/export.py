@@ -17,6 +17,7 @@ from ddpmlab.api import CONFIG_DIR, WEIGHTS_FILE, load_checkpoint, safetensors_a
 from ddpmlab.cli.common import friendly_errors
 from ddpmlab.errors import ConfigError
 from ddpmlab.fileio import atomic_dir
+from ddpmlab.networks.unet import image_hw
 from ddpmlab.stages import Stage, load_model
 
 EXPORT_FILES = (WEIGHTS_FILE, "config.yaml", "README.md")
@@ -77,7 +78,7 @@ def model_card(
         "| | |",
         "|---|---|",
         f"| stage | {stage.title} |",
-        f"| data | {d.name} ({d.channels} x {d.image_size} x {d.image_size}), batch {d.batch_size} |",
+        f"| data | {d.name} ({d.channels} x {' x '.join(map(str, image_hw(d.image_size)))}), batch {d.batch_size} |",
         *stage.card_rows(cfg),
         f"| training | {step} steps, {cfg.optimizer._target_.rsplit('.', 1)[-1]} lr {cfg.optimizer.lr}, "
         f"EMA decay {cfg.ema.decay if cfg.get('ema') else 'none'}, seed {cfg.seed} |",

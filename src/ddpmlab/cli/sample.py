@@ -3,6 +3,9 @@ sampler.yaml (the sampler used: the checkpoint's own unless the command line cha
 a folder ``export.py`` wrote. With ``inpaint.image`` or ``inpaint.index``: RePaint completions and inpaint.png
 instead. A model trained on an image task (super-resolution, inpainting) is sampled from its condition,
 ``cond.index`` (images of the dataset split) or ``cond.image`` (a file): ``num_samples`` per input, and cond.png.
+A text-conditioned model is sampled from its captions, ``prompt=`` (one), ``prompts=[...]`` or ``prompts_file=``
+(one a line): ``num_samples`` per prompt, guided by ``guidance=`` against the empty caption; grid.png writes each
+prompt under its row and samples.npz holds each sample's prompt.
 
 The samples go to disk batch by batch as they are drawn (``ddpmlab.chunks``): memory holds one batch, and the
 same command run again into the same folder (``hydra.run.dir=...``) after a kill continues where it stopped and
@@ -14,6 +17,7 @@ import time
 from pathlib import Path
 
 import hydra
+import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -22,21 +26,33 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 from ddpmlab.api import CONFIG_DIR, load_denoiser, pick_device, rebuild
 from ddpmlab.chunks import SampleChunks, tensor_hash
 from ddpmlab.cli.common import friendly_errors
-from ddpmlab.conditioning import Cond, make_task
+from ddpmlab.conditioning import Cond, make_task, text_cond
 from ddpmlab.errors import ConfigError
 from ddpmlab.fileio import read_image, write_atomic
-from ddpmlab.images import cond_rows, load_image, save_grid, side_by_side, to_hwc_uint8, to_model_range, to_unit
+from ddpmlab.images import (
+    caption_grid,
+    cond_rows,
+    load_image,
+    save_grid,
+    save_png,
+    side_by_side,
+    to_hwc_uint8,
+    to_model_range,
+    to_unit,
+)
 from ddpmlab.perf import sampling_cpu_threads
 from ddpmlab.samplers import GuidedDenoiser, Sampler, generate_chain, with_guidance
 from ddpmlab.samplers.generate import generate_batches
 from ddpmlab.samplers.guidance import cycle_labels
 from ddpmlab.samplers.masks import make_mask
 from ddpmlab.sampling import chosen_sampler, classifier_guidance, given  # noqa: F401  (given: for callers)
-from ddpmlab.stages import stage_of
+from ddpmlab.stages import example_prompt, stage_of
 from ddpmlab.validate import MAX_NUM_SAMPLES, check_sample_config, check_sampler_steps
 
 GRID_SAMPLES = 100  # grid.png and inpaint.png show the first 100 samples
 COND_ROWS, COND_PER_ROW = 16, 8  # cond.png shows up to 16 inputs with up to 8 samples each
+TEXT_ROWS, TEXT_PER_ROW = 16, 16  # a text model's grid.png: up to 16 prompts with up to 16 samples each
+PROMPT_KEYS = ("prompt", "prompts", "prompts_file")
 
 
 def draw_to_disk(
@@ -48,6 +64,8 @@ def draw_to_disk(
     device = next(denoiser.parameters()).device
     cond = inputs.get("cond")
     conditions = () if cond is None else (cond.image, cond.labels)  # nothing added for the other paths' hashes
+    if cond is not None and cond.tokens is not None:  # the prompts
+        conditions += (cond.tokens, cond.token_mask)
     settings = {
         "seed": cfg.seed,
         "sampler": sampler.to_config(),
@@ -90,16 +108,23 @@ def first_samples(chunks: SampleChunks, n: int = GRID_SAMPLES) -> torch.Tensor:
 
 def sample(cfg: DictConfig, output_dir: str | Path) -> Path:
     check_sample_config(cfg)
+    prompts = read_prompts(cfg)  # a bad prompts_file is refused before the checkpoint is read
     device = pick_device(cfg.device)
     denoiser, ckpt_cfg = load_denoiser(cfg.ckpt_path, ema=cfg.use_ema)
     check_sampler_steps(cfg, denoiser.diffusion.T)
     task = make_task(ckpt_cfg.get("task"))
+    check_text_given(cfg, denoiser, ckpt_cfg, task, prompts)
     check_condition_given(cfg, denoiser, task)
+    # Tokenized here, before anything is drawn: a word outside the vocabulary, or a prompt longer than the context,
+    # is a one-line error, not a failure after minutes of sampling.
+    cond = None if prompts is None else text_cond(denoiser, prompts)
     denoiser.to(device)
     perf = (cfg.get("perf") or {}).get("sampling")
     sampling_cpu_threads(denoiser, device, cfg.batch_size)  # small networks sample faster on one CPU thread
     if task is not None:
         return sample_conditioned(cfg, denoiser, ckpt_cfg, task, Path(output_dir), perf)
+    if cond is not None:
+        return sample_text(cfg, denoiser, ckpt_cfg, prompts, cond, Path(output_dir), perf)
     if wants_inpainting(cfg):
         return inpaint(cfg, denoiser, ckpt_cfg, Path(output_dir), perf)
     guided = classifier_guidance(cfg, denoiser, ckpt_cfg, cfg.num_samples, device)  # with classifier.ckpt_path
@@ -270,14 +295,7 @@ def sample_conditioned(cfg: DictConfig, denoiser, ckpt_cfg: DictConfig, task, ou
             raise ConfigError("this model is also class-conditional: give labels=[...] for cond.image")
     elif cfg.get("labels") is not None:
         raise ConfigError("labels= needs a class-conditional checkpoint (trained with model.num_classes); drop it")
-    w = float(cfg.get("guidance") or 0.0)
-    if w != 0:
-        if not float(ckpt_cfg.get("p_uncond") or 0.0) > 0:
-            raise ConfigError(
-                f"guidance={w} needs a model trained with condition dropout (p_uncond > 0: the unconditional term "
-                f"of classifier-free guidance); {cfg.ckpt_path} was trained with p_uncond=0: sample it with guidance=0"
-            )
-        denoiser = GuidedDenoiser(denoiser, w)
+    denoiser = guided(cfg, denoiser, ckpt_cfg)
     cond = Cond(labels=labels, image=image).repeat_interleave(K)  # K samples of each input, one after another
     sampler = chosen_sampler(cfg, ckpt_cfg)
     print(f"sampler: {sampler}; {K} samples for each of {N} inputs ({describe_task(task)})")
@@ -296,6 +314,120 @@ def sample_conditioned(cfg: DictConfig, denoiser, ckpt_cfg: DictConfig, task, ou
     save_grid(grid, out / "cond.png", nrow=len(grid) // rows)
     chunks.remove()  # samples.npz holds them all now
     if cfg.get("save_chain"):  # the first input's chain
+        frames = generate_chain(
+            denoiser, sampler, cfg.chain_samples, cfg.chain_frames, seed=cfg.seed, perf=perf, progress=True,
+            cond=cond[:1].repeat_interleave(cfg.chain_samples),
+        )  # fmt: skip
+        save_grid(to_unit(frames.flatten(0, 1)), out / "chain.png", nrow=frames.shape[1])
+    return out
+
+
+def guided(cfg: DictConfig, denoiser, ckpt_cfg: DictConfig):
+    """The denoiser with classifier-free guidance at ``guidance=`` w (Ho & Salimans 2022, eq. 6) against the null of
+    its condition (the null image, the empty caption); as it is at w = 0."""
+    w = float(cfg.get("guidance") or 0.0)
+    if w == 0:
+        return denoiser
+    if not float(ckpt_cfg.get("p_uncond") or 0.0) > 0:
+        raise ConfigError(
+            f"guidance={w} needs a model trained with condition dropout (p_uncond > 0: the unconditional term "
+            f"of classifier-free guidance); {cfg.ckpt_path} was trained with p_uncond=0: sample it with guidance=0"
+        )
+    return GuidedDenoiser(denoiser, w)
+
+
+# --------------------------------------------------------------------------------------------- text
+def wants_text(cfg: DictConfig) -> bool:
+    return any(cfg.get(k) is not None for k in PROMPT_KEYS)
+
+
+def read_prompts(cfg: DictConfig) -> list[str] | None:
+    """The prompts of ``prompt=`` (one), ``prompts=[...]`` or ``prompts_file=`` (one per non-empty line, stripped);
+    None when none is given. ``prompt=""`` is the empty caption: the unconditional model."""
+    named = [k for k in PROMPT_KEYS if cfg.get(k) is not None]
+    if len(named) > 1:
+        raise ConfigError(f"give one of prompt=, prompts=[...] or prompts_file=, not {' and '.join(named)}")
+    if not named:
+        return None
+    if named[0] == "prompt":
+        value = cfg.prompt
+        if isinstance(value, (ListConfig, list, DictConfig)):
+            raise ConfigError('prompt= takes one caption, e.g. prompt="a 4 left of a 9"; for several, prompts=[...]')
+        return [str(value)]
+    if named[0] == "prompts":
+        values = list(cfg.prompts) if isinstance(cfg.prompts, (ListConfig, list)) else [cfg.prompts]
+        if not values or any(isinstance(v, (ListConfig, DictConfig)) for v in values):
+            raise ConfigError(
+                'prompts= takes a non-empty list of captions, e.g. prompts=["a 4 left of a 9","nine then four"]'
+            )
+        return [str(v) for v in values]
+    path = Path(str(cfg.prompts_file)).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"prompts_file={cfg.prompts_file} is not a file; give a text file with one prompt a line")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read prompts_file={cfg.prompts_file} ({str(e)[:200]}); save it as UTF-8 text") from e
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise ConfigError(f"prompts_file={cfg.prompts_file} holds no prompt; write one prompt a line")
+    return prompts
+
+
+def check_text_given(cfg: DictConfig, denoiser, ckpt_cfg: DictConfig, task, prompts: list[str] | None) -> None:
+    """Prompts for a text-conditioned model, and only for one; what does not go with them refused."""
+    where, text = cfg.ckpt_path, denoiser.tokenizer is not None
+    if prompts is not None and not text:
+        raise ConfigError(
+            f"prompt= / prompts= / prompts_file= need a text-conditioned model (trained with text_encoder=learned | "
+            f"pooled | clip, e.g. experiment=text_digits); {where} has no text encoder: drop them"
+        )
+    if not text:
+        return
+    if task is not None:
+        raise ConfigError(
+            f"{where} is conditioned on both an image ({describe_task(task)}) and text; sample it from Python: "
+            f"generate(..., cond=Cond(image=..., tokens=..., token_mask=...))"
+        )
+    if prompts is None and not wants_inpainting(cfg):
+        # Refused rather than drawn from the empty caption: a text model's grid without its prompts would show its
+        # weakest part (the unconditional model, trained on a p_uncond share of the steps, or never) as if it were
+        # the model; the unconditional draw stays one argument away (prompt=""). RePaint completes unconditionally,
+        # as it does for a class-conditional model without labels.
+        example = example_prompt(ckpt_cfg) or "<a caption in the words of its training captions>"
+        empty = ', or prompt="" for its unconditional model' if float(ckpt_cfg.get("p_uncond") or 0) > 0 else ""
+        raise ConfigError(
+            f'{where} is conditioned on text: give its caption, e.g. prompt="{example}" (or prompts=[...], or '
+            f"prompts_file=<a text file, one prompt a line>){empty}"
+        )
+    if prompts is not None and (wants_inpainting(cfg) or wants_condition(cfg)):
+        raise ConfigError("prompts draw new samples; inpaint.* and cond.* do not go with them: drop those")
+    if prompts is not None and cfg.get("labels") is not None:
+        raise ConfigError("labels= needs a class-conditional checkpoint (trained with model.num_classes); drop it")
+    if prompts is not None and (cfg.get("classifier") or {}).get("ckpt_path"):
+        raise ConfigError("classifier.ckpt_path guides class labels; a text model is guided with guidance= instead")
+
+
+def sample_text(cfg: DictConfig, denoiser, ckpt_cfg: DictConfig, prompts: list[str], cond: Cond, out: Path, perf=None):
+    """``num_samples`` samples of each prompt (consecutive: the first prompt's first), with classifier-free guidance
+    ``guidance=`` w against the empty caption; writes samples.npz (images, prompts: each sample's, prompt_index),
+    sampler.yaml and grid.png: a row per prompt (up to 16 of 16), the prompt written under it."""
+    N, K = len(prompts), cfg.num_samples
+    if N * K > MAX_NUM_SAMPLES:
+        raise ConfigError(f"{N} prompts x num_samples={K} is more than {MAX_NUM_SAMPLES:,} samples; draw fewer")
+    denoiser = guided(cfg, denoiser, ckpt_cfg)
+    cond = cond.repeat_interleave(K)  # K samples of each prompt, one after another
+    sampler = chosen_sampler(cfg, ckpt_cfg)
+    w = float(cfg.get("guidance") or 0.0)
+    print(f"sampler: {sampler}; {K} samples for each of {N} prompt{'s' * (N > 1)}, guidance w={w:g}")
+    chunks = draw_to_disk(cfg, out, denoiser, sampler, None, perf, num_samples=N * K, cond=cond)
+    index = np.repeat(np.arange(N), K)
+    write_outputs(out, chunks, sampler, None, prompts=np.array(prompts, dtype=str)[index], prompt_index=index)
+    rows, per = min(N, TEXT_ROWS), min(K, TEXT_PER_ROW)
+    shown = first_samples(chunks, rows * K).unflatten(0, (rows, K))[:, :per].flatten(0, 1)
+    save_png(caption_grid(to_unit(shown), prompts[:rows], per), out / "grid.png")
+    chunks.remove()  # samples.npz holds them all now
+    if cfg.get("save_chain"):  # the first prompt's chain
         frames = generate_chain(
             denoiser, sampler, cfg.chain_samples, cfg.chain_frames, seed=cfg.seed, perf=perf, progress=True,
             cond=cond[:1].repeat_interleave(cfg.chain_samples),

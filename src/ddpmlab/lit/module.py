@@ -137,12 +137,8 @@ class DiffusionModule(pl.LightningModule):
         """Conditions for grids of a text model: the canonical captions (``captions[key][0]``) of ``n`` items of
         ``dataset`` with distinct keys -- its ``preview_keys`` where it names them, else spread over its keys -- and
         the first image of each."""
-        keys = [int(k) for k in getattr(dataset, "preview_keys", None) or []][:n]
-        labels = dataset.labels
-        if not keys:
-            distinct = torch.unique(labels).tolist()
-            keys = [distinct[i * len(distinct) // n] for i in range(min(n, len(distinct)))]
-        first = [int((labels == k).nonzero()[0]) for k in keys]
+        keys = preview_keys(dataset, n)
+        first = [int((dataset.labels == k).nonzero()[0]) for k in keys]
         x0 = torch.stack([dataset[i][0] for i in first])
         prompts = [dataset.captions[k][0] for k in keys]
         tokens, mask = self.denoiser.tokenizer(prompts)
@@ -203,6 +199,16 @@ class DiffusionModule(pl.LightningModule):
         check_compatible(checkpoint.get("ddpmlab_config"), self.config)
         if checkpoint.get("timestep_sampler"):
             self.timestep_sampler.load_state_dict(checkpoint["timestep_sampler"])
+
+
+def preview_keys(dataset, n: int) -> list[int]:
+    """The item keys of a text dataset whose canonical captions grids show: its ``preview_keys`` where it names them,
+    else ``n`` distinct keys spread over its keys."""
+    keys = [int(k) for k in getattr(dataset, "preview_keys", None) or []][:n]
+    if not keys:
+        distinct = torch.unique(dataset.labels).tolist()
+        keys = [distinct[i * len(distinct) // n] for i in range(min(n, len(distinct)))]
+    return keys
 
 
 def check_task(task, cond_channels: int, data_channels: int) -> None:
