@@ -202,11 +202,12 @@ class DiffusionModule(pl.LightningModule):
 
 
 def preview_keys(dataset, n: int) -> list[int]:
-    """The item keys of a text dataset whose canonical captions grids show: its ``preview_keys`` where it names them,
-    else ``n`` distinct keys spread over its keys."""
-    keys = [int(k) for k in getattr(dataset, "preview_keys", None) or []][:n]
+    """The item keys of a text dataset whose canonical captions grids show: its ``preview_keys`` that it holds items
+    of, where it names them, else ``n`` distinct keys spread over its keys."""
+    labels = dataset.labels
+    keys = [int(k) for k in getattr(dataset, "preview_keys", None) or [] if bool((labels == k).any())][:n]
     if not keys:
-        distinct = torch.unique(dataset.labels).tolist()
+        distinct = torch.unique(labels).tolist()
         keys = [distinct[i * len(distinct) // n] for i in range(min(n, len(distinct)))]
     return keys
 
