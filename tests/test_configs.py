@@ -7,6 +7,7 @@ from hydra.utils import instantiate
 
 from conftest import compose_cfg
 from ddpmlab.api import CONFIG_DIR, build_denoiser
+from ddpmlab.stages import prepare_text
 
 GROUPS_BUILT = {"model", "schedule", "objective", "sampler", "optimizer", "ema", "data"}
 
@@ -28,7 +29,15 @@ def options():
 @pytest.mark.parametrize("group,option", list(options()))
 def test_every_option_composes_and_instantiates(tmp_path, group, option):
     over = [f"{group}={option}"] if group != "experiment" else [f"experiment={option}"]
-    cfg = compose_cfg("train", over, tmp_path)
+    if group == "text_encoder":  # captions to build the vocabulary from
+        over += ["data=digit_pairs", "text_encoder.path=/no/such/clip"] if option == "clip" else ["data=digit_pairs"]
+    cfg = prepare_text(compose_cfg("train", over, tmp_path))  # a learned encoder's vocabulary, from the captions
+    if group == "text_encoder" and option == "clip":  # a real CLIP folder: tests/test_clip_text.py
+        with pytest.raises(Exception, match="/no/such/clip"):
+            build_denoiser(cfg)
+        return
+    if group == "text_encoder":
+        assert build_denoiser(cfg).tokenizer is not None
     node = cfg.get(group) if group != "experiment" else None
     if group in GROUPS_BUILT and node:
         assert instantiate(node) is not None

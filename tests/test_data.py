@@ -61,7 +61,7 @@ def test_an_image_size_the_unet_cannot_take_is_refused_before_any_data_is_read(t
 def test_bad_data_settings_are_refused_with_the_key_to_fix():
     with pytest.raises(ConfigError, match="unknown dataset 'imagenet'"):
         DiffusionDataModule(name="imagenet")
-    with pytest.raises(ConfigError, match="data.channels 1 or 3"):
+    with pytest.raises(ConfigError, match="data.channels must be 1 or 3"):
         DiffusionDataModule(name="folder", channels=4)
     with pytest.raises(ConfigError, match="on_device=true needs a dataset held in memory"):
         DiffusionDataModule(name="celeba", on_device=True)

@@ -5,6 +5,8 @@ Two loader paths give batches of the same distribution:
   split as one uint8 tensor on the training device (``on_device: auto``; ``true`` forces it, on CPU too);
 - otherwise a DataLoader over the Dataset (items already in [-1, 1]); workers from the CPU count for datasets
   read from files (CelebA, folders), pinned memory on GPU.
+Text datasets (digit pairs, captioned folders) serve keys in place of labels: ``dataset.captions[key]`` lists
+the item's captions.
 Both draw the training order and flips of epoch e from ``seed + e`` alone (data/order.py), so a run resumed
 mid-epoch continues with exactly the batches the uninterrupted run would have seen.
 """
@@ -12,6 +14,7 @@ mid-epoch continues with exactly the batches the uninterrupted run would have se
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -19,12 +22,18 @@ from torch.utils.data import DataLoader, Dataset
 
 from ddpmlab.data import datasets as D
 from ddpmlab.data.device_loader import DeviceLoader
-from ddpmlab.data.files import ImageFileDataset, celeba_files, folder_files
+from ddpmlab.data.files import (
+    CaptionedImageFileDataset,
+    ImageFileDataset,
+    captioned_folder_files,
+    celeba_files,
+    folder_files,
+)
 from ddpmlab.data.order import EpochDataLoader, EpochSampler, Flipped, position
 from ddpmlab.errors import ConfigError
 
-IN_MEMORY = ("digits", "mnist", "fashion_mnist", "cifar10")
-FROM_FILES = ("celeba", "folder")
+IN_MEMORY = ("digits", "digit_pairs", "mnist", "fashion_mnist", "cifar10")
+FROM_FILES = ("celeba", "folder", "captioned_folder")
 DATASETS = IN_MEMORY + FROM_FILES
 
 
@@ -33,7 +42,7 @@ class DiffusionDataModule(pl.LightningDataModule):
         self,
         name: str = "digits",
         root: str = "data",
-        image_size: int = 8,
+        image_size: int | Sequence[int] = 8,  # [H, W] for digit_pairs (two digits side by side: [8, 16])
         channels: int = 1,
         num_classes: int | None = 10,
         batch_size: int = 128,
@@ -44,14 +53,16 @@ class DiffusionDataModule(pl.LightningDataModule):
         on_device: bool | str = "auto",
         crop: int | None = None,  # centre crop (pixels) before resizing, e.g. 140 for CelebA 64x64
         seed: int = 0,  # the training order and flips of every epoch (data/order.py)
+        held_out_pairs: Sequence[Sequence[int]] = D.HELD_OUT_PAIRS,  # digit_pairs: [a, b] pairs never trained on
+        num_pairs: int = 20000,  # digit_pairs: training items
+        val_pairs_per_pair: int = 10,  # digit_pairs: validation items of each of the 100 pairs
     ):
         super().__init__()
         if name not in DATASETS:
             raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-        if not (isinstance(image_size, int) and image_size > 0) or channels not in (1, 3):
-            raise ConfigError(
-                f"data.image_size must be a positive integer and data.channels 1 or 3, got {image_size} and {channels}"
-            )
+        image_size = self._check_size(name, image_size)
+        if channels not in (1, 3):
+            raise ConfigError(f"data.channels must be 1 or 3 (grey or RGB), got {channels}")
         if not (isinstance(batch_size, int) and batch_size > 0) or not 0 <= val_fraction < 1:
             raise ConfigError(
                 f"data.batch_size must be >= 1 and 0 <= data.val_fraction < 1, got {batch_size} and {val_fraction}"
@@ -65,6 +76,26 @@ class DiffusionDataModule(pl.LightningDataModule):
                 f"data.on_device=true needs a dataset held in memory ({', '.join(IN_MEMORY)}); "
                 f"{name} is read from files"
             )
+        if name == "digit_pairs":
+            if random_flip:
+                raise ConfigError(
+                    "data.random_flip=true would mirror digit pairs, putting each digit on the side its caption does "
+                    "not say; set data.random_flip=false"
+                )
+            held_out_pairs = D.check_pairs(held_out_pairs)
+            if not (isinstance(num_pairs, int) and num_pairs > 0 and isinstance(val_pairs_per_pair, int)) or (
+                val_pairs_per_pair < 0
+            ):
+                raise ConfigError(
+                    f"data.num_pairs must be >= 1 and data.val_pairs_per_pair >= 0, got {num_pairs} "
+                    f"and {val_pairs_per_pair}"
+                )
+        if name == "captioned_folder" and num_classes is not None:
+            raise ConfigError(
+                f"data.num_classes={num_classes}, but captioned_folder has no classes (its keys index the captions); "
+                f"set data.num_classes=null"
+            )
+        self.held_out_pairs, self.num_pairs, self.val_pairs_per_pair = held_out_pairs, num_pairs, val_pairs_per_pair
         self.name, self.root, self.download = name, root, download
         self.image_size, self.channels, self.num_classes = image_size, channels, num_classes
         self.batch_size, self.val_fraction, self.random_flip = batch_size, val_fraction, random_flip
@@ -80,21 +111,60 @@ class DiffusionDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        if self.name in IN_MEMORY:
+        if self.name == "digit_pairs":
+            train, val = D.load_digit_pairs(
+                self.val_fraction, self.held_out_pairs, self.num_pairs, self.val_pairs_per_pair
+            )
+            self.train_set = self._digit_pairs(*train)
+            self.val_set = self._digit_pairs(*val) if val is not None else None
+        elif self.name in IN_MEMORY:
             self.train_set, self.val_set = (self._in_memory(*split) for split in self._load_in_memory())
         elif self.name == "celeba":
             self.train_set, self.val_set = (self._files(celeba_files(self.root, s)) for s in ("train", "val"))
+        elif self.name == "captioned_folder":
+            paths, captions = captioned_folder_files(self.root)
+            train, val = self._folder_holdout(len(paths))
+            self.train_set, self.val_set = (
+                CaptionedImageFileDataset(
+                    [paths[i] for i in s], [captions[i] for i in s], self.image_size, self.channels
+                )
+                if len(s)
+                else None
+                for s in (train, val)
+            )
         else:
             paths, labels, _ = folder_files(self.root)
-            train, val = D.holdout(len(paths), self.val_fraction)
-            if len(train) == 0:
-                raise ConfigError(
-                    f"{self.root} holds {len(paths)} image(s), all held out for validation; "
-                    f"add images or set data.val_fraction=0"
-                )
+            train, val = self._folder_holdout(len(paths))
             self.train_set = self._files([paths[i] for i in train], labels[train])
             self.val_set = self._files([paths[i] for i in val], labels[val]) if len(val) else None
         self._check_labels(self.train_set.labels)
+
+    @staticmethod
+    def _check_size(name: str, image_size) -> int | tuple[int, int]:
+        """An integer (square images), or (H, W) for digit_pairs, whose images are twice as wide as high."""
+        if name == "digit_pairs":
+            if isinstance(image_size, Sequence) and not isinstance(image_size, str) and len(image_size) == 2:
+                size = tuple(image_size)
+                if all(isinstance(v, int) and v > 0 for v in size):
+                    return size
+            raise ConfigError(
+                f"data.image_size for digit_pairs is [H, W], two positive integers (two digits side by side: "
+                f"[8, 16]), got {image_size}"
+            )
+        if not (isinstance(image_size, int) and image_size > 0):
+            raise ConfigError(
+                f"data.image_size must be a positive integer for {name} (square images; [H, W] is for digit_pairs), "
+                f"got {image_size}"
+            )
+        return image_size
+
+    def _folder_holdout(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        train, val = D.holdout(n, self.val_fraction)
+        if len(train) == 0:
+            raise ConfigError(
+                f"{self.root} holds {n} image(s), all held out for validation; add images or set data.val_fraction=0"
+            )
+        return train, val
 
     def _load_in_memory(self):
         if self.name == "digits":
@@ -105,11 +175,18 @@ class DiffusionDataModule(pl.LightningDataModule):
         return load(self.root, "train"), load(self.root, "val")
 
     def _in_memory(self, images: torch.Tensor, labels: torch.Tensor) -> D.ImageTensorDataset:
+        return D.ImageTensorDataset(self._sized(images), labels)
+
+    def _digit_pairs(self, images: torch.Tensor, keys: torch.Tensor, sources: torch.Tensor) -> D.DigitPairsDataset:
+        return D.DigitPairsDataset(self._sized(images), keys, sources, self.held_out_pairs)
+
+    def _sized(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[1] != self.channels:
             raise ConfigError(f"{self.name} images have {images.shape[1]} channel(s) but data.channels={self.channels}")
-        if images.shape[-2:] != (self.image_size, self.image_size):
-            images = D.resize_uint8(images, self.image_size)  # once, at load time, e.g. MNIST to 32x32
-        return D.ImageTensorDataset(images, labels)
+        size = (self.image_size,) * 2 if isinstance(self.image_size, int) else self.image_size
+        if images.shape[-2:] != size:
+            images = D.resize_uint8(images, size)  # once, at load time, e.g. MNIST to 32x32
+        return images
 
     def _files(self, paths, labels=None) -> ImageFileDataset:
         labels = torch.full((len(paths),), D.NO_LABEL) if labels is None else labels

@@ -1,11 +1,11 @@
 """Datasets as uint8 images, read from the files each dataset really ships as.
 
-In-memory datasets (digits, MNIST, Fashion-MNIST, CIFAR-10) load as one uint8 tensor [N,C,H,W] (``.images``)
-plus long labels [N] (``.labels``); the on-device path gathers, flips and scales whole batches of it. Every
-Dataset yields (x0 float [C,H,W] in [-1, 1], label) per item, unflipped -- what callbacks reading
+In-memory datasets (digits, digit pairs, MNIST, Fashion-MNIST, CIFAR-10) load as one uint8 tensor [N,C,H,W]
+(``.images``) plus long labels [N] (``.labels``); the on-device path gathers, flips and scales whole batches of it.
+Every Dataset yields (x0 float [C,H,W] in [-1, 1], label) per item, unflipped -- what callbacks reading
 ``datamodule.train_set`` expect -- and the DataLoader path flips per batch in its collate. Labels are class
 indices where the dataset has classes and ``NO_LABEL`` (-1) where it has none (CelebA, a folder of images
-without class sub-folders).
+without class sub-folders). Text datasets label each item with a key into ``dataset.captions``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, default_collate
 
+from ddpmlab.data.captions import pair_captions, pair_key, pair_of
 from ddpmlab.errors import ConfigError, DatasetNotFoundError
 from ddpmlab.images import to_model_range
 
@@ -52,6 +53,15 @@ class ImageTensorDataset(Dataset):
         return to_model_range(self.images[i]), self.labels[i]
 
 
+class CaptionedTensorDataset(ImageTensorDataset):
+    """In-memory images whose labels are keys into ``captions``: ``captions[key]`` lists every caption of an item
+    (training draws one of them, evaluation prints the first)."""
+
+    def __init__(self, images: Tensor, keys: Tensor, captions: list[list[str]]):
+        super().__init__(images, keys)
+        self.captions = captions
+
+
 class CollateX0:
     """DataLoader collate: stack the items, then flip each image with probability 1/2 (torch's global RNG,
     which Lightning's ``seed_everything(workers=True)`` seeds per worker)."""
@@ -73,11 +83,13 @@ def holdout(n: int, val_fraction: float) -> tuple[Tensor, Tensor]:
     return perm[n_val:], perm[:n_val]
 
 
-def resize_uint8(images: Tensor, image_size: int, chunk: int = 4096) -> Tensor:
-    """uint8 [N,C,H,W] -> uint8 [N,C,S,S], antialiased bilinear, in chunks to bound the float scratch memory."""
+def resize_uint8(images: Tensor, image_size: int | tuple[int, int], chunk: int = 4096) -> Tensor:
+    """uint8 [N,C,H,W] -> uint8 [N,C,S,S] (or [N,C,h,w] for ``image_size`` (h, w)), antialiased bilinear, in chunks
+    to bound the float scratch memory."""
     from torchvision.transforms.v2 import functional as F
 
-    return torch.cat([F.resize(x, [image_size, image_size], antialias=True) for x in images.split(chunk)])
+    size = [image_size, image_size] if isinstance(image_size, int) else list(image_size)
+    return torch.cat([F.resize(x, size, antialias=True) for x in images.split(chunk)])
 
 
 # ---------------------------------------------------------------------------------------------- digits
@@ -88,6 +100,92 @@ def load_digits() -> tuple[Tensor, Tensor]:
     bunch = _load()
     images = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)
     return torch.from_numpy(images).unsqueeze(1), torch.from_numpy(bunch.target).long()
+
+
+# ---------------------------------------------------------------------------------------------- digit pairs
+PAIRS_SEED = 1  # the same pairs, and the same two images in each, in every run, whatever the run's seed
+# Never shown in training, to measure composition: each digit once on the left and once on the right, and never a
+# pair together with its swap (the 10-cycle 0 -> 7 -> 2 -> 9 -> 4 -> 1 -> 8 -> 3 -> 6 -> 5 -> 0), so every held-out
+# pair has a seen partner in the swap test.
+HELD_OUT_PAIRS = ((0, 7), (7, 2), (2, 9), (9, 4), (4, 1), (1, 8), (8, 3), (3, 6), (6, 5), (5, 0))
+
+
+class DigitPairsDataset(CaptionedTensorDataset):
+    """Two bundled 8x8 digits side by side, uint8 [N,1,8,16], keyed ``10 * a + b`` (``a`` on the left, ``b`` on the
+    right); ``captions[key]`` = ``pair_captions(a, b)`` for all 100 keys. ``sources`` [N,2]: the indices in
+    ``load_digits()`` of the left and the right digit; ``held_out``: the keys of the pairs never trained on."""
+
+    pair_of = staticmethod(pair_of)
+
+    def __init__(self, images: Tensor, keys: Tensor, sources: Tensor, held_out_pairs):
+        super().__init__(images, keys, [pair_captions(*pair_of(k)) for k in range(100)])
+        self.sources = sources
+        self.held_out_pairs = [tuple(p) for p in held_out_pairs]
+        self.held_out = {pair_key(a, b) for a, b in self.held_out_pairs}
+
+
+def check_pairs(pairs) -> tuple[tuple[int, int], ...]:
+    """``data.held_out_pairs`` as a tuple of distinct (a, b), digits 0..9, with at least one pair left to train on."""
+
+    def is_digit(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 9
+
+    def is_pair(p) -> bool:
+        return not isinstance(p, str) and hasattr(p, "__len__") and len(p) == 2 and all(map(is_digit, p))
+
+    if isinstance(pairs, str) or not hasattr(pairs, "__iter__") or not all(map(is_pair, pairs)):
+        raise ConfigError(
+            f"data.held_out_pairs must be a list of [a, b] pairs of digits 0..9 (a on the left, b on the right), "
+            f"got {pairs}; e.g. data.held_out_pairs=[[0,7],[7,2]]"
+        )
+    checked = tuple((int(a), int(b)) for a, b in pairs)
+    twice = next((p for i, p in enumerate(checked) if p in checked[:i]), None)
+    if twice is not None:
+        raise ConfigError(f"data.held_out_pairs lists [{twice[0]}, {twice[1]}] twice; list each pair once")
+    if len(checked) == 100:
+        raise ConfigError("data.held_out_pairs holds out all 100 pairs, leaving none to train on; list fewer")
+    return checked
+
+
+def pair_digits(keys: Tensor, pool: Tensor, labels: Tensor, seed: int) -> Tensor:
+    """For each key ``10 * a + b`` a random image of digit ``a`` and one of digit ``b``, drawn from the indices
+    ``pool`` of the digits (``labels``: every digit's class): their indices [N,2]."""
+    counts = torch.bincount(labels[pool], minlength=10)
+    if (counts == 0).any():
+        raise ConfigError(
+            f"the {len(pool)} digits of this split hold no image of digit {int((counts == 0).nonzero()[0])}; "
+            f"raise data.val_fraction"
+        )
+    by_class = pool[torch.argsort(labels[pool], stable=True)]  # the pool's indices, grouped by digit
+    starts = torch.cumsum(counts, 0) - counts
+    digits = torch.stack([keys // 10, keys % 10], 1)  # [N,2]: left, right
+    u = torch.rand(digits.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    pick = torch.minimum((u * counts[digits]).long(), counts[digits] - 1)
+    return by_class[starts[digits] + pick]
+
+
+def load_digit_pairs(
+    val_fraction: float, held_out_pairs, num_pairs: int, val_pairs_per_pair: int
+) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor] | None]:
+    """(images uint8 [N,1,8,16], keys [N], sources [N,2]) of the train and the val split (None without one).
+
+    Train: ``num_pairs`` pairs, each drawn uniformly over the ordered pairs not held out, of digits from the train
+    part of ``holdout`` (the digits data=digits trains on). Val: every one of the 100 pairs ``val_pairs_per_pair``
+    times, of the held-out digits, in the order 0..99, 0..99, ... so that any prefix of 100k items holds each pair
+    k times (validation may stop after a few batches)."""
+    images, labels = load_digits()
+    train, val = holdout(len(images), val_fraction)
+    held_out = {pair_key(a, b) for a, b in held_out_pairs}
+    allowed = torch.tensor([k for k in range(100) if k not in held_out])
+    keys = allowed[torch.randint(len(allowed), (num_pairs,), generator=torch.Generator().manual_seed(PAIRS_SEED))]
+    splits = [(keys, train)]
+    if len(val) and val_pairs_per_pair:
+        splits.append((torch.arange(100).repeat(val_pairs_per_pair), val))
+    out = []
+    for i, (k, pool) in enumerate(splits):
+        sources = pair_digits(k, pool, labels, PAIRS_SEED + 1 + i)
+        out.append((torch.cat([images[sources[:, 0]], images[sources[:, 1]]], dim=-1), k, sources))
+    return out[0], (out[1] if len(out) > 1 else None)
 
 
 # ---------------------------------------------------------------------------------------------- MNIST-like (IDX)

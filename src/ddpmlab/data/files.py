@@ -1,4 +1,5 @@
-"""Datasets too large for memory, read image by image: CelebA (official layout) and any folder of images."""
+"""Datasets too large for memory, read image by image: CelebA (official layout), any folder of images, and a
+folder of images with a caption file beside each."""
 
 from __future__ import annotations
 
@@ -36,6 +37,15 @@ class ImageFileDataset(Dataset):
             img = F.center_crop(img, [self.crop])
         img = F.center_crop(F.resize(img, [self.image_size]), [self.image_size])
         return to_model_range(F.pil_to_tensor(img)), self.labels[i]
+
+
+class CaptionedImageFileDataset(ImageFileDataset):
+    """Image files keyed by their index: yields (x0, index), and ``captions[index]`` lists the image's captions."""
+
+    def __init__(self, paths: list[Path], captions: list[list[str]], image_size: int, channels: int):
+        assert len(paths) == len(captions), "captions for every image"
+        super().__init__(paths, torch.arange(len(paths)), image_size, channels)
+        self.captions = captions
 
 
 # ---------------------------------------------------------------------------------------------- CelebA
@@ -83,6 +93,18 @@ def folder_files(root: str | Path) -> tuple[list[Path], Tensor, list[str]]:
     torchvision's ImageFolder gives them -- the index of the top-level sub-folder -- when every image lies in
     one, else ``NO_LABEL``. Returns (paths, labels [N], class names)."""
     root = Path(root).expanduser()
+    paths = list_images(root)
+    check_images(paths)
+    tops = [p.relative_to(root).parts for p in paths]
+    if all(len(parts) > 1 for parts in tops):
+        classes = sorted({parts[0] for parts in tops})
+        index = {c: i for i, c in enumerate(classes)}
+        return paths, torch.tensor([index[parts[0]] for parts in tops]), classes
+    return paths, torch.full((len(paths),), NO_LABEL), []
+
+
+def list_images(root: Path) -> list[Path]:
+    """The image files under ``root`` (any depth, hidden files skipped), sorted; at least one."""
     if not root.is_dir():
         raise DatasetNotFoundError(f"image folder {root} does not exist; set data.root to a directory of images")
     paths = sorted(
@@ -94,13 +116,38 @@ def folder_files(root: str | Path) -> tuple[list[Path], Tensor, list[str]]:
     )
     if not paths:
         raise ConfigError(f"no images in {root}: expected files ending in {' '.join(IMG_EXTENSIONS)} anywhere under it")
+    return paths
+
+
+def captioned_folder_files(root: str | Path) -> tuple[list[Path], list[list[str]]]:
+    """Every image under ``root`` (as ``folder_files``) with its captions, read from the ``.txt`` file of the same
+    name beside it (``img_001.png`` + ``img_001.txt``, the layout of common text-image datasets): each non-empty
+    line, stripped, is one caption. Captions are checked before the images are decoded, the cheaper check first."""
+    root = Path(root).expanduser()
+    paths = list_images(root)
+    texts = [p.with_suffix(".txt") for p in paths]
+    missing = [p for p, t in zip(paths, texts, strict=True) if not t.is_file()]
+    if missing:
+        raise DatasetNotFoundError(
+            f"{len(missing)} of the {len(paths)} images under {root} have no caption file beside them (first: "
+            f"{missing[0]}, no {missing[0].with_suffix('.txt').name}); write each image's caption into a .txt file "
+            f"of the same name beside it, or remove the images without one"
+        )
+    captions = []
+    for t in texts:
+        try:
+            text = t.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read caption file {t} ({str(e)[:200]}); write it again as UTF-8 text") from e
+        captions.append([line.strip() for line in text.splitlines() if line.strip()])
+    empty = [t for t, c in zip(texts, captions, strict=True) if not c]
+    if empty:
+        raise ConfigError(
+            f"{len(empty)} of the {len(texts)} caption files under {root} are empty (first: {empty[0]}); write the "
+            f"image's caption into it, or remove the image"
+        )
     check_images(paths)
-    tops = [p.relative_to(root).parts for p in paths]
-    if all(len(parts) > 1 for parts in tops):
-        classes = sorted({parts[0] for parts in tops})
-        index = {c: i for i, c in enumerate(classes)}
-        return paths, torch.tensor([index[parts[0]] for parts in tops]), classes
-    return paths, torch.full((len(paths),), NO_LABEL), []
+    return paths, captions
 
 
 def check_images(paths: list[Path]) -> None:

@@ -30,11 +30,11 @@ class GuidedDenoiser(DenoiserWrapper):
 
     def __init__(self, denoiser: Denoiser, w: float):
         super().__init__()
-        if not denoiser.num_classes and not getattr(denoiser, "cond_channels", 0):
+        if not denoiser.num_classes and not getattr(denoiser, "cond_channels", 0) and not denoiser.tokenizer:
             raise ConfigError(
-                "classifier-free guidance needs a conditional model: train with model.num_classes=<K> "
-                "(e.g. experiment=cond_digits) or on an image task, or sample this checkpoint with guidance=0 and "
-                "no labels"
+                "classifier-free guidance needs a conditional model: train with model.num_classes=<K> (e.g. "
+                "experiment=cond_digits), on an image task or on captions, or sample this checkpoint with guidance=0 "
+                "and no labels"
             )
         if not float(w) >= 0:
             raise ConfigError(f"guidance weight w={w} must be >= 0 (0: the conditional model, unguided)")
