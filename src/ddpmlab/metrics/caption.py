@@ -80,9 +80,9 @@ def scores(read: Tensor, keys: Tensor) -> dict[str, float | int]:
     if not len(right):
         return {"accuracy": float("nan"), "left": float("nan"), "right": float("nan"), "n": 0}
     return {
-        "accuracy": float(right.all(1).float().mean()),
-        "left": float(right[:, 0].float().mean()),
-        "right": float(right[:, 1].float().mean()),
+        "accuracy": float(right.all(1).double().mean()),
+        "left": float(right[:, 0].double().mean()),
+        "right": float(right[:, 1].double().mean()),
         "n": len(right),
     }
 
@@ -150,7 +150,7 @@ def caption_accuracy(
     by_pair = torch.zeros(100).index_add_(0, all_keys, torch.cat(right).float()) / per_pair
 
     def share(ok: Tensor) -> float:
-        return float(ok.float().mean()) if len(ok) else float("nan")
+        return float(ok.double().mean()) if len(ok) else float("nan")
 
     metrics = {
         "seen": scores(all_reads[seen], all_keys[seen]),
