@@ -14,7 +14,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from conftest import TINY, compose_cfg, run_cli
+from conftest import TINY, TINY_CLASSIFIER, compose_cfg, run_cli
 from ddpmlab.callbacks import CaptionAccuracy
 from ddpmlab.cli.evaluate import evaluate
 from ddpmlab.data.captions import pair_captions, pair_key, pair_of
@@ -189,6 +189,18 @@ def test_evaluate_caption_writes_every_number(text_run, tmp_path):
     assert json.loads((out / "metrics.json").read_text())["caption"]["swap"] == saved["swap"]
 
 
+def test_a_classifier_checkpoint_judges_instead_of_the_svm(text_run, tmp_path):
+    from ddpmlab.training import train
+
+    train(compose_cfg("train", TINY_CLASSIFIER, tmp_path / "clf"))
+    clf = tmp_path / "clf" / "checkpoints" / "last.ckpt"
+    over = [f"ckpt_path={text_run / 'checkpoints' / 'last.ckpt'}", "metrics=[caption]", "caption.per_pair=1",
+            "caption.sampler.num_steps=2", f"caption.classifier={clf}"]  # fmt: skip
+    result = evaluate(compose_cfg("evaluate", over, tmp_path / "eval"), tmp_path / "eval")["caption"]
+    assert result["protocol"]["judge"] == f"{clf} at t = 0" and result["ceiling"]["n"] == 1000
+    assert 0 <= result["seen"]["accuracy"] <= 1 and 0 <= result["ceiling"]["accuracy"] <= 1
+
+
 def test_caption_needs_a_text_model_on_digit_pairs(tiny_ckpt, tmp_path):
     cfg = compose_cfg("evaluate", [f"ckpt_path={tiny_ckpt}", "metrics=[caption]"], tmp_path)
     with pytest.raises(ConfigError, match=r"metrics=\[caption\] needs a model trained on data=digit_pairs"):
@@ -205,3 +217,16 @@ def test_the_callback_switches_itself_off_without_text_or_pairs():
         assert not cb.enabled
     with pytest.raises(ConfigError, match="per_pair"):
         CaptionAccuracy(per_pair=0)
+
+
+@pytest.mark.ddp
+def test_the_callback_under_two_process_ddp(tmp_path):
+    # Rank 0 draws and reads the samples, the other rank waits in the broadcast: one value, and training goes on
+    run = tmp_path / "run"
+    overrides = [o for o in TINY_TEXT if not o.startswith(("trainer.max_steps", "callbacks.checkpoint"))]
+    res = run_cli("train.py", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", *overrides,
+                  "trainer.max_steps=3", "callbacks.checkpoint.every_n_train_steps=3", f"hydra.run.dir={run}",
+                  cwd=tmp_path)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [r for r in csv.DictReader(open(run / "metrics.csv")) if r.get("val/caption_acc")]
+    assert [int(r["step"]) for r in rows] == [2] and 0 <= float(rows[0]["val/caption_swap"]) <= 1
