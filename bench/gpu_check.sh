@@ -289,7 +289,7 @@ echo "gpu_check ($mode): writing to $OUT, budget ${budget}s"
 #          name               limit  min  needs          function
 run_step   setup                120   20  ""             step_setup
 run_step   env                   60   10  "setup"        step_env
-start_step pytest_gpu           150   30  "setup env"    step_pytest_gpu        # in the background
+start_step pytest_gpu           200   30  "setup env"    step_pytest_gpu        # in the background
 run_step   train_cli            160   60  "setup env"    step_train_cli
 run_step   loss_curve            20    5  "train_cli"    step_loss_curve
 start_step evaluate_bpd          60   20  "train_cli"    step_evaluate_bpd      # in the background

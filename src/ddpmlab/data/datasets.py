@@ -122,6 +122,11 @@ class DigitPairsDataset(CaptionedTensorDataset):
         self.sources = sources
         self.held_out_pairs = [tuple(p) for p in held_out_pairs]
         self.held_out = {pair_key(a, b) for a, b in self.held_out_pairs}
+        # The grids' rows: two seen pairs each beside its swap, then the held-out pairs, of those this split holds
+        present = set(keys.tolist())
+        shown = [pair_key(3, 7), pair_key(7, 3), pair_key(4, 5), pair_key(5, 4)]
+        shown += sorted(self.held_out, key=[pair_key(a, b) for a, b in self.held_out_pairs].index)
+        self.preview_keys = [k for k in shown if k in present]
 
 
 def check_pairs(pairs) -> tuple[tuple[int, int], ...]:

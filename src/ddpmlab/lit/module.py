@@ -137,8 +137,8 @@ class DiffusionModule(pl.LightningModule):
         """Conditions for grids of a text model: the canonical captions (``captions[key][0]``) of ``n`` items of
         ``dataset`` with distinct keys -- its ``preview_keys`` where it names them, else spread over its keys -- and
         the first image of each."""
-        keys = [int(k) for k in getattr(dataset, "preview_keys", None) or []][:n]
         labels = dataset.labels
+        keys = [int(k) for k in getattr(dataset, "preview_keys", None) or [] if bool((labels == k).any())][:n]
         if not keys:
             distinct = torch.unique(labels).tolist()
             keys = [distinct[i * len(distinct) // n] for i in range(min(n, len(distinct)))]
