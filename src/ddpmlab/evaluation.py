@@ -6,7 +6,9 @@
 - ``inpaint``: RePaint completions of held-out images against the originals; for a trained inpainting model
   (``task=inpaint``), its completions beside RePaint's on an unconditional model, on the same masks;
 - ``guided``: samples drawn for requested labels, judged by a classifier;
-- ``sr``: super-resolution (``task=sr``) against the high-resolution originals, beside bicubic upsampling.
+- ``sr``: super-resolution (``task=sr``) against the high-resolution originals, beside bicubic upsampling;
+- ``caption``: whether a text model on the digit pairs drew its caption's two digits in order (seen and held-out
+  pairs, the swap test; ``ddpmlab.metrics.caption``'s protocol).
 
 The numbers come from ``ddpmlab.metrics``; sampling is ``generate(...)``."""
 
@@ -26,11 +28,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from ddpmlab.api import denoiser_from_checkpoint, pick_device
 from ddpmlab.checkpoint import load_checkpoint, rebuild
-from ddpmlab.conditioning import Cond, Inpainting, SuperResolution, make_task, upsample_bicubic
+from ddpmlab.conditioning import Cond, Inpainting, SuperResolution, make_task, text_cond, upsample_bicubic
 from ddpmlab.diffusion import Denoiser
 from ddpmlab.errors import ConfigError
 from ddpmlab.fileio import atomic_path, write_atomic
-from ddpmlab.images import to_hwc_uint8
+from ddpmlab.images import save_grid, to_hwc_uint8, to_unit
 from ddpmlab.metrics.image_metrics import (
     classifier_judge,
     guided_agreement,
@@ -462,12 +464,100 @@ def sr(ctx: EvalContext, options: DictConfig) -> dict[str, Any]:
     return {**results, "seconds_sampling": seconds_sampling, "protocol": protocol}
 
 
+def caption(ctx: EvalContext, options: DictConfig) -> dict[str, Any]:
+    """A text model on the digit pairs: ``per_pair`` samples of each of the 100 ordered pairs, its captions in
+    turn (``sampler``, classifier-free ``guidance`` with the empty caption as the null), read by the ``judge`` (an
+    RBF-SVM fit on the training digits, or ``classifier``: a noisy-classifier checkpoint at t = 0): accuracy on
+    the seen and on the held-out pairs, per half, the swap test and the judge's ceiling on the real validation
+    pairs (``ddpmlab.metrics.caption``). Writes caption.json and caption_grid.png beside metrics.json."""
+    from ddpmlab.metrics.caption import caption_accuracy, digit_svm, judge_ceiling
+
+    needs = "metrics=[caption] needs a model trained on data=digit_pairs (experiment=text_digits)"
+    if ctx.denoiser.tokenizer is None:
+        raise ConfigError(f"{needs}; {ctx.cfg.ckpt_path} is not conditioned on text")
+    datamodule = ctx.datamodule()
+    if not hasattr(datamodule.train_set, "held_out") or len(getattr(datamodule.train_set, "captions", ())) != 100:
+        raise ConfigError(f"{needs}; {ctx.cfg.ckpt_path} was trained on data={ctx.train_cfg.data.get('name')}")
+    dataset = datamodule.val_set  # every pair, of the digits training never saw: the judge's ceiling
+    if dataset is None or not len(dataset):
+        raise ConfigError(
+            "metrics=[caption] reads the judge's ceiling off the validation pairs, and there are none: keep "
+            "data.val_fraction > 0 and data.val_pairs_per_pair >= 1 (e.g. +data.val_pairs_per_pair=10)"
+        )
+    per_pair = options.per_pair
+    if not (isinstance(per_pair, int) and not isinstance(per_pair, bool) and per_pair >= 1):
+        raise ConfigError(f"caption.per_pair={per_pair} must be an integer >= 1 (samples of each ordered pair)")
+    if options.get("classifier"):
+        judge, judge_info = judge_for(ctx, str(options.classifier), "caption")
+    else:
+        data_cfg = OmegaConf.merge(ctx.train_cfg.data, ctx.cfg.get("data") or {})
+        judge = digit_svm(float(data_cfg.get("val_fraction", 0.1)))
+        judge_info = {"judge": "RBF-SVM (C=10) fit on the training split of the bundled digits"}
+    w = float(options.get("guidance") or 0.0)
+    denoiser = GuidedDenoiser(ctx.denoiser, w) if w else ctx.denoiser
+    sampler = Sampler.from_config(given(ctx.train_cfg.get("sampler")), given(options.get("sampler")))
+    print(f"sampler: {sampler}, guidance w = {w}")
+
+    def sample(prompts: list[str], seed: int) -> torch.Tensor:
+        cond = text_cond(ctx.denoiser, prompts)  # a prompt the tokenizer refuses is a ConfigError naming it
+        return generate(denoiser, sampler, len(prompts), seed=seed, batch_size=ctx.cfg.batch_size, cond=cond,
+                        progress=True)  # fmt: skip
+
+    start = time.perf_counter()
+    run = caption_accuracy(sample, dataset.captions, dataset.held_out, judge, per_pair, seed=ctx.cfg.seed)
+    seconds_sampling = time.perf_counter() - start
+    result = {**run.metrics, "ceiling": judge_ceiling(dataset.images, dataset.labels, judge)}
+    protocol = {
+        "per_pair": per_pair, "num_samples": len(run.keys), "guidance": w, "sampler": sampler.to_config(),
+        "network_evaluations": sampler.num_evaluations(ctx.denoiser.diffusion), "seed": ctx.cfg.seed,
+        "held_out_pairs": sorted(int(k) for k in dataset.held_out),
+        "captions": "sample j of pair (a, b): its caption (j + a + b) mod K of K, the same template for (b, a)",
+        "halves": "left x[..., :W/2], right x[..., W/2:], each read as one digit",
+        "swap": "(a, b) and (b, a), a < b, from the same x_T and sampler noise: both read right",
+        "ceiling": f"the judge on the {len(dataset)} real validation pairs", **judge_info,
+    }  # fmt: skip
+    result = {**result, "seconds_sampling": seconds_sampling, "protocol": protocol}
+    print_table(
+        f"caption accuracy, {per_pair} samples per ordered pair (guidance w = {w})",
+        {name: {k: result[name][k] for k in ("accuracy", "left", "right")} for name in ("seen", "held_out", "ceiling")},
+    )
+    swap = result["swap"]
+    print(f"swap test: {swap['all']:.4f} ({swap['n']} pairs of samples), seen {swap['seen']:.4f}, "
+          f"with a held-out order {swap['held_out']:.4f}   judge: {judge_info['judge']}")  # fmt: skip
+    if ctx.output_dir is not None:
+        grid = caption_grid(run, dataset, per_pair)
+        result["grid"] = grid["rows"]
+        save_grid(grid["images"], ctx.output_dir / "caption_grid.png", nrow=grid["nrow"])
+        write_atomic(ctx.output_dir / "caption.json", json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def caption_grid(run, dataset, per_pair: int, rows: int = 4, columns: int = 8) -> dict[str, Any]:
+    """A plain grid of the caption samples: for each of the first ``rows`` held-out pairs (a, b), a row of its
+    samples and a row of its swap (b, a), each ended by a real validation pair; the rows' prompts beside it."""
+    keys = []
+    for a, b in sorted(divmod(k, 10) for k in dataset.held_out)[:rows]:
+        keys += [10 * a + b, 10 * b + a]
+    per = min(columns, per_pair)
+    images, described = [], []
+    for key in keys:
+        where = (run.keys == key).nonzero().flatten()[:per]
+        real = dataset.images[int((dataset.labels == key).nonzero()[0])].float() / 127.5 - 1
+        images += [*to_unit(run.samples[where]), to_unit(real)]
+        described.append(
+            {"pair": list(divmod(key, 10)), "held_out": key in dataset.held_out,
+             "prompts": [run.prompts[i] for i in where.tolist()], "last_column": "a real validation pair"}
+        )  # fmt: skip
+    return {"images": torch.stack(images), "nrow": per + 1, "rows": described}
+
+
 METRICS: dict[str, Callable[[EvalContext, DictConfig], dict[str, Any]]] = {
     "bpd": bpd,
     "fid": fid,
     "inpaint": inpaint,
     "guided": guided,
     "sr": sr,
+    "caption": caption,
 }
 
 
