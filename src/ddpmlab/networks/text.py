@@ -44,6 +44,10 @@ class TransformerTextEncoder(nn.Module):
         self.tokenizer = WordTokenizer(vocab, max_length)
         self.dim, self.pooled = int(dim), bool(pooled)
         self.token_embed = nn.Embedding(self.tokenizer.vocab_size, dim, padding_idx=0)
+        # Words and positions start on the same scale (BERT's N(0, 0.02) for both): torch's N(0, 1) word embeddings
+        # would drown the positions, and the encoder would start, and long stay, a bag of words.
+        nn.init.normal_(self.token_embed.weight, std=0.02)
+        self.token_embed.weight.data[0].zero_()
         self.start = nn.Parameter(torch.randn(dim) * 0.02)
         self.pos_embed = nn.Parameter(torch.randn(max_length + 1, dim) * 0.02)
         layer = nn.TransformerEncoderLayer(
