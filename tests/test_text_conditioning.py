@@ -87,6 +87,25 @@ def test_spatial_transformer_starts_as_identity_and_never_reads_masked_context()
     assert diff[0] > 1e-4 and diff[1:].max() < 1e-6
 
 
+def test_context_positions_let_identical_tokens_tell_their_places_apart():
+    torch.manual_seed(0)
+    x, context = torch.ones(2, 16, 4, 8) * torch.randn(2, 16, 1, 1), torch.randn(2, 3, 12)  # every position alike
+    for positions in (None, (4, 8)):
+        st = SpatialTransformer(16, context_dim=12, num_heads=2, num_groups=4, positions=positions)
+        torch.nn.init.normal_(st.proj_out.weight)
+        out = st(x, context)
+        spread = (out - out.mean((2, 3), keepdim=True)).abs().max()
+        assert (spread > 1e-3) == (positions is not None)  # LDM's tokens: alike in, alike out
+    with pytest.raises(ValueError, match=r"positions learned for \(4, 8\), got a 2x4 feature map"):
+        st(torch.randn(1, 16, 2, 4), context[:1])
+    net = UNet(in_channels=1, image_size=[8, 16], base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+               attn_resolutions=(), num_groups=8, num_heads=2, text_encoder=encoder(), context_resolutions=[4],
+               context_positions=True)  # fmt: skip
+    shapes = sorted(tuple(m.pos_embed.shape) for m in net.modules() if isinstance(m, SpatialTransformer))
+    assert shapes == [(1, 32, 32)] * 4  # 4x8 tokens of 32 channels: one block down, the middle, two up
+    assert net(torch.randn(2, 1, 8, 16), torch.tensor([1, 2])).shape == (2, 1, 8, 16)
+
+
 def test_unet_takes_non_square_images_and_the_caption_changes_the_output():
     net = text_unet()
     for m in net.modules():  # leave the zero initialisation so the caption reaches the output

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -120,14 +121,30 @@ class TransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """LDM's SpatialTransformer: GroupNorm -> 1x1 projection -> the H*W positions as tokens through ``depth``
     transformer blocks that cross-attend to the context -> 1x1 projection, zero-initialised so that the block starts
-    as the identity -> + x."""
+    as the identity -> + x.
 
-    def __init__(self, channels: int, context_dim: int, num_heads: int = 1, num_groups: int = 32, depth: int = 1):
+    ``positions=(H, W)`` adds a learned embedding of each of the H*W positions to the tokens after the projection (not
+    in LDM, whose tokens know their place only through the convolutions' zero padding): a query then knows where it
+    is, which a caption about places ("a 3 left of a 7") needs."""
+
+    def __init__(
+        self,
+        channels: int,
+        context_dim: int,
+        num_heads: int = 1,
+        num_groups: int = 32,
+        depth: int = 1,
+        positions: tuple[int, int] | None = None,
+    ):
         super().__init__()
         if channels % num_heads:
             raise ValueError(f"cross-attention: {channels} channels do not split into {num_heads} heads")
         self.norm = group_norm(channels, num_groups)
         self.proj_in = nn.Conv2d(channels, channels, 1)
+        self.positions, self.pos_embed = None, None
+        if positions is not None:
+            self.positions = (int(positions[0]), int(positions[1]))
+            self.pos_embed = nn.Parameter(torch.randn(1, self.positions[0] * self.positions[1], channels) * 0.02)
         self.blocks = nn.ModuleList([TransformerBlock(channels, context_dim, num_heads) for _ in range(depth)])
         self.proj_out = nn.Conv2d(channels, channels, 1)
         nn.init.zeros_(self.proj_out.weight)
@@ -136,6 +153,10 @@ class SpatialTransformer(nn.Module):
     def forward(self, x: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:
         B, C, H, W = x.shape
         h = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)  # [B, HW, C]
+        if self.pos_embed is not None:
+            if (H, W) != self.positions:
+                raise ValueError(f"cross-attention: positions learned for {self.positions}, got a {H}x{W} feature map")
+            h = h + self.pos_embed
         for block in self.blocks:
             h = block(h, context, mask)
         return x + self.proj_out(h.transpose(1, 2).reshape(B, C, H, W))

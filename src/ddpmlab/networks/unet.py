@@ -68,6 +68,7 @@ class UNet(nn.Module):
         context_dim: int | None = None,
         context_resolutions: Sequence[int] = (),
         transformer_depth: int = 1,
+        context_positions: bool = False,
     ):
         super().__init__()
         check_image_size(image_size, channel_mult)
@@ -107,12 +108,15 @@ class UNet(nn.Module):
         def attn(ch: int) -> SelfAttention:
             return SelfAttention(ch, num_heads, num_groups)
 
-        def cross(ch: int) -> SpatialTransformer:
-            return SpatialTransformer(ch, context_dim, num_heads, num_groups, transformer_depth)
+        height, width = image_hw(image_size)
+
+        def cross(ch: int, res: int) -> SpatialTransformer:  # res: the feature map's height
+            hw = (res, width * res // height) if context_positions else None
+            return SpatialTransformer(ch, context_dim, num_heads, num_groups, transformer_depth, hw)
 
         self.conv_in = nn.Conv2d(in_channels + self.cond_channels, base_channels, 3, padding=1)
         self.down = nn.ModuleList()
-        chans, ch, res = [base_channels], base_channels, image_hw(image_size)[0]
+        chans, ch, res = [base_channels], base_channels, height
         for level, mult in enumerate(channel_mult):
             for _ in range(num_res_blocks):
                 layers = [block(ch, base_channels * mult)]
@@ -120,7 +124,7 @@ class UNet(nn.Module):
                 if res in attn_resolutions:
                     layers.append(attn(ch))
                 if res in self.context_resolutions:
-                    layers.append(cross(ch))
+                    layers.append(cross(ch, res))
                 self.down.append(nn.ModuleList(layers))
                 chans.append(ch)
             if level != len(channel_mult) - 1:
@@ -128,7 +132,7 @@ class UNet(nn.Module):
                 chans.append(ch)
                 res //= 2
         mid = [block(ch, ch), attn(ch)]  # in this order: a model without text draws its weights as it always did
-        mid += [cross(ch)] if self.cross_attention else []
+        mid += [cross(ch, res)] if self.cross_attention else []
         self.mid = nn.ModuleList([*mid, block(ch, ch)])
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
@@ -138,7 +142,7 @@ class UNet(nn.Module):
                 if res in attn_resolutions:
                     layers.append(attn(ch))
                 if res in self.context_resolutions:
-                    layers.append(cross(ch))
+                    layers.append(cross(ch, res))
                 if level and i == num_res_blocks:
                     layers.append(Upsample(ch))
                     res *= 2
