@@ -6,7 +6,8 @@ prediction, then iDDPM eq. 15's variance interpolation). Conditioning: a class l
 time embedding (``num_classes``); a conditioning image of ``cond_channels`` channels is resized to x_t's size and
 concatenated with x_t before the first convolution (SR3; LDM Sec. 4.4); a caption (``text_encoder``, its tokens
 in the Cond) is encoded into a context sequence that SpatialTransformers cross-attend to at ``context_resolutions``
-and in the middle (LDM Sec. 3.3), or, from a pooled encoder, one vector added to the time embedding.
+and in the middle (LDM Sec. 3.3), or, from a pooled encoder, one vector added to the time embedding;
+``context_positions`` adds a learned embedding of each position to the image tokens there (not in LDM).
 
 ``image_size`` is the side of a square image or (H, W); a resolution in ``attn_resolutions`` /
 ``context_resolutions`` is a feature map's height.
