@@ -359,6 +359,7 @@ def text_rows(cfg: DictConfig) -> list[str]:
         reads = (
             f"cross-attention (SpatialTransformer, LDM) at feature heights {list(m.get('context_resolutions') or [])} "
             f"and in the middle, context_dim {width}"
+            f"{', a learned embedding of each position on the image tokens' if m.get('context_positions') else ''}"
         )
     return [
         f"| text encoder | {encoder} |",
