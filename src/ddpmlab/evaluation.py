@@ -106,9 +106,14 @@ def fid(ctx: EvalContext, options: DictConfig) -> dict[str, Any]:
     from ddpmlab.metrics.fid import fidelity_metrics, fidelity_weights, generate_on_devices, real_images
 
     # What can be refused (weights file, missing data) is refused before the samples are drawn, not after.
-    fidelity_weights(options.feature_extractor, options.weights_path)
+    features = options.get("features")  # a Frechet distance in another space instead of Inception's
+    if features in (None, "inception"):
+        fidelity_weights(options.feature_extractor, options.weights_path)
     datamodule = ctx.datamodule()
     real = real_images(datamodule, options.num_real)
+    name = getattr(datamodule, "name", ctx.train_cfg.data.get("name", "data"))
+    reference = f"{name}-train-{real.shape[1]}x{real.shape[2]}x{real.shape[3]}-first{len(real)}"
+    quality = None if features in (None, "inception") else quality_measure(ctx, options, real, reference, "fid")
     sampler = Sampler.from_config(given(ctx.train_cfg.get("sampler")), given(options.get("sampler")))
     if options.get("num_steps"):
         sampler = sampler.with_steps(options.num_steps)
@@ -127,8 +132,16 @@ def fid(ctx: EvalContext, options: DictConfig) -> dict[str, Any]:
         ctx.denoiser, sampler, options.num_samples, ctx.cfg.batch_size, ctx.cfg.seed, devices, perf, conds=conds
     )
     seconds_sampling = time.perf_counter() - start
-    name = getattr(datamodule, "name", ctx.train_cfg.data.get("name", "data"))
-    reference = f"{name}-train-{real.shape[1]}x{real.shape[2]}x{real.shape[3]}-first{len(real)}"
+    if quality is not None:
+        values = quality.measure(fake)
+        print(f"{quality.label} = {values['fd']:.4g} ({options.num_samples} samples, {reference})")
+        protocol = {
+            "num_samples": options.num_samples, "reference": reference, "num_real": len(real),
+            "sampler": sampler.to_config(), "steps": sampler.num_evaluations(ctx.denoiser.diffusion),
+            "seed": ctx.cfg.seed, "devices": len(devices), "quality": quality.label,
+            "conditions": None if task is None else f"{task.name} of the validation images, cycled",
+        }  # fmt: skip
+        return {**values, "seconds_sampling": seconds_sampling, "protocol": protocol}
     values = fidelity_metrics(
         fake, real, reference, isc=options.isc, fid=True, kid=True,
         kid_subset_size=options.kid_subset_size, kid_subsets=options.kid_subsets,
@@ -551,6 +564,105 @@ def caption_grid(run, dataset, per_pair: int, rows: int = 4, columns: int = 8) -
     return {"images": torch.stack(images), "nrow": per + 1, "rows": described}
 
 
+def quality_measure(ctx: EvalContext, options: DictConfig, real: torch.Tensor, reference: str, section: str):
+    """How generated images are judged against ``real`` (uint8): ``options.features`` = ``inception`` (FID with the
+    Inception protocol of ``fid.*``), ``pixels`` or a noisy-classifier checkpoint (a Frechet distance in that space,
+    ``ddpmlab.metrics.frechet``), or ``auto``: Inception where its weights are present, else pixels for images of at
+    most 256 values."""
+    from ddpmlab.atlas import Quality
+    from ddpmlab.metrics.fid import fidelity_metrics, inception_present
+    from ddpmlab.metrics.frechet import feature_space, frechet_to_real, real_stats
+
+    fid_cfg = ctx.cfg.fid
+    spec = options.get("features") or "auto"
+    dim = int(np.prod(real.shape[1:]))
+    if spec == "auto":
+        if inception_present(fid_cfg.weights_path):
+            spec = "inception"
+        elif dim <= 256:
+            spec = "pixels"
+        else:
+            raise ConfigError(
+                f"no Inception weights here for FID, and {dim}-d pixels are too many for a Frechet distance in pixels: "
+                f"pass {section}.features=<noisy-classifier checkpoint> (experiment=classifier_mnist ...), "
+                f"{section}.features=pixels, or fid.weights_path=<Inception weights>"
+            )
+    if spec == "inception":
+
+        def measure(fake):
+            values = fidelity_metrics(
+                fake, real, reference, isc=False, fid=True, kid=False, feature_extractor=fid_cfg.feature_extractor,
+                feature_layer=fid_cfg.feature_layer, weights_path=fid_cfg.weights_path, cache_dir=fid_cfg.cache_dir,
+                batch_size=ctx.cfg.batch_size, device=ctx.device, seed=ctx.cfg.seed,
+            )  # fmt: skip
+            return {"fid": values["fid"]}
+
+        label = f"FID ({fid_cfg.feature_extractor})"
+        return Quality(measure, "fid", label, f"{label} {fid_cfg.feature_layer} {reference}")
+    space = feature_space(str(spec), tuple(real.shape[1:]), f"{section}.features")
+    mu, cov = real_stats(space, real, reference, fid_cfg.cache_dir, ctx.cfg.batch_size, ctx.device)
+
+    def measure(fake):
+        return {"fd": frechet_to_real(space, fake, mu, cov, ctx.cfg.batch_size, ctx.device)}
+
+    return Quality(measure, "fd", space.label, f"{space.key()} {reference}")
+
+
+def atlas(ctx: EvalContext, options: DictConfig) -> dict[str, Any]:
+    """Quality against network evaluations for every sampler of ``atlas.samplers`` at every ``atlas.nfe``, all cells
+    from the same x_T (``ddpmlab.atlas``): atlas.json, atlas.csv and atlas.png beside metrics.json."""
+    from ddpmlab.atlas import atlas_samplers, check_atlas_options, file_digest, run_atlas
+    from ddpmlab.metrics.fid import generate_on_devices, real_images
+
+    check_atlas_options(options)
+    if ctx.denoiser.tokenizer:
+        raise ConfigError("metrics=[atlas] draws without captions; a text model is measured by metrics=[caption]")
+    samplers = atlas_samplers(list(OmegaConf.to_container(options.samplers, resolve=True)))
+    datamodule = ctx.datamodule()
+    real = real_images(datamodule, options.num_real)
+    name = getattr(datamodule, "name", ctx.train_cfg.data.get("name", "data"))
+    reference = f"{name}-train-{'x'.join(map(str, real.shape[1:]))}-first{len(real)}"
+    quality = quality_measure(ctx, options, real, reference, "atlas")
+    denoiser, conds = ctx.denoiser, None
+    task = make_task(ctx.train_cfg.get("task"))
+    if task is not None:  # an image-conditioned model: sample i for validation image i's condition, as fid's
+        x_val, y_val = held_out(ctx, None, "atlas")
+        conds = Cond(image=task(x_val, torch.Generator().manual_seed(ctx.cfg.seed)))
+        conds = conds.replace(labels=y_val) if denoiser.num_classes else conds
+    if options.guidance:
+        if conds is None and denoiser.num_classes:
+            conds = Cond(labels=torch.arange(options.num_samples) % denoiser.num_classes)
+        denoiser = GuidedDenoiser(denoiser, options.guidance)
+    perf = (ctx.cfg.get("perf") or {}).get("sampling")
+
+    def draw(sampler):
+        return generate_on_devices(
+            denoiser, sampler, options.num_samples, ctx.cfg.batch_size, ctx.cfg.seed, [ctx.device], perf, conds=conds,
+            progress=False,
+        )  # fmt: skip
+
+    identity = {
+        "checkpoint_sha256": file_digest(ctx.cfg.ckpt_path), "ema": ctx.cfg.use_ema,
+        "num_samples": options.num_samples, "seed": ctx.cfg.seed, "batch_size": ctx.cfg.batch_size,
+        "guidance": float(options.guidance), "device": ctx.device.type,
+        "perf": OmegaConf.to_container(perf, resolve=True) if isinstance(perf, DictConfig) else perf,
+    }  # fmt: skip
+    protocol = {
+        "checkpoint": str(ctx.cfg.ckpt_path), "num_samples": options.num_samples, "reference": reference,
+        "num_real": len(real), "seed": ctx.cfg.seed, "batch_size": ctx.cfg.batch_size, "same_x_T": True,
+        "nfe": "network calls per sample; a sampler that cannot take the NFE asked takes the most below it",
+        "guidance": float(options.guidance) if options.guidance else None,
+        "guidance_nfe": "conditional and unconditional halves batched in one call on [2B]: counted once"
+        if options.guidance else None,
+        "device": str(ctx.device), "threads": torch.get_num_threads(),
+        "title": f"{ctx.cfg.ckpt_path}: {quality.label}, {options.num_samples} samples a cell",
+    }  # fmt: skip
+    cache_dir = Path(options.cache_dir).expanduser() if options.cache_dir else None
+    out_dir = ctx.output_dir or Path(".")
+    result = run_atlas(denoiser, samplers, list(options.nfe), draw, quality, identity, out_dir, cache_dir, protocol)
+    return {**result, "files": [str(out_dir / f"atlas.{ext}") for ext in ("json", "csv", "png")]}
+
+
 METRICS: dict[str, Callable[[EvalContext, DictConfig], dict[str, Any]]] = {
     "bpd": bpd,
     "fid": fid,
@@ -558,6 +670,7 @@ METRICS: dict[str, Callable[[EvalContext, DictConfig], dict[str, Any]]] = {
     "guided": guided,
     "sr": sr,
     "caption": caption,
+    "atlas": atlas,
 }
 
 

@@ -77,6 +77,14 @@ def inception_weights(weights_path: str | None = None) -> str:
     return str(hub)
 
 
+def inception_present(weights_path: str | None = None) -> bool:
+    """Whether the Inception-v3 weights are on this machine (``weights_path`` or the hub cache); downloads nothing."""
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    path = Path(weights_path).expanduser() if weights_path is not None else hub_path(URL_INCEPTION_V3)
+    return path.is_file()
+
+
 def inception_state_dict(weights_path: str | None = None) -> tuple[str, dict[str, Tensor]]:
     """The Inception-v3 weights file (:func:`inception_weights`) and its tensors, read with ``weights_only=True``:
     torch-fidelity would unpickle the file itself, running whatever it holds (UnsafeWeightsFile instead)."""
@@ -305,8 +313,9 @@ def generate_chunks(
 
 
 def generate_on_devices(
-    denoiser, sampler, num_samples: int, batch_size: int, seed: int, devices: list, perf=None, conds=None
-) -> Tensor:
+    denoiser, sampler, num_samples: int, batch_size: int, seed: int, devices: list, perf=None, conds=None,
+    progress: bool = True,
+) -> Tensor:  # fmt: skip
     """``num_samples`` images as uint8 [N,C,H,W] on the CPU, the chunks shared out over ``devices`` (one thread
     and one copy of the denoiser per device); the same images whatever the number of devices. ``conds``: the pool
     of conditions of an image-conditioned model (:func:`generate_chunks`)."""
@@ -325,7 +334,8 @@ def generate_on_devices(
         x = generate_chunks(model, sampler, chunks, seed, perf, progress=bar.wrap, conds=conds, chunk_size=batch_size)
         return to_uint8(x).cpu()
 
-    with SamplingProgress(evals, f"sampling {num_samples}") as bar, ThreadPoolExecutor(len(devices)) as pool:
+    label = f"sampling {num_samples}"
+    with SamplingProgress(evals, label, enabled=progress) as bar, ThreadPoolExecutor(len(devices)) as pool:
         return torch.cat(list(pool.map(run, range(len(devices)))))
 
 

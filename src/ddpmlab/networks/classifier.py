@@ -27,12 +27,19 @@ class AttentionPool2d(nn.Module):
         self.num_heads = num_heads
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.logits(self.pooled(x))
+
+    def logits(self, pooled: Tensor) -> Tensor:
+        return self.proj(pooled[:, :, None])[:, :, 0]  # [B,K]
+
+    def pooled(self, x: Tensor) -> Tensor:
+        """The output token before its projection to logits: the classifier's penultimate features [B,C]."""
         B, C = x.shape[:2]
         x = x.reshape(B, C, -1)  # [B,C,HW]
         x = torch.cat([x.mean(-1, keepdim=True), x], -1) + self.pos[None]  # [B,C,HW+1], mean token first
         q, k, v = self.qkv(x).reshape(B, 3, self.num_heads, C // self.num_heads, -1).transpose(-1, -2).unbind(1)
         h = F.scaled_dot_product_attention(q[:, :, :1], k, v)  # only the mean token's query: [B,heads,1,C/heads]
-        return self.proj(h.transpose(-1, -2).reshape(B, C, 1))[:, :, 0]  # [B,K]
+        return h.transpose(-1, -2).reshape(B, C)
 
 
 class NoisyClassifier(nn.Module):
@@ -77,9 +84,13 @@ class NoisyClassifier(nn.Module):
         self.pool = AttentionPool2d(res, ch, num_heads, num_classes)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        return self.pool.logits(self.features(x, t))  # [B,K]
+
+    def features(self, x: Tensor, t: Tensor) -> Tensor:
+        """The penultimate features [B,C]: the attention-pooled token the logits are a projection of."""
         emb = self.time_embed(t)
         h = self.conv_in(x)
         for layers in [*self.down, self.mid]:
             for layer in layers:
                 h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
-        return self.pool(F.silu(self.norm_out(h)))
+        return self.pool.pooled(F.silu(self.norm_out(h)))
