@@ -161,3 +161,19 @@ def test_fid_with_features_reports_a_named_frechet_distance_not_fid(tiny_ckpt, t
 def test_bad_atlas_options_are_one_line_each(tiny_ckpt, tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         evaluate(atlas_cfg(tiny_ckpt, tmp_path / "e", "atlas.samplers=[ddim]", override), tmp_path / "e")
+
+
+def test_with_logger_wandb_the_atlas_table_and_plot_go_to_an_offline_run(tiny_ckpt, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CONSOLE", "off")
+    out = tmp_path / "e"
+    evaluate(atlas_cfg(tiny_ckpt, out, "atlas.samplers=[ddim]", "atlas.nfe=[3]", "logger=wandb"), out)
+    import wandb
+
+    wandb.teardown()
+    [run_dir] = (out / "wandb").glob("offline-run-*")
+    assert list(run_dir.glob("files/media/images/atlas/plot*.png"))
+    assert list(run_dir.glob("files/media/table/atlas/table*.table.json"))
+    log = next(run_dir.glob("*.wandb")).read_bytes()
+    assert b"atlas/table" in log and b"atlas/fd" not in log  # the table, and the cells only inside it

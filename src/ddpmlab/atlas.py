@@ -168,7 +168,7 @@ def run_atlas(
         cells.append(cell)
         print(f"{head}: {quality.label} = {cell[quality.key]:.4g} {note}", flush=True)
         write_outputs(output_dir, cells, quality, protocol)
-    return {"cells": cells, "quality": quality.label, "protocol": dict(protocol)}
+    return {"cells": cells, "quality": quality.label, "key": quality.key, "protocol": dict(protocol)}
 
 
 def write_outputs(output_dir: Path, cells: list[dict], quality: Quality, protocol: Mapping[str, Any]) -> None:

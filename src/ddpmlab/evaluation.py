@@ -702,4 +702,42 @@ def evaluate(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         results[name] = METRICS[name](ctx, cfg.get(name) or OmegaConf.create())
         results[name].setdefault("seconds", time.perf_counter() - start)
     write_atomic(Path(output_dir) / "metrics.json", json.dumps(results, indent=2) + "\n")
+    if (cfg.get("logger") or {}).get("wandb") is not None:
+        log_to_wandb(cfg, results, Path(output_dir))
     return results
+
+
+def log_to_wandb(cfg: DictConfig, results: dict[str, Any], output_dir: Path) -> None:
+    """The evaluation as a W&B run (``logger=wandb``): every number of metrics.json in its summary, and the atlas as
+    a table and its plot. Only the project, entity and offline keys of the logger config are read (its name and
+    tags name a training run's choices)."""
+    import wandb
+
+    logger = cfg.logger.wandb
+    keys = {k: OmegaConf.select(logger, k, default=None) for k in ("project", "entity")}
+    offline = bool(OmegaConf.select(logger, "offline", default=False))
+    run_name = Path(str(cfg.ckpt_path)).parent.parent.name  # <run dir>/checkpoints/last.ckpt
+    run = wandb.init(
+        **keys, job_type="evaluate", dir=str(output_dir), name=f"evaluate-{run_name}",
+        config={"ckpt_path": str(cfg.ckpt_path), "metrics": list(cfg.metrics), "seed": cfg.seed},
+        mode="offline" if offline else None,
+    )  # fmt: skip
+    try:
+        summary = {
+            f"{name}/{k}": v
+            for name, values in results.items()
+            if isinstance(values, dict)
+            for k, v in values.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        run.summary.update(summary)
+        if "atlas" in results:
+            atlas = results["atlas"]
+            columns = ["sampler", "nfe", "requested_nfe", "num_steps", atlas["quality"], "seconds_per_image"]
+            key = atlas["key"]
+            rows = [[c["sampler"], c["nfe"], c["requested_nfe"], c["num_steps"], c[key], c["seconds_per_image"]]
+                    for c in atlas["cells"]]  # fmt: skip
+            run.log({"atlas/table": wandb.Table(columns=columns, data=rows),
+                     "atlas/plot": wandb.Image(str(output_dir / "atlas.png"))})  # fmt: skip
+    finally:
+        run.finish()
