@@ -145,3 +145,25 @@ def test_respacing_the_full_grid_is_the_identity():
     for name in ("alpha_bar", "beta_tilde", "log_beta_tilde", "log_beta_large", "mu_tilde_coef_x0", "mu_tilde_coef_xt"):
         assert torch.allclose(getattr(r, name), getattr(d, name), rtol=1e-5, atol=1e-7), name
     assert math.isclose(float(r.alpha_bar[-1]), float(d.alpha_bar[-1]), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("S", [2, 10, 18, 40])
+def test_karras_grid_takes_the_integer_steps_nearest_to_edm_sigmas(S):
+    """EDM eq. (5) with rho = 7 between sigma(T-1) and sigma(0), sigma = sqrt((1 - alpha_bar) / alpha_bar): each
+    grid entry is the code index whose log sigma is nearest to sigma_i's (DDPM's linear schedule: no repeats to move
+    at these S; the cosine schedule's sigma grows so fast near T-1 that several land on 999 and move)."""
+    alpha_bar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    log_sigma = 0.5 * torch.log((1 - alpha_bar) / alpha_bar)
+    ts = make_timesteps(1000, S, "karras", alpha_bar=alpha_bar)
+    smax, smin = log_sigma[-1].exp(), log_sigma[0].exp()
+    ramp = torch.linspace(0, 1, S, dtype=torch.float64)
+    target = ((smax ** (1 / 7) + ramp * (smin ** (1 / 7) - smax ** (1 / 7))) ** 7).log()
+    assert ts[0] == 999 and ts[-1] == 0
+    assert ts.tolist() == (log_sigma[:, None] - target[None]).abs().argmin(0).tolist()
+    assert (ts[:-1] - ts[1:] > 0).all()
+    assert S == 2 or (ts[:-1] - ts[1:])[-1] < (ts[:-1] - ts[1:])[0]  # dense at low noise
+
+
+def test_karras_needs_the_schedule():
+    with pytest.raises(AssertionError, match="alpha_bar"):
+        make_timesteps(1000, 10, "karras")

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-SPACINGS = ("leading", "trailing", "linspace", "quadratic", "logsnr")
+SPACINGS = ("leading", "trailing", "linspace", "quadratic", "logsnr", "karras")
 
 
 def _linspace(stop: float, S: int) -> list[float]:
@@ -26,18 +26,32 @@ def _linspace(stop: float, S: int) -> list[float]:
     return [i * step for i in range(S - 1)] + [float(stop)]
 
 
+def _nearest(table: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """For each target, the position in the ascending ``table`` of the nearest value (the lower one on a tie)."""
+    n = table.numel()
+    hi = torch.searchsorted(table, targets).clamp(1, max(n - 1, 1))
+    return torch.where(targets - table[hi - 1] <= table[hi.clamp(max=n - 1)] - targets, hi - 1, hi).clamp(max=n - 1)
+
+
 def _logsnr_grid(alpha_bar: torch.Tensor, S: int) -> list[int]:
     """For S values spaced uniformly in lambda = log(alpha_t / sigma_t) = 0.5 log(alpha_bar / (1 - alpha_bar)) from
     lambda(T-1) to lambda(0), the code index with the nearest lambda (several may land on one index where lambda moves
     fast: near t = 0, and near T-1 for the cosine schedule)."""
     T = alpha_bar.numel()
-    lam = (
-        (0.5 * torch.log(alpha_bar / (1 - alpha_bar))).flip(0).contiguous()
-    )  # ascending; position p is code index T-1-p
+    lam = (0.5 * torch.log(alpha_bar / (1 - alpha_bar))).flip(0).contiguous()  # ascending; position p: index T-1-p
     targets = lam[0] + torch.tensor(_linspace(float(lam[-1] - lam[0]), S), dtype=torch.float64)
-    hi = torch.searchsorted(lam, targets).clamp(1, max(T - 1, 1))
-    p = torch.where(targets - lam[hi - 1] <= lam[hi.clamp(max=T - 1)] - targets, hi - 1, hi).clamp(max=T - 1)
-    return (T - 1 - p).tolist()
+    return (T - 1 - _nearest(lam, targets)).tolist()
+
+
+def _karras_grid(alpha_bar: torch.Tensor, S: int, rho: float = 7.0) -> list[int]:
+    """EDM's noise levels (Karras et al. 2022, eq. 5) for the VP model's sigma = sqrt((1 - alpha_bar) / alpha_bar),
+    each rounded to the code index with the nearest log sigma (ascending in t: position = code index)."""
+    log_sigma = 0.5 * torch.log((1 - alpha_bar) / alpha_bar)
+    sigma_max, sigma_min = log_sigma[-1].exp().item(), log_sigma[0].exp().item()
+    ramp = torch.tensor(_linspace(1.0, S), dtype=torch.float64)  # i / (N - 1)
+    # eq. (5): sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho
+    sigmas = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return _nearest(log_sigma, sigmas.log()).tolist()
 
 
 def _distinct(ts: list[int], T: int) -> list[int]:
@@ -65,9 +79,17 @@ def make_timesteps(
     - ``logsnr``: uniform in the half log-SNR lambda_t = log(alpha_t / sigma_t) between t = T-1 and t = 0, each point
       rounded to the nearest code index (DPM-Solver, Lu et al. 2022, Sec. 3.3: "logSNR" steps, recommended there for
       low-resolution images). Needs the schedule: ``alpha_bar`` [T] (float64 for exactness).
-    ``num_steps=None`` means S = T (every step). ``quadratic`` and ``logsnr`` can put two points on one index near
-    t = 0 (DDIM's own code then visits t = 0 twice); here a repeat moves to the next free index, so every grid has
-    S distinct steps and equals the reference wherever the reference has no repeats.
+    - ``karras``: EDM's grid (Karras et al. 2022, eq. 5, rho = 7), dense at low noise: sigma_i spaced uniformly in
+      sigma^(1/7) from sigma_max = sigma(T-1) to sigma_min = sigma(0), with the VP model's sigma_t =
+      sqrt((1 - alpha_bar_t) / alpha_bar_t), each point rounded to the code index with the nearest log sigma. Needs
+      ``alpha_bar``. diffusers' ``use_karras_sigmas`` keeps the exact sigma_i and feeds the network the fractional
+      timestep interpolated in log sigma (``_sigma_to_t``); our network takes integer t, so the grid is the nearest
+      integer steps and a sampler uses exactly their sigmas (rounding diffusers' fractional timesteps gives the
+      same integers, as linear interpolation in log sigma is past the midpoint exactly when the upper index is
+      nearer).
+    ``num_steps=None`` means S = T (every step). ``quadratic``, ``logsnr`` and ``karras`` can put two points on one
+    index near t = 0 (DDIM's own code then visits t = 0 twice); here a repeat moves to the next free index, so every
+    grid has S distinct steps and equals the reference wherever the reference has no repeats.
     """
     S = T if num_steps is None else num_steps
     if isinstance(S, float) and S.is_integer():
@@ -86,6 +108,7 @@ def make_timesteps(
     elif spacing == "quadratic":
         ts = [int(v**2) for v in _linspace(math.sqrt(T * 0.8), S)]
     else:
-        assert alpha_bar is not None and alpha_bar.numel() == T, f"spacing 'logsnr' needs alpha_bar of length T={T}"
-        ts = _logsnr_grid(alpha_bar.detach().double().cpu(), S)
+        assert alpha_bar is not None and alpha_bar.numel() == T, f"spacing {spacing!r} needs alpha_bar of length T={T}"
+        grid = _logsnr_grid if spacing == "logsnr" else _karras_grid
+        ts = grid(alpha_bar.detach().double().cpu(), S)
     return torch.tensor(_distinct(ts, T)[::-1], dtype=torch.long)

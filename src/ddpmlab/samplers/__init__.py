@@ -7,10 +7,12 @@ from ddpmlab.samplers.base import SamplerStep, chain, final
 from ddpmlab.samplers.ddim import ddim_sample, ddim_sample_progressive, ddim_step
 from ddpmlab.samplers.ddpm import ddpm_sample, ddpm_sample_progressive, ddpm_step
 from ddpmlab.samplers.dpm_solver import dpm_solver_sample, dpm_solver_sample_progressive
+from ddpmlab.samplers.edm import euler_sample, euler_sample_progressive, heun_sample, heun_sample_progressive
 from ddpmlab.samplers.generate import generate, generate_chain
 from ddpmlab.samplers.guidance import GuidedDenoiser, with_guidance
 from ddpmlab.samplers.repaint import repaint_sample, repaint_sample_progressive
-from ddpmlab.samplers.sampler import ALGORITHMS, INPAINTING, SAMPLERS, Sampler
+from ddpmlab.samplers.sampler import ALGORITHMS, INPAINTING, SAMPLERS, Sampler, num_evaluations, steps_for_nfe
+from ddpmlab.samplers.unipc import unipc_sample, unipc_sample_progressive
 
 __all__ = [
     "ALGORITHMS",
@@ -28,10 +30,18 @@ __all__ = [
     "ddpm_step",
     "dpm_solver_sample",
     "dpm_solver_sample_progressive",
+    "euler_sample",
+    "euler_sample_progressive",
     "final",
     "generate",
     "generate_chain",
+    "heun_sample",
+    "heun_sample_progressive",
+    "num_evaluations",
     "repaint_sample",
     "repaint_sample_progressive",
+    "steps_for_nfe",
+    "unipc_sample",
+    "unipc_sample_progressive",
     "with_guidance",
 ]

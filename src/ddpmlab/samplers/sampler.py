@@ -20,17 +20,72 @@ from ddpmlab.samplers.base import SamplerStep, chain, final
 from ddpmlab.samplers.ddim import ddim_sample_progressive
 from ddpmlab.samplers.ddpm import ddpm_sample_progressive
 from ddpmlab.samplers.dpm_solver import dpm_solver_sample_progressive
+from ddpmlab.samplers.edm import euler_sample_progressive, heun_sample_progressive
 from ddpmlab.samplers.repaint import repaint_sample_progressive, repaint_schedule
+from ddpmlab.samplers.unipc import unipc_sample_progressive
 
 # Samplers that draw from noise alone (what a training run's sampler config may choose) ...
 ALGORITHMS: dict[str, Callable[..., Iterator[SamplerStep]]] = {
     "ddpm": ddpm_sample_progressive,
     "ddim": ddim_sample_progressive,
     "dpm_solver": dpm_solver_sample_progressive,
+    "unipc": unipc_sample_progressive,
+    "euler": euler_sample_progressive,
+    "heun": heun_sample_progressive,
 }
 # ... and those that complete an image: x0= and keep= are given per call.
 INPAINTING: dict[str, Callable[..., Iterator[SamplerStep]]] = {"repaint": repaint_sample_progressive}
 SAMPLERS = {**ALGORITHMS, **INPAINTING}
+
+
+def _repaint_evaluations(S: int, options: Mapping[str, Any]) -> int:
+    states = repaint_schedule(S, options["jump_length"], options["jump_n_sample"])
+    return sum(k_next < k for k, k_next in itertools.pairwise(states))
+
+
+# Network evaluations per sample on a grid of S entries, where they are not S (one per entry), and how to say it.
+EVALUATIONS: dict[str, tuple[str, Callable[[int, Mapping[str, Any]], int]]] = {
+    "heun": ("2S-1", lambda S, options: 2 * S - 1),  # a correction after every step but the last (EDM Algorithm 1)
+    "repaint": ("S + its resampling's", _repaint_evaluations),
+}
+
+
+def num_evaluations(algorithm: str, S: int, options: Mapping[str, Any] | None = None) -> int:
+    """Network evaluations per sample of ``algorithm`` (with ``options``) on a grid of S entries."""
+    if algorithm not in EVALUATIONS:
+        return S
+    return EVALUATIONS[algorithm][1](S, _with_defaults(algorithm, options or {}))
+
+
+def _valid(algorithm: str, S: int, options: Mapping[str, Any] | None) -> bool:
+    """Whether ``algorithm`` runs on a grid of S entries (RePaint resamples only on grids longer than its jumps)."""
+    try:
+        check_sampler_config({"algorithm": algorithm, "num_steps": S, **(options or {})}, T=S)
+    except ConfigError:
+        return False
+    return True
+
+
+def steps_for_nfe(algorithm: str, nfe: int, options: Mapping[str, Any] | None = None) -> int:
+    """The grid size S at which ``algorithm`` takes exactly ``nfe`` network evaluations per sample; a ConfigError
+    naming the nearest reachable budgets where none does."""
+    if algorithm not in SAMPLERS:
+        raise ConfigError(f"unknown sampler {algorithm!r}; choose one of {sorted(SAMPLERS)}")
+    if not _positive_int(nfe):
+        raise ConfigError(f"nfe={nfe!r} must be a positive integer (network evaluations per sample)")
+    counts = {S: num_evaluations(algorithm, S, options) for S in range(1, nfe + 2) if _valid(algorithm, S, options)}
+    # every algorithm takes at least S evaluations on S entries: S <= nfe
+    exact = [S for S, n in counts.items() if n == nfe]
+    if exact:
+        return exact[0]
+    below = max((S for S, n in counts.items() if n < nfe), default=None)  # counts grow with S
+    above = min(S for S, n in counts.items() if n > nfe)
+    formula = EVALUATIONS[algorithm][0]
+    use = f"nfe={counts[above]} (S={above})"
+    if below is not None:
+        use = f"nfe={counts[below]} (S={below}) or {counts[above]} (S={above})"
+    raise ConfigError(f"{algorithm} takes {formula} evaluations: nfe={nfe} is not reachable; use {use}")
+
 
 _TARGET = "ddpmlab.samplers.Sampler"
 _CALL_ARGS = {"generator", "cond", "x0", "keep"}  # given per call, not bound by the config
@@ -61,6 +116,14 @@ def _check_option(key: str, name: str, value: Any) -> None:
         raise ConfigError(f"{key}.clip_x0={value!r} must be true or false")
     if name in ("jump_length", "jump_n_sample") and not _positive_int(value):
         raise ConfigError(f"{key}.{name}={value!r} must be an integer >= 1 (1 and 1: no resampling)")
+    if name == "order" and value not in (2, 3):
+        raise ConfigError(f"{key}.order={value!r} must be 2 or 3 (the solver's order of accuracy)")
+    if name in ("S_churn", "S_tmin") and not (number and value >= 0):
+        raise ConfigError(f"{key}.{name}={value!r} must be a number >= 0 (S_churn=0: no churn, the ODE)")
+    if name == "S_noise" and not (number and value > 0):
+        raise ConfigError(f"{key}.S_noise={value!r} must be a number > 0 (1: the churn adds unit-variance noise)")
+    if name == "S_tmax" and value is not None and not (number and value >= 0):
+        raise ConfigError(f"{key}.S_tmax={value!r} must be a number >= 0, or null for no upper limit")
 
 
 def check_sampler_config(config: Mapping[str, Any], T: int | None = None) -> None:
@@ -94,6 +157,9 @@ def check_sampler_config(config: Mapping[str, Any], T: int | None = None) -> Non
         options = _with_defaults(algorithm, options)
     for name, value in options.items():
         _check_option(key, name, value)
+    S_tmin, S_tmax = options.get("S_tmin", 0.0), options.get("S_tmax")
+    if S_tmax is not None and S_tmin is not None and S_tmin > S_tmax:
+        raise ConfigError(f"{key}.S_tmin={S_tmin} is above {key}.S_tmax={S_tmax}: the churn would apply nowhere")
     if algorithm == "repaint" and T is not None:
         S = T if num_steps is None else num_steps
         if options["jump_n_sample"] > 1 and options["jump_length"] >= S:
@@ -109,7 +175,8 @@ class Sampler:
     ``Sampler("ddim", num_steps=50, spacing="trailing", eta=0.0)``; options go to the algorithm (see
     :data:`SAMPLERS`), per-call inputs (``generator``, ``cond``, RePaint's ``x0`` / ``keep``) to ``__call__``.
     ``num_steps`` is the number of grid entries S, i.e. network evaluations per sample for every algorithm but
-    RePaint, whose resampling revisits them (``num_evaluations`` counts them)."""
+    Heun (2S - 1) and RePaint, whose resampling revisits them (``num_evaluations`` counts them; ``for_nfe`` picks S
+    for a budget)."""
 
     def __init__(self, algorithm: str = "ddpm", num_steps: int | None = None, spacing: str = "leading", **options):
         check_sampler_config({"algorithm": algorithm, "num_steps": num_steps, "spacing": spacing, **options})
@@ -148,14 +215,15 @@ class Sampler:
         check_sampler_config(self.to_config(), diffusion.T)
         return make_timesteps(diffusion.T, self.num_steps, self.spacing, alpha_bar=diffusion.alpha_bar64)
 
+    def for_nfe(self, nfe: int) -> "Sampler":
+        """The same algorithm and options on the grid that takes exactly ``nfe`` network evaluations per sample
+        (S = nfe but for Heun, 2S - 1, and RePaint); a ConfigError naming the nearest budgets if none does."""
+        return self.with_steps(steps_for_nfe(self.algorithm, nfe, self.options))
+
     def num_evaluations(self, diffusion) -> int:
-        """Network evaluations per sample (= yielded steps): S, or RePaint's reverse steps with resampling."""
-        S = self.timesteps(diffusion).numel()
-        if self.algorithm != "repaint":
-            return S
-        opts = _with_defaults(self.algorithm, self.options)
-        states = repaint_schedule(S, opts["jump_length"], opts["jump_n_sample"])
-        return sum(k_next < k for k, k_next in itertools.pairwise(states))
+        """Network evaluations per sample (= yielded steps: every sampler yields once per evaluation): S, Heun's
+        2S - 1 (a correction after every step but the last), or RePaint's reverse steps with resampling."""
+        return num_evaluations(self.algorithm, self.timesteps(diffusion).numel(), self.options)
 
     def steps(self, denoiser, x_T: Tensor, **kwargs) -> Iterator[SamplerStep]:
         """The progressive sampler on this grid of ``denoiser.diffusion``'s schedule."""
