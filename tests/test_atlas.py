@@ -93,6 +93,9 @@ def test_steps_for_an_nfe_is_exact_where_it_can_be_and_the_most_below_it_otherwi
     d = linear(1000)
     ddim = atlas_samplers(["ddim"])[0]
     assert steps_for(ddim, d, 7) == (7, 7) and steps_for(ddim, d, 1000) == (1000, 1000)
+    heun = atlas_samplers(["heun"])[0]  # 2S - 1 evaluations
+    assert steps_for(heun, d, 9) == (5, 9) and steps_for(heun, d, 10) == (5, 9) and steps_for(heun, d, 1) == (1, 1)
+    assert heun.with_steps(5).num_evaluations(d) == 9
     with pytest.raises(ConfigError, match=r"repaint completes images .* metrics=\[inpaint\]"):
         atlas_samplers([{"algorithm": "repaint"}])
 

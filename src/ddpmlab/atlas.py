@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from ddpmlab.errors import ConfigError
 from ddpmlab.fileio import atomic_path, write_atomic
 from ddpmlab.samplers import INPAINTING, Sampler
+from ddpmlab.samplers.sampler import num_evaluations
 
 
 def shipped_sampler(name: str) -> dict[str, Any]:
@@ -83,20 +84,18 @@ def label_of(sampler: Sampler) -> str:
 
 def steps_for(sampler: Sampler, diffusion, nfe: int) -> tuple[int, int]:
     """(num_steps S, its NFE): the largest grid whose network evaluations are at most ``nfe`` (exactly ``nfe`` where
-    the sampler can take it). Evaluations grow with S, so a bisection finds it."""
-    lo, hi = 1, diffusion.T
-    if sampler.with_steps(1).num_evaluations(diffusion) > nfe:
+    the sampler can take it: ``steps_for_nfe``)."""
+    fits = [
+        (S, n) for S in range(1, min(nfe, diffusion.T) + 1)
+        if (n := num_evaluations(sampler.algorithm, S, sampler.options)) <= nfe
+    ]  # fmt: skip
+    if not fits:
+        least = num_evaluations(sampler.algorithm, 1, sampler.options)
         raise ConfigError(
-            f"atlas: {label_of(sampler)} needs {sampler.with_steps(1).num_evaluations(diffusion)} network "
-            f"evaluations at the least, more than nfe={nfe}; drop {nfe} from atlas.nfe"
+            f"atlas: {label_of(sampler)} needs {least} network evaluations at the least, more than nfe={nfe}; "
+            f"drop {nfe} from atlas.nfe"
         )
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if sampler.with_steps(mid).num_evaluations(diffusion) <= nfe:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo, sampler.with_steps(lo).num_evaluations(diffusion)
+    return max(fits)
 
 
 def file_digest(path: str | Path) -> str:
