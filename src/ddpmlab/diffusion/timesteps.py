@@ -64,7 +64,8 @@ def make_timesteps(
       dense near t = 0.
     - ``logsnr``: uniform in the half log-SNR lambda_t = log(alpha_t / sigma_t) between t = T-1 and t = 0, each point
       rounded to the nearest code index (DPM-Solver, Lu et al. 2022, Sec. 3.3: "logSNR" steps, recommended there for
-      low-resolution images). Needs the schedule: ``alpha_bar`` [T] (float64 for exactness).
+      low-resolution images). Needs the schedule: ``alpha_bar`` [T] (float64 for exactness), and a finite lambda at
+      T-1: a zero-terminal-SNR schedule (lambda = -inf there) has no such grid; ``trailing`` suits it (Lin et al.).
     ``num_steps=None`` means S = T (every step). ``quadratic`` and ``logsnr`` can put two points on one index near
     t = 0 (DDIM's own code then visits t = 0 twice); here a repeat moves to the next free index, so every grid has
     S distinct steps and equals the reference wherever the reference has no repeats.
@@ -87,5 +88,6 @@ def make_timesteps(
         ts = [int(v**2) for v in _linspace(math.sqrt(T * 0.8), S)]
     else:
         assert alpha_bar is not None and alpha_bar.numel() == T, f"spacing 'logsnr' needs alpha_bar of length T={T}"
+        assert alpha_bar[-1] > 0, "spacing 'logsnr' needs a finite lambda at T-1 (not zero terminal SNR)"
         ts = _logsnr_grid(alpha_bar.detach().double().cpu(), S)
     return torch.tensor(_distinct(ts, T)[::-1], dtype=torch.long)

@@ -33,6 +33,10 @@ INPAINTING: dict[str, Callable[..., Iterator[SamplerStep]]] = {"repaint": repain
 SAMPLERS = {**ALGORITHMS, **INPAINTING}
 
 _TARGET = "ddpmlab.samplers.Sampler"
+LOGSNR_AT_ZERO_SNR = (
+    "sampler.spacing=logsnr spaces the grid uniformly in lambda = log(alpha_t / sigma_t) from t = T-1, where a "
+    "zero-terminal-SNR schedule has lambda = -inf; use sampler.spacing=trailing (Lin et al. 2024, Sec. 3.3)"
+)
 _CALL_ARGS = {"generator", "cond", "x0", "keep"}  # given per call, not bound by the config
 
 
@@ -146,6 +150,8 @@ class Sampler:
         """The grid this sampler visits on ``diffusion``'s schedule (descending code indices); a ConfigError if the
         schedule is too short for it."""
         check_sampler_config(self.to_config(), diffusion.T)
+        if self.spacing == "logsnr" and float(diffusion.alpha_bar64[-1]) == 0:
+            raise ConfigError(LOGSNR_AT_ZERO_SNR)
         return make_timesteps(diffusion.T, self.num_steps, self.spacing, alpha_bar=diffusion.alpha_bar64)
 
     def num_evaluations(self, diffusion) -> int:
