@@ -8,6 +8,10 @@ each of the S grid entries; step i goes from grid entry i to grid entry i+1, and
 grid entry to x_0 itself (sigma = 0, lambda = +inf). That last step has h = inf, where the second-order
 correction is undefined (r = h_{i-1}/h_i = 0), so it is first order and returns x0_hat, as diffusers'
 ``final_sigmas_type="zero"`` does; the first step is first order too (Algorithm 2, line 4).
+
+At zero terminal SNR (Lin et al. 2024) a grid that starts at T-1 starts at alpha = 0, lambda = -inf: the first
+step has h = inf and its first-order update is the limit x_t = (sigma_t / sigma_s) x + alpha_t x0_hat (DDIM from
+pure noise, sigma_s = 1); the second step's r = inf makes its correction 1 / (2r) vanish, the limit again.
 """
 
 from __future__ import annotations
@@ -20,6 +24,13 @@ from torch import Tensor
 
 from ddpmlab.diffusion.parameterization import Denoiser
 from ddpmlab.samplers.base import SamplerStep, as_grid, final, grid_alpha_bar, predict
+
+
+def half_log_snr(alpha: float, sigma: float) -> float:
+    """lambda = log(alpha / sigma): +inf at x_0 (sigma = 0), -inf at zero terminal SNR (alpha = 0)."""
+    if sigma == 0:
+        return math.inf
+    return math.log(alpha) - math.log(sigma) if alpha > 0 else -math.inf
 
 
 def dpm_solver_pp_2m_update(
@@ -61,7 +72,7 @@ def dpm_solver_sample_progressive(
     # S+1 time points: the grid, then x_0 (alpha = 1, sigma = 0, lambda = +inf). float64 throughout.
     alpha = alpha_bar.sqrt().tolist() + [1.0]
     sigma = (1 - alpha_bar).sqrt().tolist() + [0.0]
-    lam = [math.log(a) - math.log(s) if s > 0 else math.inf for a, s in zip(alpha, sigma, strict=True)]
+    lam = [half_log_snr(a, s) for a, s in zip(alpha, sigma, strict=True)]
     x, x0_hat_prev = x_T, None  # x0_hat_prev: the buffer Q of Algorithm 2
     for i, t in enumerate(ts.tolist()):
         pred = predict(denoiser, x, t, cond, clip_x0)
