@@ -177,3 +177,16 @@ def test_bits_per_dim_is_finite_at_snr_zero(zero_snr_run):
     x0 = torch.rand(2, *denoiser.sample_shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
     bpd = bits_per_dim(denoiser, x0, stride=7, generator=torch.Generator().manual_seed(1))
     assert torch.isfinite(bpd.total).all() and (bpd.prior == 0).all()  # q(x_T | x_0) = N(0, I) exactly
+
+
+def test_repaint_completes_from_pure_noise(zero_snr_run):
+    import ddpmlab
+
+    denoiser, _ = ddpmlab.load(zero_snr_run)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(1, *denoiser.sample_shape, generator=g) * 2 - 1
+    keep = torch.zeros(denoiser.sample_shape[1:])
+    keep[:, :4] = 1
+    sampler = Sampler("repaint", 6, "trailing", jump_length=5, jump_n_sample=2)  # jumps back to T-1: beta = 1
+    out = sampler(denoiser, torch.randn(2, *denoiser.sample_shape, generator=g), generator=g, x0=x0, keep=keep)
+    assert torch.isfinite(out).all() and torch.equal(out[..., :4], x0.expand_as(out)[..., :4])
