@@ -190,3 +190,13 @@ def test_repaint_completes_from_pure_noise(zero_snr_run):
     sampler = Sampler("repaint", 6, "trailing", jump_length=5, jump_n_sample=2)  # jumps back to T-1: beta = 1
     out = sampler(denoiser, torch.randn(2, *denoiser.sample_shape, generator=g), generator=g, x0=x0, keep=keep)
     assert torch.isfinite(out).all() and torch.equal(out[..., :4], x0.expand_as(out)[..., :4])
+
+
+def test_a_checkpoint_written_before_the_key_resumes_and_a_changed_one_is_refused():
+    from ddpmlab.errors import CheckpointError
+    from ddpmlab.lit.module import check_compatible
+
+    stored = {"_target_": "ddpmlab.diffusion.schedules.linear_betas", "num_timesteps": 50}
+    check_compatible({"schedule": stored}, {"schedule": {**stored, "zero_terminal_snr": False}})
+    with pytest.raises(CheckpointError, match="schedule.zero_terminal_snr: checkpoint False, this run True"):
+        check_compatible({"schedule": stored}, {"schedule": {**stored, "zero_terminal_snr": True}})
