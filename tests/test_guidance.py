@@ -8,13 +8,14 @@ from PIL import Image
 from conftest import TINY, compose_cfg, run_cli, tiny_denoiser
 from ddpmlab.cli.sample import sample
 from ddpmlab.conditioning import NULL_LABEL
-from ddpmlab.diffusion import Prediction
+from ddpmlab.diffusion import Denoiser, GaussianDiffusion, Prediction, linear_betas
 from ddpmlab.errors import ConfigError
 from ddpmlab.lit.module import DiffusionModule
 from ddpmlab.objectives import SimpleLoss
 from ddpmlab.samplers import ALGORITHMS, Sampler
 from ddpmlab.samplers.guidance import GuidedDenoiser, cycle_labels, with_guidance
 from ddpmlab.training import train
+from ddpmlab.validate import check_sample_config
 
 K = 4  # classes of the toy model
 
@@ -31,10 +32,9 @@ class SeparateForwards(torch.nn.Module):
         self.denoiser, self.w, self.net, self.diffusion = denoiser, w, denoiser.net, denoiser.diffusion
 
     def forward(self, x_t, t, cond=None):
-        eps_c = self.denoiser(x_t, t, cond).eps_hat
-        eps_u = self.denoiser(x_t, t, torch.full_like(cond, self.net.num_classes)).eps_hat
-        eps = (1 + self.w) * eps_c - self.w * eps_u
-        return Prediction(eps, self.diffusion.x0_from_eps(x_t, t, eps))
+        c = self.denoiser(x_t, t, cond)
+        u = self.denoiser(x_t, t, torch.full_like(cond, self.net.num_classes))
+        return Prediction((1 + self.w) * c.eps_hat - self.w * u.eps_hat, (1 + self.w) * c.x0_hat - self.w * u.x0_hat)
 
 
 @pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
@@ -53,8 +53,10 @@ def test_one_batched_forward_equals_two_separate_forwards(prediction):
         ref = SeparateForwards(den, 3.0)(x_t, t, cond)
         eps_c, eps_u = den(x_t, t, cond).eps_hat, den(x_t, t, None).eps_hat  # labels=None is the null label
     torch.testing.assert_close(pred.eps_hat, ref.eps_hat, atol=2e-5, rtol=1e-5)
-    torch.testing.assert_close(pred.x0_hat, ref.x0_hat, atol=2e-4, rtol=1e-5)
+    torch.testing.assert_close(pred.x0_hat, ref.x0_hat, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(pred.eps_hat, 4 * eps_c - 3 * eps_u, atol=2e-5, rtol=1e-5)
+    # the guided pair is one consistent prediction: eps_hat read back from x0_hat (DDPM eq. 4)
+    torch.testing.assert_close(den.diffusion.eps_from_x0(x_t, t, pred.x0_hat), pred.eps_hat, atol=1e-4, rtol=1e-4)
     assert (eps_c - eps_u).abs().max() > 1e-3  # the label matters, so the comparison above has teeth
 
 
@@ -79,6 +81,67 @@ def test_guidance_refuses_an_unconditional_model_and_a_negative_weight():
         GuidedDenoiser(conditional_denoiser(num_classes=None), 1.0)
     with pytest.raises(ConfigError, match=">= 0"):
         GuidedDenoiser(conditional_denoiser(), -1.0)
+
+
+# ---------------------------------------------------------------------------------------------- guidance rescale
+def guided_outputs(prediction, rescale, w=3.0, schedule=None):
+    """(the guided output, the conditional output), each in what the network predicts, at a few (x_t, t)."""
+    den = conditional_denoiser(prediction)
+    if schedule is not None:
+        den = Denoiser(den.net, schedule, prediction).eval()
+    g = torch.Generator().manual_seed(1)
+    x_t, t, cond = torch.randn(4, 1, 8, 8, generator=g), torch.tensor([0, 20, 35, 49]), torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        pred, pos = GuidedDenoiser(den, w, rescale=rescale)(x_t, t, cond), den(x_t, t, cond)
+    return den.output_of(pred, x_t, t), den.output_of(pos, x_t, t), pred, SeparateForwards(den, w)(x_t, t, cond)
+
+
+def per_sample_std(x):
+    return x.flatten(1).std(1)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_guidance_rescale_phi0_is_plain_guidance_and_phi1_keeps_the_conditional_std(prediction):
+    plain, pos, pred, ref = guided_outputs(prediction, 0.0)
+    torch.testing.assert_close(pred.eps_hat, ref.eps_hat, atol=2e-5, rtol=1e-5)  # eq. 6, untouched
+    torch.testing.assert_close(pred.x0_hat, ref.x0_hat, atol=2e-5, rtol=1e-5)
+    assert (per_sample_std(plain) / per_sample_std(pos) - 1).abs().min() > 0.05  # guidance changed the std
+    full, _, _, _ = guided_outputs(prediction, 1.0)
+    torch.testing.assert_close(per_sample_std(full), per_sample_std(pos), atol=0, rtol=1e-5)  # Lin et al. eq. 15
+    factor = (per_sample_std(pos) / per_sample_std(plain)).view(-1, 1, 1, 1)
+    torch.testing.assert_close(full, factor * plain, atol=1e-5, rtol=1e-5)  # x_cfg scaled, nothing else
+    half, _, _, _ = guided_outputs(prediction, 0.5)
+    torch.testing.assert_close(half, (full + plain) / 2, atol=1e-5, rtol=1e-5)  # eq. 16: linear in phi
+
+
+def test_guidance_rescale_agrees_with_diffusers():
+    sd = pytest.importorskip("diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion")
+    plain, pos, _, _ = guided_outputs("v", 0.0)
+    ours, _, _, _ = guided_outputs("v", 0.7)
+    torch.testing.assert_close(ours, sd.rescale_noise_cfg(plain, pos, guidance_rescale=0.7), atol=1e-5, rtol=1e-5)
+
+
+def test_guidance_rescale_outside_0_1_is_refused_in_one_line(tmp_path):
+    den = conditional_denoiser()
+    for bad in (-0.1, 1.5, float("nan"), True):
+        with pytest.raises(ConfigError, match=r"guidance_rescale=.* must be a number in \[0, 1\]") as e:
+            GuidedDenoiser(den, 3.0, rescale=bad)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"must be a number in \[0, 1\]"):
+        with_guidance(den, None, 3.0, 4, rescale=2.0)
+    assert with_guidance(den, None, 3.0, 4, rescale=0.7)[1].rescale == 0.7
+    cfg = compose_cfg("sample", ["ckpt_path=x.ckpt", "guidance_rescale=1.5"], tmp_path)
+    with pytest.raises(ConfigError, match=r"guidance_rescale=1.5 is outside \[0, 1\]"):
+        check_sample_config(cfg)
+
+
+@pytest.mark.parametrize("rescale", [0.0, 0.7])
+def test_guidance_is_finite_where_the_snr_is_zero(rescale):
+    zero_snr = GaussianDiffusion(linear_betas(50, zero_terminal_snr=True))
+    _, _, pred, ref = guided_outputs("v", rescale, schedule=zero_snr)
+    assert torch.isfinite(pred.x0_hat).all() and torch.isfinite(pred.eps_hat).all()
+    if rescale == 0:
+        torch.testing.assert_close(pred.x0_hat, ref.x0_hat, atol=2e-5, rtol=1e-5)
 
 
 def test_labels_cycle_and_are_checked():
@@ -160,6 +223,7 @@ def test_guidance_changes_samples_and_w0_matches_the_unguided_cli(cond_run, tmp_
     base, w0, w3 = images(), images("guidance=0.0", "labels=[0,1,2,3,4,5,6,7,8,9]"), images("guidance=3.0")
     assert base["labels"].tolist() == [0, 1, 2, 3, 4, 5]  # null labels: every class in turn
     assert np.array_equal(base["images"], w0["images"]) and not np.array_equal(base["images"], w3["images"])
+    assert not np.array_equal(images("guidance=3.0", "guidance_rescale=0.7")["images"], w3["images"])
 
 
 def test_labels_or_guidance_on_an_unconditional_model_are_refused():

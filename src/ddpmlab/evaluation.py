@@ -387,7 +387,9 @@ def guided(ctx: EvalContext, options: DictConfig) -> dict[str, Any]:
     predict, judge_info = judge_for(ctx, str(options.judge) if options.judge is not None else "")
     n = options.num_samples
     wiring = classifier_guidance(options, ctx.denoiser, ctx.train_cfg, n, ctx.device)
-    labels, denoiser = wiring or with_guidance(ctx.denoiser, options.get("labels"), options.get("guidance"), n)
+    labels, denoiser = wiring or with_guidance(
+        ctx.denoiser, options.get("labels"), options.get("guidance"), n, options.get("guidance_rescale")
+    )
     if labels is None:
         raise ConfigError(
             "metrics=[guided] needs samples drawn for labels: a class-conditional checkpoint "
@@ -403,6 +405,7 @@ def guided(ctx: EvalContext, options: DictConfig) -> dict[str, Any]:
     spec = options.get("classifier") or {}
     protocol = {
         "num_samples": n, "labels": sorted(set(labels.tolist())), "guidance": float(options.get("guidance") or 0.0),
+        "guidance_rescale": float(options.get("guidance_rescale") or 0.0),
         "classifier": str(spec.get("ckpt_path")) if spec.get("ckpt_path") else None,
         "classifier_scale": float(spec.get("scale", 1.0)) if spec.get("ckpt_path") else None,
         "sampler": sampler.to_config(), "steps": len(sampler.timesteps(ctx.denoiser.diffusion)),
@@ -432,7 +435,7 @@ def sr(ctx: EvalContext, options: DictConfig) -> dict[str, Any]:
     N, K = len(x0), int(options.num_samples)
     predict, judge_info = judge_for(ctx, str(options.judge), "sr") if options.get("judge") else (None, {"judge": None})
     w = float(options.get("guidance") or 0.0)
-    denoiser = GuidedDenoiser(ctx.denoiser, w) if w else ctx.denoiser
+    denoiser = GuidedDenoiser(ctx.denoiser, w, options.get("guidance_rescale") or 0.0) if w else ctx.denoiser
     cond = Cond(image=lowres, labels=labels if ctx.denoiser.num_classes else None).repeat_interleave(K)
     sampler = Sampler.from_config(given(ctx.train_cfg.get("sampler")), given(options.get("sampler")))
     print(f"sampler: {sampler}")
@@ -462,7 +465,8 @@ def sr(ctx: EvalContext, options: DictConfig) -> dict[str, Any]:
         "sizes": f"{x0.shape[-2] // f}x{x0.shape[-1] // f} -> {x0.shape[-2]}x{x0.shape[-1]}",
         "degradation": f"mean over {f}x{f} blocks (the task's)", "bicubic": "torch bicubic (a = -0.75), clamped",
         "sampler": sampler.to_config(), "network_evaluations": sampler.num_evaluations(ctx.denoiser.diffusion),
-        "guidance": w, "seed": ctx.cfg.seed, "range": "[0, 1], clamped",
+        "guidance": w, "guidance_rescale": float(options.get("guidance_rescale") or 0.0), "seed": ctx.cfg.seed,
+        "range": "[0, 1], clamped",
         "averaging": "every number is the mean over all num_images x num_samples outputs",
         "psnr": "per image, then the mean",
         "ssim_window": f"gaussian sigma {window[1]}, {window[0]} taps, reflect-padded",
@@ -507,7 +511,7 @@ def caption(ctx: EvalContext, options: DictConfig) -> dict[str, Any]:
         judge = digit_svm(float(data_cfg.get("val_fraction", 0.1)))
         judge_info = {"judge": "RBF-SVM (C=10) fit on the training split of the bundled digits"}
     w = float(options.get("guidance") or 0.0)
-    denoiser = GuidedDenoiser(ctx.denoiser, w) if w else ctx.denoiser
+    denoiser = GuidedDenoiser(ctx.denoiser, w, options.get("guidance_rescale") or 0.0) if w else ctx.denoiser
     sampler = Sampler.from_config(given(ctx.train_cfg.get("sampler")), given(options.get("sampler")))
     print(f"sampler: {sampler}, guidance w = {w}")
 
@@ -521,7 +525,8 @@ def caption(ctx: EvalContext, options: DictConfig) -> dict[str, Any]:
     seconds_sampling = time.perf_counter() - start
     result = {**run.metrics, "ceiling": judge_ceiling(dataset.images, dataset.labels, judge)}
     protocol = {
-        "per_pair": per_pair, "num_samples": len(run.keys), "guidance": w, "sampler": sampler.to_config(),
+        "per_pair": per_pair, "num_samples": len(run.keys), "guidance": w,
+        "guidance_rescale": float(options.get("guidance_rescale") or 0.0), "sampler": sampler.to_config(),
         "network_evaluations": sampler.num_evaluations(ctx.denoiser.diffusion), "seed": ctx.cfg.seed,
         "held_out_pairs": sorted(int(k) for k in dataset.held_out),
         "captions": "sample j of pair (a, b): its caption (j + a + b) mod K of K, the same template for (b, a)",

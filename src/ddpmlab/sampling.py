@@ -37,7 +37,9 @@ def classifier_guidance(cfg: DictConfig, denoiser, ckpt_cfg: DictConfig, n: int,
     classifier, classifier_diffusion, classifier_cfg = classifier_from_checkpoint(load_checkpoint(spec.ckpt_path))
     check_classifier_fits(classifier, classifier_diffusion, classifier_cfg.schedule, denoiser, ckpt_cfg.schedule)
     if denoiser.num_classes:  # a conditional model: its labels (and guidance=) as well
-        labels, denoiser = with_guidance(denoiser, cfg.get("labels"), cfg.get("guidance"), n)
+        labels, denoiser = with_guidance(
+            denoiser, cfg.get("labels"), cfg.get("guidance"), n, cfg.get("guidance_rescale")
+        )
     else:
         labels = cycle_labels(cfg.get("labels"), classifier.num_classes, n)
     return labels, ClassifierGuidedDenoiser(denoiser, classifier.to(device), float(spec.get("scale", 1.0)))

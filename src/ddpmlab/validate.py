@@ -11,9 +11,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ddpmlab.diffusion.parameterization import PREDICTIONS
+from ddpmlab.diffusion.parameterization import PREDICTIONS, ZERO_SNR_NEEDS_V
 from ddpmlab.errors import ConfigError
-from ddpmlab.samplers.sampler import check_sampler_config
+from ddpmlab.samplers.sampler import check_sampler_config, zero_snr_refusal
 
 
 def _is_int(x: Any) -> bool:
@@ -76,7 +76,23 @@ def check_schedule(cfg: DictConfig) -> int | None:
             f"schedule.beta_start={start} must be below schedule.beta_end={end} (the noise added per "
             f"step grows with t; DDPM: 1e-4 to 0.02); swap them"
         )
+    zero_snr = OmegaConf.select(cfg, "schedule.zero_terminal_snr", default=None)
+    if zero_snr is not None and not isinstance(zero_snr, bool):
+        raise ConfigError(f"schedule.zero_terminal_snr={zero_snr!r} must be true or false")
     return OmegaConf.select(cfg, "schedule.num_timesteps")
+
+
+def check_zero_terminal_snr(cfg: DictConfig) -> None:
+    """A zero-terminal-SNR schedule (Lin et al. 2024) with what it needs: a prediction that defines x0 at
+    alpha_bar_T = 0 (v or x0) and a sampler that is defined there (``zero_snr_refusal``)."""
+    if not OmegaConf.select(cfg, "schedule.zero_terminal_snr", default=False):
+        return
+    if cfg.get("prediction") == "eps":
+        raise ConfigError(ZERO_SNR_NEEDS_V)
+    spacing = OmegaConf.select(cfg, "sampler.spacing", default=None)
+    why = zero_snr_refusal(OmegaConf.select(cfg, "sampler.algorithm", default=None), spacing, spacing != "leading")
+    if why:
+        raise ConfigError(why)
 
 
 def check_sampler(cfg: DictConfig, T: int | None) -> None:
@@ -119,6 +135,7 @@ def check_train_config(cfg: DictConfig) -> None:
         need_int(cfg, "optimizer.lr_warmup_steps", 0)
     need_number(cfg, "p_uncond", 0.0, 1.0, fix="the share of labels dropped for classifier-free guidance")
     T = check_schedule(cfg)
+    check_zero_terminal_snr(cfg)
     check_model(cfg)
     check_sampler(cfg, T)
     if has(cfg, "optimizer.lr"):
@@ -169,13 +186,21 @@ def check_sample_config(cfg: DictConfig) -> None:
         )
     need_int(cfg, "batch_size", 1)
     need_int(cfg, "seed", 0)
+    check_guidance_rescale(cfg, "guidance_rescale")
     check_sampler(cfg, None)  # the checkpoint's T is checked once it is loaded (check_sampler_steps)
+
+
+def check_guidance_rescale(cfg: DictConfig, key: str) -> None:
+    if has(cfg, key):
+        need_number(cfg, key, 0.0, 1.0, high_open=False, fix="phi of Lin et al. 2024 eq. 16; 0: plain guidance")
 
 
 def check_evaluate_config(cfg: DictConfig) -> None:
     require(cfg, "ckpt_path", "python evaluate.py ckpt_path=<run dir>/checkpoints/last.ckpt")
     need_int(cfg, "batch_size", 1)
     need_int(cfg, "seed", 0)
+    for section in ("guided", "sr", "caption"):
+        check_guidance_rescale(cfg, f"{section}.guidance_rescale")
 
 
 def check_sampler_steps(cfg: DictConfig, T: int) -> None:

@@ -24,6 +24,7 @@ from ddpmlab.conditioning import text_cond
 from ddpmlab.errors import ConfigError
 from ddpmlab.metrics.caption import caption_accuracy, digit_svm
 from ddpmlab.samplers import GuidedDenoiser, generate
+from ddpmlab.samplers.guidance import check_rescale
 
 
 class CaptionAccuracy(EveryNSteps):
@@ -33,13 +34,15 @@ class CaptionAccuracy(EveryNSteps):
         per_pair: int = 2,
         num_steps: int | None = 20,
         guidance: float = 0.0,
+        guidance_rescale: float = 0.0,
         seed: int = 0,
         batch_size: int = 256,
         at_train_end: bool = True,
     ):
         """``per_pair`` samples of each of the 100 ordered pairs (the same noise at every evaluation, from
         ``seed``), on the run's sampler respaced to ``num_steps`` (None: its own grid), with classifier-free
-        guidance weight ``guidance`` (0: the conditional model alone), ``batch_size`` images per forward pass."""
+        guidance weight ``guidance`` (0: the conditional model alone) rescaled by ``guidance_rescale`` (phi, Lin et al.
+        2024, eq. 16), ``batch_size`` images per forward pass."""
         if not (isinstance(per_pair, int) and per_pair >= 1) or batch_size < 1:
             raise ConfigError(
                 f"callbacks.caption.per_pair ({per_pair}) and callbacks.caption.batch_size ({batch_size}) must be "
@@ -49,6 +52,7 @@ class CaptionAccuracy(EveryNSteps):
             raise ConfigError(f"callbacks.caption.guidance={guidance} must be >= 0 (0: the conditional model)")
         super().__init__(every_n_steps, num_steps, at_train_end)
         self.per_pair, self.guidance, self.seed, self.batch_size = per_pair, float(guidance), seed, batch_size
+        self.guidance_rescale = check_rescale(guidance_rescale)
         self.enabled = True
         self.seconds = 0.0  # wall time spent here, to report the overhead
 
@@ -83,7 +87,7 @@ class CaptionAccuracy(EveryNSteps):
         judge = digit_svm(float(getattr(trainer.datamodule, "val_fraction", 0.1)))
         raw = ema_denoiser(trainer, pl_module)
         perf = sampling_perf(pl_module, raw)
-        denoiser = GuidedDenoiser(raw, self.guidance) if self.guidance else raw
+        denoiser = GuidedDenoiser(raw, self.guidance, self.guidance_rescale) if self.guidance else raw
         sampler = self.sampler(pl_module)
 
         def sample(prompts: list[str], seed: int) -> torch.Tensor:

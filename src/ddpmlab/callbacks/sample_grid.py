@@ -14,6 +14,7 @@ from ddpmlab.images import caption_grid, cond_rows, image_grid, save_grid, save_
 from ddpmlab.lit.module import preview_keys
 from ddpmlab.progress import SamplingProgress, is_terminal
 from ddpmlab.samplers import GuidedDenoiser, generate
+from ddpmlab.samplers.guidance import check_rescale
 
 
 class SampleGrid(EveryNSteps):
@@ -27,16 +28,18 @@ class SampleGrid(EveryNSteps):
         dirname: str = "grids",
         at_train_end: bool = True,
         guidance: float = 0.0,
+        guidance_rescale: float = 0.0,
     ):
         """Draw every ``every_n_steps`` optimizer steps and/or every ``every_n_epochs`` epochs (0: never).
         ``num_steps`` respaces the run's sampler for the grids only (None: the sampler's own grid).
         A class-conditional model draws one row per class (num_samples // K samples each), with classifier-free
-        guidance weight ``guidance`` (Ho & Salimans 2022, eq. 6; 0: the conditional model unguided). A model
+        guidance weight ``guidance`` (Ho & Salimans 2022, eq. 6; 0: the conditional model unguided), rescaled by
+        ``guidance_rescale`` (phi, Lin et al. 2024, eq. 16). A model
         conditioned on an image (super-resolution, inpainting) draws one row per validation image, 8 rows of
         input | num_samples // 8 - 2 samples | original."""
         super().__init__(every_n_steps, num_steps, at_train_end)
         self.every_n_epochs, self.num_samples, self.seed = every_n_epochs, num_samples, seed
-        self.dirname, self.guidance = dirname, guidance
+        self.dirname, self.guidance, self.guidance_rescale = dirname, guidance, check_rescale(guidance_rescale)
 
     def run(self, trainer, pl_module) -> None:
         self.draw(trainer, pl_module)
@@ -61,7 +64,7 @@ class SampleGrid(EveryNSteps):
         if num_classes:  # one row per class
             nrow = max(1, self.num_samples // num_classes)
             cond = torch.arange(num_classes).repeat_interleave(nrow)
-            denoiser = GuidedDenoiser(denoiser, self.guidance)
+            denoiser = GuidedDenoiser(denoiser, self.guidance, self.guidance_rescale)
         n = self.num_samples if cond is None else len(cond)
         evals = sampler.num_evaluations(denoiser.diffusion)
         with SamplingProgress(evals, "grid", enabled=is_terminal(), leave=False) as bar:
@@ -82,7 +85,7 @@ class SampleGrid(EveryNSteps):
         per = max(1, self.num_samples // rows - 1 - (pl_module.task is not None))  # [input |] samples | original
         cond, originals = pl_module.fixed_conditions(dataset, rows, self.seed)
         if self.guidance:
-            denoiser = GuidedDenoiser(denoiser, self.guidance)
+            denoiser = GuidedDenoiser(denoiser, self.guidance, self.guidance_rescale)
         n = len(cond) * per
         evals = sampler.num_evaluations(denoiser.diffusion)
         with SamplingProgress(evals, "grid", enabled=is_terminal(), leave=False) as bar:

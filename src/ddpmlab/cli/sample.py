@@ -72,6 +72,7 @@ def draw_to_disk(
         "weights": tensor_hash(modules=(denoiser,)),  # the EMA or raw weights, classifier and first stage included
         "inputs": tensor_hash(labels, inputs.get("x0"), inputs.get("keep"), *conditions),
         "guidance": cfg.get("guidance"),
+        "guidance_rescale": cfg.get("guidance_rescale"),
         "classifier_scale": (cfg.get("classifier") or {}).get("scale"),
         "device": device.type,  # CPU and CUDA generators draw different numbers
         "perf": OmegaConf.to_container(perf, resolve=True) if isinstance(perf, DictConfig) else perf,
@@ -128,7 +129,9 @@ def sample(cfg: DictConfig, output_dir: str | Path) -> Path:
     if wants_inpainting(cfg):
         return inpaint(cfg, denoiser, ckpt_cfg, Path(output_dir), perf)
     guided = classifier_guidance(cfg, denoiser, ckpt_cfg, cfg.num_samples, device)  # with classifier.ckpt_path
-    labels, denoiser = guided or with_guidance(denoiser, cfg.get("labels"), cfg.get("guidance"), cfg.num_samples)
+    labels, denoiser = guided or with_guidance(
+        denoiser, cfg.get("labels"), cfg.get("guidance"), cfg.num_samples, cfg.get("guidance_rescale")
+    )
     sampler = chosen_sampler(cfg, ckpt_cfg)
     print(f"sampler: {sampler}")
     out = Path(output_dir)
@@ -324,7 +327,7 @@ def sample_conditioned(cfg: DictConfig, denoiser, ckpt_cfg: DictConfig, task, ou
 
 def guided(cfg: DictConfig, denoiser, ckpt_cfg: DictConfig):
     """The denoiser with classifier-free guidance at ``guidance=`` w (Ho & Salimans 2022, eq. 6) against the null of
-    its condition (the null image, the empty caption); as it is at w = 0."""
+    its condition (the null image, the empty caption), rescaled by ``guidance_rescale=`` phi; as it is at w = 0."""
     w = float(cfg.get("guidance") or 0.0)
     if w == 0:
         return denoiser
@@ -333,7 +336,7 @@ def guided(cfg: DictConfig, denoiser, ckpt_cfg: DictConfig):
             f"guidance={w} needs a model trained with condition dropout (p_uncond > 0: the unconditional term "
             f"of classifier-free guidance); {cfg.ckpt_path} was trained with p_uncond=0: sample it with guidance=0"
         )
-    return GuidedDenoiser(denoiser, w)
+    return GuidedDenoiser(denoiser, w, cfg.get("guidance_rescale") or 0.0)
 
 
 # --------------------------------------------------------------------------------------------- text
@@ -449,7 +452,9 @@ def inpaint(cfg: DictConfig, denoiser, ckpt_cfg: DictConfig, out: Path, perf=Non
     known, known_keep = stage.known_region(denoiser, x0, keep, cfg.seed)  # latent diffusion: z = s E(x0), pooled
     labels = None  # a class-conditional model completes unconditionally (null label) unless labels are given
     if cfg.get("labels") is not None:
-        labels, denoiser = with_guidance(denoiser, cfg.labels, cfg.get("guidance"), cfg.num_samples)
+        labels, denoiser = with_guidance(
+            denoiser, cfg.labels, cfg.get("guidance"), cfg.num_samples, cfg.get("guidance_rescale")
+        )
     elif float(cfg.get("guidance") or 0.0) != 0:
         raise ConfigError("inpainting with guidance= needs labels=[...], the class(es) to complete towards")
     options = {k: spec[k] for k in ("jump_length", "jump_n_sample", "variance")}

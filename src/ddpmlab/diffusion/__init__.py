@@ -11,6 +11,7 @@ from ddpmlab.diffusion.schedules import (
     cosine_betas,
     linear_betas,
     quadratic_betas,
+    rescale_zero_terminal_snr,
     sigmoid_betas,
     validate_betas,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "linear_betas",
     "make_timesteps",
     "quadratic_betas",
+    "rescale_zero_terminal_snr",
     "sigmoid_betas",
     "validate_betas",
 ]

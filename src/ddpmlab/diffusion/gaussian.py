@@ -2,6 +2,11 @@
 
 Holds no network. Every table is computed once in float64 and kept as a float32 buffer (not persistent:
 checkpoints carry the config that rebuilds it, so a buffer can never silently disagree with the config).
+
+The last beta may be exactly 1: a zero-terminal-SNR schedule (Lin et al. 2024), alpha_bar_T = 0, snr_T = 0. Every
+table stays finite there but 1 / sqrt(alpha_bar) (``sqrt_recip_alpha_bar``, ``sqrt_recipm1_alpha_bar``: inf), so
+x0 cannot be read from eps at T (``x0_from_eps`` is nan there; the Denoiser refuses eps prediction on such a
+schedule), while every other conversion is well defined.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ class GaussianDiffusion(nn.Module):
 
     def __init__(self, betas: Tensor | list[float]):
         super().__init__()
-        beta = validate_betas(torch.as_tensor(betas, dtype=torch.float64).flatten())
+        beta = validate_betas(torch.as_tensor(betas, dtype=torch.float64).flatten(), zero_terminal_snr=True)
         T = beta.numel()
         alpha = 1.0 - beta
         alpha_bar = torch.cumprod(alpha, 0)
@@ -105,16 +110,17 @@ class GaussianDiffusion(nn.Module):
 
     # ---------------------------------------------------------------- parameterizations
     def x0_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
-        """Invert eq. (4): x0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)."""
+        """Invert eq. (4): x0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t) (undefined at alpha_bar_t = 0)."""
         return (
             extract(self.sqrt_recip_alpha_bar, t, x_t.shape) * x_t
             - extract(self.sqrt_recipm1_alpha_bar, t, x_t.shape) * eps
         )
 
     def eps_from_x0(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
-        """Invert eq. (4) for eps: eps = (x_t / sqrt(alpha_bar_t) - x0) / sqrt(1/alpha_bar_t - 1)."""
-        return (extract(self.sqrt_recip_alpha_bar, t, x_t.shape) * x_t - x0) / extract(
-            self.sqrt_recipm1_alpha_bar, t, x_t.shape
+        """Invert eq. (4) for eps: eps = (x_t - sqrt(alpha_bar_t) x0) / sqrt(1 - alpha_bar_t); no division by
+        alpha_bar_t, so it holds at alpha_bar_T = 0 too (eps = x_T)."""
+        return (x_t - extract(self.sqrt_alpha_bar, t, x_t.shape) * x0) / extract(
+            self.sqrt_one_minus_alpha_bar, t, x_t.shape
         )
 
     def v_from_x0_eps(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:

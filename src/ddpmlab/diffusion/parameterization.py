@@ -10,13 +10,20 @@ from __future__ import annotations
 
 from typing import Literal, NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 from ddpmlab.conditioning import Cond
 from ddpmlab.diffusion.gaussian import GaussianDiffusion, extract
+from ddpmlab.errors import ConfigError
 
 PredictionType = Literal["eps", "x0", "v"]
 PREDICTIONS = ("eps", "x0", "v")
+# Lin et al. 2024, Sec. 3.2: at zero terminal SNR an eps-prediction is the identity at T and says nothing of x0.
+ZERO_SNR_NEEDS_V = (
+    "schedule.zero_terminal_snr=true needs prediction=v (or x0): at alpha_bar_T = 0, x_T holds no signal and an "
+    "eps-prediction cannot recover x0 = (x_T - sqrt(1 - alpha_bar_T) eps) / sqrt(alpha_bar_T); set prediction=v"
+)
 
 
 class Prediction(NamedTuple):
@@ -51,6 +58,8 @@ class Denoiser(nn.Module):
         super().__init__()
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        if prediction == "eps" and float(diffusion.alpha_bar64[-1]) == 0:
+            raise ConfigError(ZERO_SNR_NEEDS_V)
         self.net = net
         self.diffusion = diffusion
         self.prediction = prediction
@@ -97,11 +106,15 @@ class Denoiser(nn.Module):
         return x0
 
     def from_output(self, out: Tensor, x_t: Tensor, t: Tensor) -> Prediction:
-        d = self.diffusion
         var_interp = None
         if self.learn_sigma:
             out, r = out.chunk(2, dim=1)  # [B,2C,H,W] -> prediction [B,C,H,W], variance output [B,C,H,W]
             var_interp = (r + 1.0) / 2.0  # iDDPM eq. (15)'s v
+        return self.prediction_of(out, x_t, t, var_interp)
+
+    def prediction_of(self, out: Tensor, x_t: Tensor, t: Tensor, var_interp: Tensor | None = None) -> Prediction:
+        """The Prediction of ``out`` [B,C,H,W], a value of what the network predicts (the inverse of output_of)."""
+        d = self.diffusion
         if self.prediction == "eps":
             return Prediction(out, d.x0_from_eps(x_t, t, out), var_interp)
         if self.prediction == "x0":
@@ -187,4 +200,9 @@ def shift_score(pred: Prediction, diffusion: GaussianDiffusion, x_t: Tensor, t: 
     if pred.guide_grad is None:
         return pred
     eps_hat = pred.eps_hat - extract(diffusion.sqrt_one_minus_alpha_bar, t, x_t.shape) * pred.guide_grad
-    return pred._replace(eps_hat=eps_hat, x0_hat=diffusion.x0_from_eps(x_t, t, eps_hat), guide_grad=None)
+    # At alpha_bar_t = 0 (zero terminal SNR) x_t says nothing of y, so the true gradient is 0: keep the prediction
+    # (x0 from eps would divide by sqrt(alpha_bar_t) = 0 there).
+    signal = extract(diffusion.alpha_bar, t, x_t.shape) > 0
+    eps_hat = torch.where(signal, eps_hat, pred.eps_hat)
+    x0_hat = torch.where(signal, diffusion.x0_from_eps(x_t, t, eps_hat), pred.x0_hat)
+    return pred._replace(eps_hat=eps_hat, x0_hat=x0_hat, guide_grad=None)

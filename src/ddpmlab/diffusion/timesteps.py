@@ -78,7 +78,8 @@ def make_timesteps(
       dense near t = 0.
     - ``logsnr``: uniform in the half log-SNR lambda_t = log(alpha_t / sigma_t) between t = T-1 and t = 0, each point
       rounded to the nearest code index (DPM-Solver, Lu et al. 2022, Sec. 3.3: "logSNR" steps, recommended there for
-      low-resolution images). Needs the schedule: ``alpha_bar`` [T] (float64 for exactness).
+      low-resolution images). Needs the schedule: ``alpha_bar`` [T] (float64 for exactness), and a finite lambda at
+      T-1: a zero-terminal-SNR schedule (lambda = -inf there) has no such grid; ``trailing`` suits it (Lin et al.).
     - ``karras``: EDM's grid (Karras et al. 2022, eq. 5, rho = 7), dense at low noise: sigma_i spaced uniformly in
       sigma^(1/7) from sigma_max = sigma(T-1) to sigma_min = sigma(0), with the VP model's sigma_t =
       sqrt((1 - alpha_bar_t) / alpha_bar_t), each point rounded to the code index with the nearest log sigma. Needs
@@ -86,7 +87,7 @@ def make_timesteps(
       timestep interpolated in log sigma (``_sigma_to_t``); our network takes integer t, so the grid is the nearest
       integer steps and a sampler uses exactly their sigmas (rounding diffusers' fractional timesteps gives the
       same integers, as linear interpolation in log sigma is past the midpoint exactly when the upper index is
-      nearer).
+      nearer). Like ``logsnr``, it needs a finite sigma at T-1.
     ``num_steps=None`` means S = T (every step). ``quadratic``, ``logsnr`` and ``karras`` can put two points on one
     index near t = 0 (DDIM's own code then visits t = 0 twice); here a repeat moves to the next free index, so every
     grid has S distinct steps and equals the reference wherever the reference has no repeats.
@@ -109,6 +110,7 @@ def make_timesteps(
         ts = [int(v**2) for v in _linspace(math.sqrt(T * 0.8), S)]
     else:
         assert alpha_bar is not None and alpha_bar.numel() == T, f"spacing {spacing!r} needs alpha_bar of length T={T}"
+        assert alpha_bar[-1] > 0, f"spacing {spacing!r} needs a finite lambda at T-1 (not zero terminal SNR)"
         grid = _logsnr_grid if spacing == "logsnr" else _karras_grid
         ts = grid(alpha_bar.detach().double().cpu(), S)
     return torch.tensor(_distinct(ts, T)[::-1], dtype=torch.long)

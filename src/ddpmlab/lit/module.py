@@ -252,16 +252,18 @@ def lr_factor(schedule: str, warmup: int, max_steps: int, step: int) -> float:
 
 def with_defaults(section: Any) -> Any:
     """A stored ``model`` / ``schedule`` section with the keys it predates filled in with the defaults of its own
-    class (one of ddpmlab's: a checkpoint written before ``UNet(cond_channels=...)`` existed was trained with 0)."""
+    class or function (one of ddpmlab's: a checkpoint written before ``UNet(cond_channels=...)`` existed was trained
+    with 0, one written before ``schedule.zero_terminal_snr`` with false)."""
     target = section.get("_target_") if isinstance(section, dict) else None
     if not isinstance(target, str) or not target.startswith("ddpmlab."):
         return section
     import inspect
 
-    from hydra.utils import get_class
+    from hydra.utils import get_object
 
     try:
-        params = inspect.signature(get_class(target).__init__).parameters
+        built = get_object(target)
+        params = inspect.signature(built.__init__ if inspect.isclass(built) else built).parameters
     except Exception:  # not a class ddpmlab has (any more): compare as stored
         return section
     defaults = {k: p.default for k, p in params.items() if k != "self" and p.default is not inspect.Parameter.empty}

@@ -56,4 +56,5 @@ class MinSNRLoss(SimpleLoss):
         if denoiser.prediction != "eps":
             raise ValueError("MinSNRLoss is defined for prediction='eps'; use SimpleLoss for x0 or v")
         snr_t = extract(denoiser.diffusion.snr, t, (t.shape[0],))
-        return super().__call__(denoiser, x0, t, eps, cond) * snr_t.clamp(max=self.gamma) / snr_t
+        # min(snr, gamma) / snr written as min(1, gamma / snr): its limit 1 at snr = 0 (zero terminal SNR), not 0/0
+        return super().__call__(denoiser, x0, t, eps, cond) * (self.gamma / snr_t).clamp(max=1.0)

@@ -17,6 +17,10 @@ authors' code and diffusers (``multistep_dpm_solver_third_order_update``) weight
 h^2 x0_hat''/2 by half of its exact coefficient, which leaves a local error O(h^3) (a second-order method); here
 the coefficient is the exact one, and the solver is third order (tests/test_diffusers_crosscheck.py measures the
 difference, tests/test_samplers_dpm_solver.py the orders).
+
+At zero terminal SNR (Lin et al. 2024) a grid that starts at T-1 starts at alpha = 0, lambda = -inf: the first
+step has h = inf and its first-order update is the limit x_t = (sigma_t / sigma_s) x + alpha_t x0_hat (DDIM from
+pure noise, sigma_s = 1); the second step's r = inf makes its correction 1 / (2r) vanish, the limit again.
 """
 
 from __future__ import annotations
@@ -29,6 +33,13 @@ from torch import Tensor
 
 from ddpmlab.diffusion.parameterization import Denoiser
 from ddpmlab.samplers.base import SamplerStep, as_grid, final, grid_alpha_bar, predict
+
+
+def half_log_snr(alpha: float, sigma: float) -> float:
+    """lambda = log(alpha / sigma): +inf at x_0 (sigma = 0), -inf at zero terminal SNR (alpha = 0)."""
+    if sigma == 0:
+        return math.inf
+    return math.log(alpha) - math.log(sigma) if alpha > 0 else -math.inf
 
 
 def dpm_solver_pp_2m_update(
@@ -106,7 +117,7 @@ def dpm_solver_sample_progressive(
     # S+1 time points: the grid, then x_0 (alpha = 1, sigma = 0, lambda = +inf). float64 throughout.
     alpha = alpha_bar.sqrt().tolist() + [1.0]
     sigma = (1 - alpha_bar).sqrt().tolist() + [0.0]
-    lam = [math.log(a) - math.log(s) if s > 0 else math.inf for a, s in zip(alpha, sigma, strict=True)]
+    lam = [half_log_snr(a, s) for a, s in zip(alpha, sigma, strict=True)]
     S = ts.numel()
     x, x0_hats = x_T, []  # x0_hats: the data predictions so far, newest first (the buffer Q of Algorithm 2)
     for i, t in enumerate(ts.tolist()):

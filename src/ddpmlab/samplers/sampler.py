@@ -88,6 +88,26 @@ def steps_for_nfe(algorithm: str, nfe: int, options: Mapping[str, Any] | None = 
 
 
 _TARGET = "ddpmlab.samplers.Sampler"
+
+
+def zero_snr_refusal(algorithm: str | None, spacing: str | None, visits_T: bool = True) -> str | None:
+    """Why a sampler cannot run on a zero-terminal-SNR schedule (alpha_bar_T = 0, Lin et al. 2024), or None: the
+    grids spaced in lambda or sigma start at lambda = -inf / sigma = inf, and EDM's samplers integrate in sigma."""
+    if spacing in ("logsnr", "karras"):
+        axis, value = ("lambda = log(alpha_t / sigma_t)", "lambda = -inf") if spacing == "logsnr" else (
+            "sigma = sqrt((1 - alpha_bar) / alpha_bar)", "sigma = inf")  # fmt: skip
+        return (
+            f"sampler.spacing={spacing} spaces the grid in {axis} from t = T-1, where a zero-terminal-SNR schedule has "
+            f"{value}; use sampler.spacing=trailing (Lin et al. 2024, Sec. 3.3)"
+        )
+    if algorithm in ("euler", "heun") and visits_T:
+        return (
+            f"sampler {algorithm} integrates in sigma = sqrt((1 - alpha_bar) / alpha_bar), infinite at T-1 of a "
+            "zero-terminal-SNR schedule; use ddim, ddpm, dpm_solver or unipc with sampler.spacing=trailing"
+        )
+    return None
+
+
 _CALL_ARGS = {"generator", "cond", "x0", "keep"}  # given per call, not bound by the config
 
 
@@ -213,7 +233,12 @@ class Sampler:
         """The grid this sampler visits on ``diffusion``'s schedule (descending code indices); a ConfigError if the
         schedule is too short for it."""
         check_sampler_config(self.to_config(), diffusion.T)
-        return make_timesteps(diffusion.T, self.num_steps, self.spacing, alpha_bar=diffusion.alpha_bar64)
+        if float(diffusion.alpha_bar64[-1]) == 0 and (why := zero_snr_refusal(None, self.spacing)):
+            raise ConfigError(why)
+        ts = make_timesteps(diffusion.T, self.num_steps, self.spacing, alpha_bar=diffusion.alpha_bar64)
+        if float(diffusion.alpha_bar64[ts[0]]) == 0 and (why := zero_snr_refusal(self.algorithm, None)):
+            raise ConfigError(why)
+        return ts
 
     def for_nfe(self, nfe: int) -> "Sampler":
         """The same algorithm and options on the grid that takes exactly ``nfe`` network evaluations per sample

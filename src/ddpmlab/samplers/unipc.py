@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ddpmlab.diffusion.parameterization import Denoiser
 from ddpmlab.samplers.base import SamplerStep, as_grid, final, grid_alpha_bar, predict
+from ddpmlab.samplers.dpm_solver import half_log_snr
 
 
 def unipc_coefficients(rks: list[float], h: float) -> tuple[list[float], float]:
@@ -59,6 +60,10 @@ def unipc_update(
     corrects x_t using all of ``m`` and m_t. Order: len(m) (+1 for UniC)."""
     h = lam_t - lams[0]
     x_t = (sigma_t / sigma_s) * x - alpha_t * math.expm1(-h) * m[0]  # the first-order (DDIM) part
+    # A point at lambda = -inf (x_T of a zero-terminal-SNR schedule) is infinitely far: its difference D_k = (m_k - m_0)
+    # / r_k vanishes, and it leaves the order conditions with it (a step of one order lower, its limit).
+    m = [m[0]] + [m_k for m_k, lam in zip(m[1:], lams[1:], strict=True) if math.isfinite(lam)]
+    lams = [lams[0]] + [lam for lam in lams[1:] if math.isfinite(lam)]
     rks = [(lam - lams[0]) / h for lam in lams[1:]] + ([1.0] if m_t is not None else [])
     D = [(m_k - m[0]) / r_k for m_k, r_k in zip(m[1:], rks, strict=False)]
     if m_t is not None:
@@ -87,7 +92,7 @@ def unipc_sample_progressive(
     alpha_bar, _ = grid_alpha_bar(denoiser.diffusion, ts)
     alpha = alpha_bar.sqrt().tolist() + [1.0]
     sigma = (1 - alpha_bar).sqrt().tolist() + [0.0]
-    lam = [math.log(a) - math.log(s) if s > 0 else math.inf for a, s in zip(alpha, sigma, strict=True)]
+    lam = [half_log_snr(a, s) for a, s in zip(alpha, sigma, strict=True)]  # -inf at zero terminal SNR
     S = ts.numel()
     x, m, x_prev, p_prev = x_T, [], None, 0  # m: data predictions, newest first; x_prev: corrected x at t_{i-1}
     for i, t in enumerate(ts.tolist()):
