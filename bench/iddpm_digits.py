@@ -57,10 +57,10 @@ def train_all(out: Path, steps: int, classifier_steps: int) -> None:
              f"callbacks.sample_grid.every_n_steps={steps // 2}"]  # fmt: skip
     for name, over in RUNS.items():
         if not (out / name / "checkpoints" / "last.ckpt").is_file():
-            run("train.py", *over, f"trainer.max_steps={steps}", *every, "trainer.enable_progress_bar=false",
-                f"hydra.run.dir={out / name}")  # fmt: skip
+            run("train.py", *over, "schedule=linear", f"trainer.max_steps={steps}", *every,
+                "trainer.enable_progress_bar=false", f"hydra.run.dir={out / name}")  # fmt: skip
     if not (out / "classifier" / "checkpoints" / "last.ckpt").is_file():
-        run("train.py", "experiment=classifier_digits", f"trainer.max_steps={classifier_steps}",
+        run("train.py", "experiment=classifier_digits", "schedule=linear", f"trainer.max_steps={classifier_steps}",
             f"trainer.val_check_interval={classifier_steps // 2}", "trainer.enable_progress_bar=false",
             f"hydra.run.dir={out / 'classifier'}")  # fmt: skip
 
