@@ -11,6 +11,7 @@ contestant and writes them all to ``--out``.
     python bench/first_run.py                              # one after the other, each at its fastest thread count
     python bench/first_run.py --side-by-side               # all started together, one thread each
     python bench/first_run.py --only current peer --seeds 0 1 2 3 4
+    python bench/first_run.py --only linear peer_every10    # the linear schedule; the peer's Trainer EMA
 
 The peer is optional: ``pip install denoising-diffusion-pytorch==2.3.4`` in the environment that runs this
 script; where it is not installed it is skipped with a message. It trains with the recipe of its README
@@ -202,7 +203,7 @@ def finish_peer(name: str, workdir: Path, proc: subprocess.Popen) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", nargs="*", default=["current", "previous", "peer", "peer_every10"])
+    ap.add_argument("--only", nargs="*", default=["current", "peer", "linear", "peer_every10", "previous"])
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "first_run.json"))
     ap.add_argument("--extra", nargs="*", default=[], help="overrides for an extra ddpmlab contestant 'trial'")
     ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2], help="sampling seeds (the median is reported)")
@@ -223,7 +224,8 @@ def main() -> None:
         for batch in batches:
             started = {}
             for name in batch:
-                overrides = {"current": [], "previous": PREVIOUS_DEFAULTS, "trial": args.extra}.get(name)
+                overrides = {"current": [], "linear": ["schedule=linear"], "previous": PREVIOUS_DEFAULTS,
+                             "trial": args.extra}.get(name)  # fmt: skip
                 proc = (
                     run_peer(name, workdir, threads, args.seeds)
                     if name in PEERS

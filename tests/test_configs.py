@@ -52,7 +52,7 @@ def test_every_option_composes_and_instantiates(tmp_path, group, option):
 
 def test_default_train_config_is_the_documented_one(tmp_path):
     cfg = compose_cfg("train", [], tmp_path)
-    assert cfg.data.name == "digits" and cfg.schedule._target_.endswith("linear_betas")
+    assert cfg.data.name == "digits" and cfg.schedule._target_.endswith("cosine_betas")
     assert cfg.sampler.algorithm == "ddpm" and "CSVLogger" in cfg.logger.csv._target_
     assert cfg.trainer.accelerator == "auto"
     # the first run's recipe, train.yaml's own defaults: unet_digits, Adam 2e-3, 100 warm-up steps then a half cosine
