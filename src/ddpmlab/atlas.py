@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from ddpmlab.errors import ConfigError
 from ddpmlab.fileio import atomic_path, write_atomic
 from ddpmlab.samplers import INPAINTING, Sampler
-from ddpmlab.samplers.sampler import num_evaluations
+from ddpmlab.samplers.sampler import default_options, num_evaluations
 
 
 def shipped_sampler(name: str) -> dict[str, Any]:
@@ -76,10 +76,13 @@ def atlas_samplers(entries: Sequence[Any]) -> list[Sampler]:
 
 
 def label_of(sampler: Sampler) -> str:
-    """A short, unique name of a sampler for tables and legends: ``ddim[leading, eta=0.0]``."""
-    options = [f"{k}={v}" for k, v in sampler.options.items() if k != "clip_x0"]
+    """A short, unique name of a sampler for tables and legends: ``ddim[leading, eta=0.0]``; options at their
+    function's defaults are left out but for those that name the variant (eta, variance, order)."""
+    defaults = default_options(sampler.algorithm)
+    shown = [f"{k}={v}" for k, v in sampler.options.items()
+             if k != "clip_x0" and (k in ("eta", "variance", "order") or v != defaults.get(k))]  # fmt: skip
     clip = "" if sampler.options.get("clip_x0", True) else ", no clip"
-    return f"{sampler.algorithm}[{', '.join([sampler.spacing, *options])}{clip}]"
+    return f"{sampler.algorithm}[{', '.join([sampler.spacing, *shown])}{clip}]"
 
 
 def steps_for(sampler: Sampler, diffusion, nfe: int) -> tuple[int, int]:
@@ -163,7 +166,7 @@ def run_atlas(
             if cached is not None:
                 write_atomic(cached, json.dumps(cell, indent=1) + "\n")
             note = f"({cell['seconds']:.1f} s)"
-        cell = {**cell, "requested_nfe": requested}
+        cell = {**cell, "sampler": label_of(sampler), "requested_nfe": requested}
         cells.append(cell)
         print(f"{head}: {quality.label} = {cell[quality.key]:.4g} {note}", flush=True)
         write_outputs(output_dir, cells, quality, protocol)
@@ -203,7 +206,7 @@ def plot_atlas(cells: list[dict], quality: Quality, path: Path, title: str = "")
         ax_q.plot(x, [c[quality.key] for c in rows], **style)
         ax_t.plot(x, [c["seconds_per_image"] * 1e3 for c in rows], **style)
     values = [c[quality.key] for c in cells]
-    ticks = sorted({c["nfe"] for c in cells})
+    ticks = sorted({c["requested_nfe"] for c in cells})  # Heun's 9 plots beside 10, under the tick of 10
     for ax in (ax_q, ax_t):
         ax.set_xscale("log")
         ax.set_xticks(ticks, [str(n) for n in ticks])

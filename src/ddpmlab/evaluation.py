@@ -660,7 +660,8 @@ def atlas(ctx: EvalContext, options: DictConfig) -> dict[str, Any]:
         "guidance_nfe": "conditional and unconditional halves batched in one call on [2B]: counted once"
         if options.guidance else None,
         "device": str(ctx.device), "threads": torch.get_num_threads(),
-        "title": f"{ctx.cfg.ckpt_path}: {quality.label}, {options.num_samples} samples a cell",
+        "title": f"{'/'.join(Path(str(ctx.cfg.ckpt_path)).parts[-3:])}: {quality.label}, "
+        f"{options.num_samples} samples a cell",
     }  # fmt: skip
     cache_dir = Path(options.cache_dir).expanduser() if options.cache_dir else None
     out_dir = ctx.output_dir or Path(".")

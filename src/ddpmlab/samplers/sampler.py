@@ -121,6 +121,11 @@ def _with_defaults(algorithm: str, options: Mapping[str, Any]) -> dict[str, Any]
     return {name: options.get(name, p.default) for name, p in _options_of(SAMPLERS[algorithm]).items()}
 
 
+def default_options(algorithm: str) -> dict[str, Any]:
+    """Every option of ``algorithm`` at its default."""
+    return _with_defaults(algorithm, {})
+
+
 def _positive_int(n: Any) -> bool:
     return isinstance(n, int) and not isinstance(n, bool) and n >= 1
 
