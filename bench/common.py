@@ -100,6 +100,7 @@ def compose_train_config(args: argparse.Namespace, extra: Sequence[str] = ()) ->
         f"data.batch_size={args.batch_size}",
         "data.num_classes=null",
         "logger=none",
+        "schedule=linear",  # DDPM's (the peers are set up for it; the speed does not depend on it)
         f"paths.output_dir={tempfile.mkdtemp(prefix='ddpmlab-bench-')}",
         *extra,
         *args.override,

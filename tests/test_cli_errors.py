@@ -8,7 +8,7 @@ from conftest import run_cli
 @pytest.mark.parametrize(
     "args,expected",
     [
-        (["schedule.beta_end=1.5"], "beta_end=1.5 is outside (0, 1)"),
+        (["schedule=linear", "schedule.beta_end=1.5"], "beta_end=1.5 is outside (0, 1)"),
         (["schedule.zero_terminal_snr=true"], "eps-prediction cannot recover x0"),
         (["model.channel_mult=[1,2,2,2,2]"], "image_size=8 cannot go through this U-Net"),
         (["data=mnist", "data.root=/nonexistent/place"], "MNIST not found: looked in /nonexistent/place/MNIST/raw"),

@@ -96,7 +96,7 @@ def test_a_missing_checkpoint_is_a_checkpoint_error(tmp_path):
     [
         ("ddpm", [], ("ddpm", None, "leading", {"variance": "auto", "clip_x0": True})),
         ("ddim", ["sampler.num_steps=20", "sampler.eta=0.5"], ("ddim", 20, "leading", {"eta": 0.5, "clip_x0": True})),
-        ("dpm_solver", [], ("dpm_solver", 20, "logsnr", {"clip_x0": True})),
+        ("dpm_solver", [], ("dpm_solver", 20, "logsnr", {"order": 2, "clip_x0": True})),
     ],
 )
 def test_every_sampler_config_composes_into_a_sampler(tmp_path, name, overrides, expected):

@@ -115,8 +115,13 @@ class GaussianVOracle(torch.nn.Module):
 
 @pytest.mark.parametrize(
     "algorithm,num_steps,options",
-    [("ddim", 250, {}), ("dpm_solver", 50, {}), ("dpm_solver", 100, {"order": 3}), ("unipc", 50, {"order": 2}),
-     ("unipc", 50, {"order": 3})],
+    [
+        ("ddim", 250, {}),
+        ("dpm_solver", 50, {}),
+        ("dpm_solver", 100, {"order": 3}),
+        ("unipc", 50, {"order": 2}),
+        ("unipc", 50, {"order": 3}),
+    ],
 )  # fmt: skip  (3M at 50 trailing steps is 2.4% low in std on the original linear schedule too: the grid's doing)
 def test_v_oracle_on_the_trailing_grid_recovers_the_data(algorithm, num_steps, options):
     """16,000 values: the sampling error of the mean is ~0.0024, of the std ~0.6%; the trailing grid, uniform in t,
