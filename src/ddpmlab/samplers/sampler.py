@@ -205,6 +205,8 @@ class Sampler:
 
     def __init__(self, algorithm: str = "ddpm", num_steps: int | None = None, spacing: str = "leading", **options):
         check_sampler_config({"algorithm": algorithm, "num_steps": num_steps, "spacing": spacing, **options})
+        order = list(_options_of(SAMPLERS[algorithm]))  # the signature's order, whatever order a config gave them in
+        options = dict(sorted(options.items(), key=lambda kv: order.index(kv[0])))
         self.algorithm, self.num_steps, self.spacing, self.options = algorithm, num_steps, spacing, options
         self.progressive = partial(SAMPLERS[algorithm], **options)
 
