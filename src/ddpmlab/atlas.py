@@ -215,7 +215,8 @@ def plot_atlas(cells: list[dict], quality: Quality, path: Path, title: str = "")
         ax.grid(True, which="both", alpha=0.3)
     if values and min(values) > 0 and max(values) / min(values) > 10:
         ax_q.set_yscale("log")
-    ax_q.set_ylabel(f"{quality.label} (lower is better)")
+    short = quality.label if len(quality.label) <= 40 else quality.label.split(" (")[0]  # the title names it whole
+    ax_q.set_ylabel(f"{short} (lower is better)")
     ax_t.set_ylabel("milliseconds per image")
     ax_q.legend(fontsize=7)
     if title:
