@@ -25,6 +25,8 @@ from ddpmlab.checkpoint import (
     safetensors_api,
 )
 from ddpmlab.config import CONFIG_DIR, register_resolvers
+from ddpmlab.diffusers_format import is_diffusers_folder
+from ddpmlab.diffusers_format import load_folder as load_diffusers
 from ddpmlab.diffusion import Denoiser
 from ddpmlab.errors import CheckpointError
 from ddpmlab.stages import (
@@ -52,6 +54,7 @@ __all__ = [
     "load",
     "load_checkpoint",
     "load_denoiser",
+    "load_diffusers",
     "load_export",
     "pick_device",
     "rebuild",
@@ -87,11 +90,14 @@ def load(
     path: str | Path, ema: bool = True, device: str | torch.device = "cpu", trusted_targets=()
 ) -> tuple[nn.Module, DictConfig]:
     """``denoiser, cfg = ddpmlab.load("outputs/.../checkpoints/last.ckpt")``: the (EMA) model in eval mode on
-    ``device``, and the config it was trained with. ``path`` may also be a folder that ``export.py`` wrote.
+    ``device``, and the config it was trained with. ``path`` may also be a folder that ``export.py`` wrote, or a
+    DDPM in diffusers' format (a UNet2DModel and its scheduler: :mod:`ddpmlab.diffusers_format`).
     The model is the run's stage's: a Denoiser (a LatentDenoiser for latent diffusion), a first stage's
     autoencoder, or a noisy classifier. ``trusted_targets``: your own classes or functions that the stored config
     may name besides ddpmlab's (for a network you trained yourself)."""
-    if Path(str(path)).expanduser().is_dir():
+    if is_diffusers_folder(path):
+        model, cfg = load_diffusers(path, trusted_targets=trusted_targets)
+    elif Path(str(path)).expanduser().is_dir():
         model, cfg = load_export(path, trusted_targets=trusted_targets)
     else:
         ckpt = load_checkpoint(path)
@@ -118,7 +124,10 @@ def load_export(folder: str | Path, trusted_targets=()) -> tuple[nn.Module, Dict
 
 def load_denoiser(path: str | Path, ema: bool = True) -> tuple[Denoiser, DictConfig]:
     """(the denoiser in eval mode on the CPU, its config) from a training checkpoint or a folder ``export.py`` wrote
-    (whose weights are the ones it exported: ``ema`` does not apply), as ``sample.py ckpt_path=`` takes either."""
+    (whose weights are the ones it exported: ``ema`` does not apply) or a diffusers folder, as ``sample.py
+    ckpt_path=`` and ``evaluate.py ckpt_path=`` take any of them."""
+    if is_diffusers_folder(path):
+        return load_diffusers(path)
     if not Path(str(path)).expanduser().is_dir():
         return denoiser_from_checkpoint(load_checkpoint(path), ema=ema, where=str(path))
     model, cfg = load_export(path)

@@ -102,11 +102,17 @@ def steps_for(sampler: Sampler, diffusion, nfe: int) -> tuple[int, int]:
 
 
 def file_digest(path: str | Path) -> str:
-    """sha256 of a file's bytes (the checkpoint a cell was drawn from)."""
+    """sha256 of a file's bytes (the checkpoint a cell was drawn from); of a folder (an export), of every file's
+    name and bytes in turn."""
+    path = Path(str(path)).expanduser()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    for file in files:
+        if path.is_dir():
+            h.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with open(file, "rb") as f:
+            for block in iter(lambda f=f: f.read(1 << 20), b""):
+                h.update(block)
     return h.hexdigest()
 
 

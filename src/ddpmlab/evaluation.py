@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from ddpmlab.api import denoiser_from_checkpoint, pick_device
+from ddpmlab.api import CONFIG_DIR, denoiser_from_checkpoint, load_denoiser, pick_device
 from ddpmlab.checkpoint import load_checkpoint, rebuild
 from ddpmlab.conditioning import Cond, Inpainting, SuperResolution, make_task, text_cond, upsample_bicubic
 from ddpmlab.diffusion import Denoiser
@@ -44,6 +44,7 @@ from ddpmlab.metrics.image_metrics import (
     within_class_std,
 )
 from ddpmlab.metrics.nll import evaluate_bpd
+from ddpmlab.networks.unet import image_hw
 from ddpmlab.samplers import GuidedDenoiser, Sampler, generate, with_guidance
 from ddpmlab.samplers.masks import make_mask
 from ddpmlab.sampling import classifier_guidance, given
@@ -66,6 +67,12 @@ class EvalContext:
         """The checkpoint's data module (its data config, ``cfg.data`` merged over it, batches of
         ``cfg.batch_size``)."""
         data_cfg = OmegaConf.merge(self.train_cfg.data, self.cfg.get("data") or {})
+        if not data_cfg.get("name"):  # a diffusers model says nothing of its data
+            raise ConfigError(
+                f"{self.cfg.ckpt_path} does not say what data it was trained on, which this metric needs: name one "
+                f"of the shipped data configs, e.g. data=cifar10 ({', '.join(shipped_data_names())}), with "
+                "data.root=<the folder that holds its files> if it is not ./data"
+            )
         datamodule = rebuild(data_cfg, "data", batch_size=self.cfg.batch_size)  # the checkpoint's: checked targets
         datamodule.prepare_data()
         datamodule.setup("fit")
@@ -689,8 +696,14 @@ def evaluate(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     if cfg.batch_size < 1:
         raise ConfigError(f"batch_size={cfg.batch_size} must be >= 1")
     device = pick_device(cfg.device)
-    ckpt = load_checkpoint(cfg.ckpt_path)
-    denoiser, train_cfg = denoiser_from_checkpoint(ckpt, ema=cfg.use_ema, where=str(cfg.ckpt_path))
+    if Path(str(cfg.ckpt_path)).expanduser().is_dir():  # an export folder, ddpmlab's or diffusers' format
+        denoiser, train_cfg = load_denoiser(cfg.ckpt_path)
+        step = None
+    else:
+        ckpt = load_checkpoint(cfg.ckpt_path)
+        denoiser, train_cfg = denoiser_from_checkpoint(ckpt, ema=cfg.use_ema, where=str(cfg.ckpt_path))
+        step = ckpt.get("global_step")
+    train_cfg = with_named_data(train_cfg, cfg, denoiser)
     if "bpd" in cfg.metrics and not stage_of(train_cfg).pixel_space:
         # DDPM's bound ends in a discrete decoder over the 256 levels of each pixel; a latent U-Net models
         # continuous latents z = s * E(x), whose bound says nothing in bits per pixel dimension (LDM reports none).
@@ -700,9 +713,7 @@ def evaluate(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
             "metrics=[fid] (its samples are decoded to pixels)"
         )
     ctx = EvalContext(denoiser.to(device), train_cfg, cfg, device, Path(output_dir))
-    results: dict[str, Any] = {
-        "checkpoint": {"path": str(cfg.ckpt_path), "global_step": ckpt.get("global_step"), "ema": cfg.use_ema}
-    }
+    results: dict[str, Any] = {"checkpoint": {"path": str(cfg.ckpt_path), "global_step": step, "ema": cfg.use_ema}}
     for name in cfg.metrics:
         start = time.perf_counter()
         results[name] = METRICS[name](ctx, cfg.get(name) or OmegaConf.create())
@@ -711,6 +722,29 @@ def evaluate(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     if (cfg.get("logger") or {}).get("wandb") is not None:
         log_to_wandb(cfg, results, Path(output_dir))
     return results
+
+
+def shipped_data_names() -> list[str]:
+    return sorted(p.stem for p in (Path(CONFIG_DIR) / "data").glob("*.yaml"))
+
+
+def with_named_data(train_cfg: DictConfig, cfg: DictConfig, denoiser: Denoiser) -> DictConfig:
+    """The model's config with the data named on the command line (``data=cifar10``: a model whose folder does not
+    say, or other data of the same images), which must hold the images a pixel-space model draws."""
+    data = OmegaConf.merge(train_cfg.data, cfg.get("data") or {})
+    if data.get("name") == train_cfg.data.get("name"):
+        return train_cfg
+    train_cfg = train_cfg.copy()
+    train_cfg.data = data
+    if not stage_of(train_cfg).pixel_space:
+        return train_cfg
+    shape = (int(data.channels), *image_hw(data.image_size))
+    if shape != tuple(denoiser.sample_shape):
+        raise ConfigError(
+            f"data={data.name} holds {'x'.join(map(str, shape))} images, but {cfg.ckpt_path} draws "
+            f"{'x'.join(map(str, denoiser.sample_shape))}: name data of its image size"
+        )
+    return train_cfg
 
 
 def log_to_wandb(cfg: DictConfig, results: dict[str, Any], output_dir: Path) -> None:

@@ -119,3 +119,10 @@ def sigmoid_betas(
     betas = torch.sigmoid(x) * (beta_end - beta_start) * scale + beta_start * scale
     betas = validate_betas(betas, "schedule 'sigmoid'")
     return rescale_zero_terminal_snr(betas) if zero_terminal_snr else betas
+
+
+def listed_betas(betas: list[float], zero_terminal_snr: bool = False) -> torch.Tensor:
+    """The betas given one by one (diffusers' ``trained_betas``): any schedule, T = len(betas). The last may be 1
+    (a zero-terminal-SNR schedule written out); ``zero_terminal_snr`` rescales one that is not yet."""
+    betas = validate_betas(torch.as_tensor(betas, dtype=torch.float64).flatten(), "schedule 'listed'", True)
+    return rescale_zero_terminal_snr(betas) if zero_terminal_snr and betas[-1] != 1 else betas

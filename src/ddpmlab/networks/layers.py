@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def group_norm(channels: int, num_groups: int = 32) -> nn.GroupNorm:
-    return nn.GroupNorm(min(num_groups, channels), channels, eps=1e-6)
+def group_norm(channels: int, num_groups: int = 32, eps: float = 1e-6) -> nn.GroupNorm:
+    return nn.GroupNorm(min(num_groups, channels), channels, eps=eps)
 
 
 class ResBlock(nn.Module):
@@ -20,14 +20,14 @@ class ResBlock(nn.Module):
 
     def __init__(
         self, in_ch: int, out_ch: int, emb_dim: int, dropout: float = 0.0, num_groups: int = 32,
-        use_scale_shift_norm: bool = False,
+        use_scale_shift_norm: bool = False, norm_eps: float = 1e-6,
     ):  # fmt: skip
         super().__init__()
         self.use_scale_shift_norm = use_scale_shift_norm
-        self.norm1 = group_norm(in_ch, num_groups)
+        self.norm1 = group_norm(in_ch, num_groups, norm_eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb_proj = nn.Linear(emb_dim, 2 * out_ch if use_scale_shift_norm else out_ch)
-        self.norm2 = group_norm(out_ch, num_groups)
+        self.norm2 = group_norm(out_ch, num_groups, norm_eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -45,14 +45,17 @@ class ResBlock(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention over the H*W positions, with a residual connection (SDPA kernels)."""
+    """Multi-head self-attention over the H*W positions, with a residual connection (SDPA kernels).
 
-    def __init__(self, channels: int, num_heads: int = 1, num_groups: int = 32):
+    ``qkv``'s 3C output channels are Q, K, V in turn, each the heads in turn (channel h * C/heads + d of Q is head h's
+    d-th): the layout of diffusers' separate to_q / to_k / to_v projections, stacked."""
+
+    def __init__(self, channels: int, num_heads: int = 1, num_groups: int = 32, norm_eps: float = 1e-6):
         super().__init__()
         if channels % num_heads:
             raise ValueError(f"attention: {channels} channels do not split into {num_heads} heads")
         self.num_heads = num_heads
-        self.norm = group_norm(channels, num_groups)
+        self.norm = group_norm(channels, num_groups, norm_eps)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = nn.Conv2d(channels, channels, 1)
 
@@ -163,12 +166,19 @@ class SpatialTransformer(nn.Module):
 
 
 class Downsample(nn.Module):
-    def __init__(self, channels: int):
+    """A 3x3 convolution of stride 2. ``padding=1`` pads every side by one; ``padding=0`` pads only the right and
+    bottom by one, as TensorFlow's "SAME" padding does for a stride-2 convolution of an even side (DDPM's own code,
+    and diffusers' ``downsample_padding=0``)."""
+
+    def __init__(self, channels: int, padding: int = 1):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        if padding not in (0, 1):
+            raise ValueError(f"Downsample: padding={padding} must be 1 (every side) or 0 (right and bottom, as TF)")
+        self.padding = padding
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(x)
+        return self.conv(x if self.padding else F.pad(x, (0, 1, 0, 1)))
 
 
 class Upsample(nn.Module):

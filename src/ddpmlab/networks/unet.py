@@ -11,6 +11,12 @@ and in the middle (LDM Sec. 3.3), or, from a pooled encoder, one vector added to
 
 ``image_size`` is the side of a square image or (H, W); a resolution in ``attn_resolutions`` /
 ``context_resolutions`` is a feature map's height.
+
+Conventions that differ between implementations of the same network are options, so that a model converted from
+another (``ddpmlab.diffusers_format``) computes what it computed there: ``freq_shift`` and ``flip_sin_to_cos`` (the
+sinusoid's frequencies and order, :func:`~ddpmlab.networks.embeddings.timestep_embedding`), ``norm_eps`` (every
+GroupNorm's epsilon), ``downsample_padding`` (1: every side; 0: right and bottom, TensorFlow's), and
+``num_head_channels`` (channels per attention head at every resolution, instead of ``num_heads`` heads).
 """
 
 from __future__ import annotations
@@ -70,6 +76,11 @@ class UNet(nn.Module):
         context_resolutions: Sequence[int] = (),
         transformer_depth: int = 1,
         context_positions: bool = False,
+        freq_shift: float = 0.0,
+        flip_sin_to_cos: bool = False,
+        norm_eps: float = 1e-6,
+        downsample_padding: int = 1,
+        num_head_channels: int | None = None,
     ):
         super().__init__()
         check_image_size(image_size, channel_mult)
@@ -79,7 +90,7 @@ class UNet(nn.Module):
         self.image_size = image_size if isinstance(image_size, int) else image_hw(image_size)
         self.num_classes = num_classes
         emb_dim = 4 * base_channels
-        self.time_embed = TimeEmbedding(base_channels, emb_dim)
+        self.time_embed = TimeEmbedding(base_channels, emb_dim, freq_shift, flip_sin_to_cos)
         # Classifier-free guidance (Ho & Salimans 2022): class num_classes is the learned null label.
         self.label_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
         self.cond_channels = int(cond_channels)
@@ -104,10 +115,12 @@ class UNet(nn.Module):
         )
 
         def block(i: int, o: int) -> ResBlock:
-            return ResBlock(i, o, emb_dim, dropout, num_groups, use_scale_shift_norm)
+            return ResBlock(i, o, emb_dim, dropout, num_groups, use_scale_shift_norm, norm_eps)
 
         def attn(ch: int) -> SelfAttention:
-            return SelfAttention(ch, num_heads, num_groups)
+            if num_head_channels and ch % num_head_channels:
+                raise ConfigError(f"model.num_head_channels={num_head_channels} does not divide {ch} channels")
+            return SelfAttention(ch, ch // num_head_channels if num_head_channels else num_heads, num_groups, norm_eps)
 
         height, width = image_hw(image_size)
 
@@ -129,7 +142,7 @@ class UNet(nn.Module):
                 self.down.append(nn.ModuleList(layers))
                 chans.append(ch)
             if level != len(channel_mult) - 1:
-                self.down.append(nn.ModuleList([Downsample(ch)]))
+                self.down.append(nn.ModuleList([Downsample(ch, downsample_padding)]))
                 chans.append(ch)
                 res //= 2
         mid = [block(ch, ch), attn(ch)]  # in this order: a model without text draws its weights as it always did
@@ -148,7 +161,7 @@ class UNet(nn.Module):
                     layers.append(Upsample(ch))
                     res *= 2
                 self.up.append(nn.ModuleList(layers))
-        self.norm_out = group_norm(ch, num_groups)
+        self.norm_out = group_norm(ch, num_groups, norm_eps)
         self.conv_out = nn.Conv2d(ch, self.out_channels, 3, padding=1)
 
     @staticmethod
