@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ddpmlab.api import CONFIG_DIR, denoiser_from_checkpoint, load_denoiser, pick_device
 from ddpmlab.checkpoint import load_checkpoint, rebuild
@@ -703,6 +703,9 @@ def evaluate(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         ckpt = load_checkpoint(cfg.ckpt_path)
         denoiser, train_cfg = denoiser_from_checkpoint(ckpt, ema=cfg.use_ema, where=str(cfg.ckpt_path))
         step = ckpt.get("global_step")
+    if cfg.get("data"):  # resolved here, where ${paths.data_dir} of a named data config (data=cifar10) resolves
+        with open_dict(cfg):
+            cfg.data = OmegaConf.to_container(cfg.data, resolve=True)
     train_cfg = with_named_data(train_cfg, cfg, denoiser)
     if "bpd" in cfg.metrics and not stage_of(train_cfg).pixel_space:
         # DDPM's bound ends in a discrete decoder over the 256 levels of each pixel; a latent U-Net models
