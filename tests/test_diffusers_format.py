@@ -272,6 +272,13 @@ def test_evaluate_and_sample_read_a_diffusers_folder_and_need_data_only_where_it
     cfg = compose_cfg("evaluate", [f"ckpt_path={out}", *base, "data=mnist"], tmp_path / "d")
     with pytest.raises(ConfigError, match=r"data=mnist holds 1x28x28 images, but .* draws 1x8x8"):
         evaluate(cfg, tmp_path / "d")
+    from ddpmlab.cli.sample import sample
+
+    cfg = compose_cfg("sample", [f"ckpt_path={out}", "num_samples=2", "inpaint.index=0"], tmp_path / "r")
+    with pytest.raises(
+        ConfigError, match=r"does not say what it was trained on: give the image instead, inpaint\.image"
+    ):
+        sample(cfg, tmp_path / "r")
     got = evaluate(compose_cfg("evaluate", [f"ckpt_path={out}", *base, "data=digits"], tmp_path / "e"), tmp_path / "e")
     assert got["bpd"]["protocol"]["dataset"] == "digits"
     assert abs(got["bpd"]["value"] - ours["bpd"]["value"]) < 1e-9  # the same model under the same protocol

@@ -175,6 +175,9 @@ def test_a_latent_export_samples_like_its_checkpoint_with_the_first_stage_gone(f
     for bit, with the first stage's run directory moved away."""
     ckpt, sampler = ldm_run / "checkpoints" / "last.ckpt", Sampler("ddim", num_steps=10)
     from_ckpt = generate(load(ckpt)[0], sampler, 8, seed=0)
+    with pytest.raises(ConfigError, match="latent diffusion: its U-Net draws latents that only its first stage"):
+        export(ckpt, tmp_path / "diffusers", format="diffusers")  # diffusers' format holds pixel-space DDPMs
+    assert not (tmp_path / "diffusers").exists()
     out = export(ckpt, tmp_path / "export")
     assert "scale_factor" in load_file(out / "model.safetensors")
     card = (out / "README.md").read_text()

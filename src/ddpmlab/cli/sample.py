@@ -199,6 +199,12 @@ def describe_task(task) -> str:
 def dataset_images(data_cfg: DictConfig, indices: list[int], split: str, key: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Images ``indices`` of the checkpoint's dataset split ('val' or 'train') as [N,C,H,W] in [-1, 1], and their
     labels [N]; ``key`` names the setting in the error (``inpaint.index``, ``cond.index``)."""
+    if not data_cfg.get("name"):  # a model in diffusers' format does not say its data
+        image_key = key.replace("index", "image")
+        raise ConfigError(
+            f"{key} picks an image of the model's dataset, and this model does not say what it was trained on: give "
+            f"the image instead, {image_key}=<an image file>"
+        )
     datamodule = rebuild(data_cfg, "data")  # the checkpoint's data config: only ddpmlab's own targets
     datamodule.setup("fit")
     ds = {"val": datamodule.val_set, "train": datamodule.train_set}.get(split)
