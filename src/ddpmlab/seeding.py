@@ -19,8 +19,17 @@ def derive_seed(*parts: int | str) -> int:
     return int.from_bytes(digest, "little")
 
 
+def shard_index(rank: int, world_size: int, micro: int = 0) -> int:
+    """Which micro-batch of an optimizer step's global batch rank ``rank`` trains on as its ``micro``-th
+    (data/order.py's ``shard``): the rank itself without gradient accumulation. Seeds keyed by it rather than by the
+    rank draw the same on every layout with the same batch size and number of micro-batches (2 nodes x 1 device,
+    1 x 2, 1 device accumulating 2)."""
+    return micro * world_size + rank
+
+
 def step_seed(seed: int, rank: int, step: int) -> int:
-    """Training step ``step`` on ``rank``: its t, eps, label dropout (and network dropout)."""
+    """Training step ``step`` of micro-batch ``rank`` (:func:`shard_index`; the rank without accumulation): its t,
+    eps, label dropout (and network dropout)."""
     return derive_seed(seed, rank, step)
 
 

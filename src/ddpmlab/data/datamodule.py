@@ -210,6 +210,9 @@ class DiffusionDataModule(pl.LightningDataModule):
     def _rank(self) -> tuple[int, int]:
         return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
 
+    def _accumulate(self) -> int:
+        return getattr(self.trainer, "accumulate_grad_batches", 1)  # a trainer, or what a test gives as one
+
     def uses_device_loader(self) -> bool:
         if self.name in FROM_FILES:
             return False
@@ -239,6 +242,7 @@ class DiffusionDataModule(pl.LightningDataModule):
                 seed=self.seed,
                 rank=rank,
                 world_size=world_size,
+                accumulate=self._accumulate(),
                 device=self._device(),
                 position=where,
             )
@@ -253,6 +257,7 @@ class DiffusionDataModule(pl.LightningDataModule):
             random_flip=self.random_flip,
             rank=rank,
             world_size=world_size,
+            accumulate=self._accumulate(),
             position=where,
         )
         return EpochDataLoader(

@@ -1,8 +1,9 @@
 """The fast path for datasets that fit in memory: the whole split as one uint8 tensor on the training device.
 
 Per epoch, one permutation and one flip mask for the whole split are drawn from a generator seeded with
-``seed + epoch`` -- the same on every rank -- and rank ``r`` of ``world_size`` takes every ``world_size``-th
-position of it, as torch's DistributedSampler does: disjoint shards that change every epoch. Per batch, a
+``seed + epoch`` -- the same on every rank -- and rank ``r`` of ``world_size`` takes its shard of it (data/order.py's
+``shard``: every ``world_size``-th position, as torch's DistributedSampler does, without accumulation): disjoint
+shards that change every epoch. Per batch, a
 gather, a flip and a scale run on the device. No workers, no host-to-device copies, no per-item Python.
 """
 
@@ -14,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ddpmlab.data.datasets import ImageTensorDataset, mirror
-from ddpmlab.data.order import ResumesAtStep, epoch_order
+from ddpmlab.data.order import ResumesAtStep, epoch_order, shard
 from ddpmlab.images import to_model_range
 
 
@@ -34,6 +35,7 @@ class DeviceLoader(ResumesAtStep):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        accumulate: int = 1,  # micro-batches per optimizer step (training: how the epoch is dealt, data/order.py)
         device: torch.device | str | None = None,
         # batches per epoch -> (epoch, batches of it already trained on) where the trainer stands (data/order.py);
         # None, or a None answer: count passes here (set_epoch sets the count)
@@ -45,10 +47,11 @@ class DeviceLoader(ResumesAtStep):
         self.images, self.labels = images.to(self.device), labels.long().to(self.device)
         self.dataset = ImageTensorDataset(self.images, self.labels)  # as a DataLoader has (len(loader.dataset))
         self.batch_size, self.shuffle, self.random_flip = batch_size, shuffle, random_flip
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.seed, self.rank, self.world_size, self.accumulate = seed, rank, world_size, accumulate
         n = images.shape[0]
         # Training shards are cut to equal length so that every rank runs the same number of steps.
-        self.shard_size = n // world_size if drop_last else len(range(rank, n, world_size))
+        shard_size = len(shard(torch.arange(n), batch_size, rank, world_size, accumulate))
+        self.shard_size = shard_size if drop_last else len(range(rank, n, world_size))
         self.drop_last = drop_last and self.shard_size >= batch_size
         self.epoch, self.position = 0, position
 
@@ -66,9 +69,12 @@ class DeviceLoader(ResumesAtStep):
         where = self.position(len(self)) if self.position is not None else None
         self.epoch, skip = where if where is not None else (self.epoch, 0)
         order, flip = epoch_order(n, self.seed, self.epoch, self.shuffle, self.random_flip, self.device)
-        shard = order[self.rank :: self.world_size][: self.shard_size]
+        if self.drop_last:
+            mine = shard(order, self.batch_size, self.rank, self.world_size, self.accumulate)
+        else:
+            mine = order[self.rank :: self.world_size][: self.shard_size]
         self.epoch += 1  # plain iteration (no Lightning) also gets a fresh order every epoch
         for start in range(skip * self.batch_size, len(self) * self.batch_size, self.batch_size):
-            i = shard[start : start + self.batch_size]
+            i = mine[start : start + self.batch_size]
             images = self.images[i] if flip is None else mirror(self.images[i], flip[i])  # flipped while uint8
             yield to_model_range(images), self.labels[i]

@@ -11,10 +11,11 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from ddpmlab.data.order import ResumesAtStep, batch_seed, epoch_order, position
+from ddpmlab.data.order import ResumesAtStep, batch_seed, epoch_order, position, shard
 from ddpmlab.diffusion.latent import LatentDenoiser
 from ddpmlab.errors import ConfigError
 from ddpmlab.images import to_model_range
+from ddpmlab.seeding import shard_index
 
 ENCODE_MODES = ("auto", "once", "per_batch")
 
@@ -73,15 +74,17 @@ class LatentLoader(ResumesAtStep):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        accumulate: int = 1,
         position: Callable[[int], tuple[int, int] | None] | None = None,
         images: Tensor | None = None,
     ):
         self.denoiser, self.mean, self.std, self.labels = denoiser, mean, std, labels.to(mean.device)
         self.images = images
         self.batch_size, self.train, self.seed, self.rank, self.world_size = batch_size, train, seed, rank, world_size
+        self.accumulate = accumulate if train else 1
         n = mean.shape[0]
         # Training shards are cut to equal length so that every rank runs the same number of steps.
-        self.shard_size = n // world_size if train else n
+        self.shard_size = len(shard(torch.arange(n), batch_size, rank, world_size, accumulate)) if train else n
         self.drop_last = train and self.shard_size >= batch_size
         self.epoch, self.position = 0, position
 
@@ -95,13 +98,15 @@ class LatentLoader(ResumesAtStep):
         device = self.mean.device
         if self.train:
             order, _ = epoch_order(self.mean.shape[0], self.seed, epoch, True, False, device)
-            shard = order[self.rank :: self.world_size][: self.shard_size]
+            mine = shard(order, self.batch_size, self.rank, self.world_size, self.accumulate)
         else:
-            shard, epoch = torch.arange(self.shard_size, device=device), 0
+            mine, epoch = torch.arange(self.shard_size, device=device), 0
         split = "train" if self.train else "val"
         for b in range(skip, len(self)):
-            i = shard[b * self.batch_size : (b + 1) * self.batch_size]
-            g = torch.Generator(device).manual_seed(batch_seed(self.seed, self.rank, epoch, b, split))
+            i = mine[b * self.batch_size : (b + 1) * self.batch_size]
+            step, micro = divmod(b, self.accumulate)  # the seed of the micro-batch, not of the rank: data/order.py
+            where = shard_index(self.rank, self.world_size, micro)
+            g = torch.Generator(device).manual_seed(batch_seed(self.seed, where, epoch, step, split))
             z = self.denoiser.scaled_sample(self.mean[i], self.std[i], g)
             yield (z, self.labels[i]) if self.images is None else (z, self.labels[i], self.images[i])
 
@@ -180,6 +185,7 @@ class LatentDataModule(pl.LightningDataModule):
         if train:
             print(f"latent diffusion: encoded {len(mean)} training images once in {seconds:.1f}s", flush=True)
         rank, world_size = self._rank() if train else (0, 1)
+        accumulate = getattr(self.trainer, "accumulate_grad_batches", 1) if train else 1
         return LatentLoader(
             self.denoiser,
             mean,
@@ -190,6 +196,7 @@ class LatentDataModule(pl.LightningDataModule):
             seed=self.seed,
             rank=rank,
             world_size=world_size,
+            accumulate=accumulate,
             position=self._position(train),
             images=images[0] if images else None,
         )

@@ -5,7 +5,10 @@ that the same generator's flip mask marks, on every rank alike (each rank takes 
 Nothing depends on what ran before, so a run resumed from a checkpoint written in the middle of an epoch skips
 the batches the trainer has already stepped through and sees exactly the batches the uninterrupted run saw.
 Draws made per batch (latent diffusion's posterior sample) take their seed from the batch's place in this order
-(:func:`ddpmlab.seeding.batch_seed`), not from a generator whose state depends on what the process did before."""
+(:func:`ddpmlab.seeding.batch_seed`), not from a generator whose state depends on what the process did before.
+
+Under DDP and gradient accumulation an epoch is dealt out by :func:`shard`, so that the layout (nodes x devices x
+accumulation) does not change which items meet which noise."""
 
 from __future__ import annotations
 
@@ -29,6 +32,25 @@ def epoch_order(
     order = torch.randperm(n, generator=g, device=device) if shuffle else torch.arange(n, device=device)
     flip = random_flip_mask(n, g, device) if random_flip else None
     return order, flip
+
+
+def shard(order: Tensor, batch_size: int, rank: int = 0, world_size: int = 1, accumulate: int = 1) -> Tensor:
+    """This rank's items of an epoch's ``order``, micro-batch after micro-batch.
+
+    Optimizer step k trains on the global batch ``order[k*G : (k+1)*G]`` (G = batch_size x world_size x
+    accumulate), dealt out like cards to its S = world_size x accumulate micro-batches: item ``k*G + j*S + s``
+    goes to micro-batch ``s``, and rank ``rank`` trains on micro-batches ``s = i * world_size + rank`` (i < accumulate,
+    in that order). A micro-batch draws its noise from (seed, s, step) (:func:`ddpmlab.seeding.shard_index`), so
+    every layout with the same batch_size and S trains on the same (item, noise) pairs: 2 nodes x 1 device, 1 node x
+    2 devices, 1 device accumulating 2. With accumulate = 1 this is DistributedSampler's ``order[rank::world_size]``.
+    The incomplete global batch at an epoch's end is dropped (a dataset smaller than one global batch: this rank's
+    ``order[rank::world_size]`` cut to equal length)."""
+    s = world_size * accumulate
+    steps = len(order) // (batch_size * s)
+    if steps == 0:
+        return order[rank::world_size][: len(order) // world_size]
+    grid = order[: steps * batch_size * s].view(steps, batch_size, accumulate, world_size)[..., rank]  # [steps,B,A]
+    return grid.transpose(1, 2).reshape(-1)
 
 
 def position(trainer, batches_per_epoch: int) -> tuple[int, int] | None:
@@ -74,11 +96,14 @@ class EpochSampler(DistributedSampler):
         random_flip: bool,
         rank: int = 0,
         world_size: int = 1,
+        accumulate: int = 1,
         position: Callable[[int], tuple[int, int] | None] | None = None,
     ):
         self.n, self.batch_size, self.seed, self.random_flip = n, batch_size, seed, random_flip
         self.rank, self.num_replicas, self.shuffle, self.drop_last = rank, world_size, True, True
-        self.num_samples = n // world_size  # equal shards: every rank runs the same number of steps
+        self.accumulate = accumulate
+        # equal shards: every rank runs the same number of steps
+        self.num_samples = len(shard(torch.arange(n), batch_size, rank, world_size, accumulate))
         self.epoch, self.position = 0, position
 
     def __len__(self) -> int:
@@ -89,10 +114,10 @@ class EpochSampler(DistributedSampler):
         where = self.position(batches) if self.position is not None else None
         self.epoch, skip = where if where is not None else (self.epoch, 0)
         order, flip = epoch_order(self.n, self.seed, self.epoch, True, self.random_flip)
-        shard = order[self.rank :: self.num_replicas][: self.num_samples].tolist()
+        mine = shard(order, self.batch_size, self.rank, self.num_replicas, self.accumulate).tolist()
         flips = [False] * self.n if flip is None else flip.tolist()
         self.epoch += 1  # plain iteration (no Lightning) gets a fresh order every pass
-        return iter([(i, flips[i]) for i in shard[skip * self.batch_size :]])
+        return iter([(i, flips[i]) for i in mine[skip * self.batch_size :]])
 
 
 class EpochDataLoader(ResumesAtStep, DataLoader):

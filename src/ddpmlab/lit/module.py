@@ -16,7 +16,7 @@ from ddpmlab.diffusion.parameterization import Denoiser
 from ddpmlab.errors import CheckpointError, ConfigError
 from ddpmlab.objectives.timestep_samplers import UniformSampler
 from ddpmlab.samplers import Sampler
-from ddpmlab.seeding import seed_step, validation_seed
+from ddpmlab.seeding import seed_step, shard_index, validation_seed
 
 # Config sections that must match for a checkpoint to resume into this run.
 ARCH_KEYS = ("model", "schedule", "prediction", "task")  # (a text encoder, with its vocabulary, is in model)
@@ -59,6 +59,7 @@ class DiffusionModule(pl.LightningModule):
         self.seed = seed
         self.config = config or {}
         self._noise: torch.Generator | None = None
+        self._micro = (-1, 0)  # (global step, micro-batches of it trained on this rank): see _micro_batch
         self.captions: dict[str, CaptionBank] = {}  # a text model's captions of each split's item keys
         # The progress bar reads train/loss with .item() every step, a host sync; perf.sync_free_logging turns it off.
         self.loss_in_progress_bar = True
@@ -146,7 +147,8 @@ class DiffusionModule(pl.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
         x0 = batch[0]
-        seed_step(self._noise, self.seed, self.global_rank, self.global_step)  # a resumed run draws the same
+        # a resumed run draws the same; so does every layout with the same global batch (data/order.py's shard)
+        seed_step(self._noise, self.seed, self._micro_batch(), self.global_step)
         t, weight = self.timestep_sampler.sample(x0.shape[0], self.diffusion.T, x0.device, self._noise)
         eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=self._noise)
         loss_per_sample = self.objective(self.denoiser, x0, t, eps, self.condition(batch, self._noise, True))
@@ -166,6 +168,16 @@ class DiffusionModule(pl.LightningModule):
         loss = self.objective(self.denoiser, x0, t, eps, self.condition(batch, g, False)).mean()
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         return loss
+
+    def _micro_batch(self) -> int:
+        """Which micro-batch of this optimizer step's global batch this rank trains on now (seeding.shard_index):
+        gradient accumulation runs ``accumulate_grad_batches`` of them per step on each rank, counted here."""
+        step, micro = self._micro
+        micro = micro + 1 if step == self.global_step else 0
+        self._micro = (self.global_step, micro)
+        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        world_size = self.trainer.world_size if self._trainer is not None else 1
+        return shard_index(self.global_rank, world_size, micro % accumulate)
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         """The configured optimizer over the denoiser's parameters (no LR schedule: that needs the Trainer)."""
