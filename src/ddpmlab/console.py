@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 # Raised by the libraries underneath on every run, whatever the config: nothing a user can act on.
@@ -51,7 +52,7 @@ def apply_extras(cfg: DictConfig, run_dir: str | Path | None = None) -> None:
     if extras.get("ignore_warnings", True):
         for pattern in UPSTREAM_NOISE:
             warnings.filterwarnings("ignore", message=pattern)
-    if extras.get("print_config", False):
+    if extras.get("print_config", False) and rank_zero_only.rank == 0:  # once, not once per DDP rank
         print_config_tree(cfg)
 
 

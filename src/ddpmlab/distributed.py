@@ -139,5 +139,6 @@ def process_group(backend: str | None = None) -> Launch | None:
 
 
 def first_line(exc: BaseException) -> str:
+    """``Type: the first line of its message`` (a collective's error runs to a page)."""
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")[:300]

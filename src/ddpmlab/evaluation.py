@@ -30,6 +30,7 @@ from ddpmlab.api import CONFIG_DIR, denoiser_from_checkpoint, load_denoiser, pic
 from ddpmlab.checkpoint import load_checkpoint, rebuild
 from ddpmlab.conditioning import Cond, Inpainting, SuperResolution, make_task, text_cond, upsample_bicubic
 from ddpmlab.diffusion import Denoiser
+from ddpmlab.distributed import process_group
 from ddpmlab.errors import ConfigError
 from ddpmlab.fileio import atomic_path, write_atomic
 from ddpmlab.images import save_grid, to_hwc_uint8, to_unit
@@ -110,7 +111,15 @@ def bpd(ctx: EvalContext, options: DictConfig) -> dict[str, Any]:
 def fid(ctx: EvalContext, options: DictConfig) -> dict[str, Any]:
     """FID, KID and IS (torch-fidelity, metrics/fid.py's protocol) of ``num_samples`` samples, generated on every
     visible GPU, against the first ``num_real`` training images (whose features torch-fidelity caches)."""
-    from ddpmlab.metrics.fid import fidelity_metrics, fidelity_weights, generate_on_devices, real_images
+    import torch.distributed as dist
+
+    from ddpmlab.metrics.fid import (
+        fidelity_metrics,
+        fidelity_weights,
+        generate_across_ranks,
+        generate_on_devices,
+        real_images,
+    )
 
     # What can be refused (weights file, missing data) is refused before the samples are drawn, not after.
     features = options.get("features")  # a Frechet distance in another space instead of Inception's
@@ -135,10 +144,18 @@ def fid(ctx: EvalContext, options: DictConfig) -> dict[str, Any]:
         conds = Cond(image=task(x_val, torch.Generator().manual_seed(ctx.cfg.seed)))
         conds = conds.replace(labels=y_val) if ctx.denoiser.num_classes else conds
     start = time.perf_counter()
-    fake = generate_on_devices(
-        ctx.denoiser, sampler, options.num_samples, ctx.cfg.batch_size, ctx.cfg.seed, devices, perf, conds=conds
-    )
+    if ranks := dist.is_initialized() and dist.get_world_size() > 1:  # evaluate.py under torchrun or SLURM
+        devices = [ctx.device] * dist.get_world_size()  # one rank each: its chunks, once
+        fake = generate_across_ranks(
+            ctx.denoiser, sampler, options.num_samples, ctx.cfg.batch_size, ctx.cfg.seed, perf, conds=conds
+        )
+    else:
+        fake = generate_on_devices(
+            ctx.denoiser, sampler, options.num_samples, ctx.cfg.batch_size, ctx.cfg.seed, devices, perf, conds=conds
+        )
     seconds_sampling = time.perf_counter() - start
+    if ranks and dist.get_rank() != 0:
+        return {}  # rank 0 measures the samples of all ranks
     if quality is not None:
         values = quality.measure(fake)
         print(f"{quality.label} = {values['fd']:.4g} ({options.num_samples} samples, {reference})")
@@ -695,7 +712,15 @@ def evaluate(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         raise ConfigError(f"unknown metric(s) {unknown}; choose from {sorted(METRICS)}")
     if cfg.batch_size < 1:
         raise ConfigError(f"batch_size={cfg.batch_size} must be >= 1")
+    run = process_group()  # evaluate.py started by torchrun or SLURM: the ranks share out the sampling
+    if run is not None and list(cfg.metrics) != ["fid"]:
+        raise ConfigError(
+            f"{run.launcher} started {run.world_size} ranks: they share out metrics=[fid] only, and "
+            f"metrics={list(cfg.metrics)} would run whole on every rank; evaluate the others in one process"
+        )
     device = pick_device(cfg.device)
+    if run is not None and device.type == "cuda":
+        device = torch.device("cuda", run.local_rank)
     if Path(str(cfg.ckpt_path)).expanduser().is_dir():  # an export folder, ddpmlab's or diffusers' format
         denoiser, train_cfg = load_denoiser(cfg.ckpt_path)
         step = None
@@ -721,6 +746,8 @@ def evaluate(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         start = time.perf_counter()
         results[name] = METRICS[name](ctx, cfg.get(name) or OmegaConf.create())
         results[name].setdefault("seconds", time.perf_counter() - start)
+    if run is not None and run.rank != 0:
+        return results  # rank 0 writes metrics.json
     write_atomic(Path(output_dir) / "metrics.json", json.dumps(results, indent=2) + "\n")
     if (cfg.get("logger") or {}).get("wandb") is not None:
         log_to_wandb(cfg, results, Path(output_dir))

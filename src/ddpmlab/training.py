@@ -2,7 +2,7 @@
 
 ``python train.py`` (``ddpmlab.cli.train``) is this function behind Hydra; tests and notebooks call it with a
 config composed by ``hydra.compose``. Resuming (``resume_path``, ``check_resume``, ``wandb_resume``) and the
-submitit requeue hand-off (``defer_submitit_requeue``) live here too."""
+requeue hand-off (``defer_requeue``) live here too."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import json
 import os
 import secrets
 import signal
+import subprocess
 import tempfile
 import time
 import warnings
@@ -18,7 +19,9 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from hydra.utils import instantiate
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -27,9 +30,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from ddpmlab.callbacks.checkpoint import AtomicCheckpointIO
 from ddpmlab.callbacks.finite import FiniteGuard
-from ddpmlab.callbacks.run_lock import check_resume_source, hold
+from ddpmlab.callbacks.ranks import Layout, RankFailedError, Ranks, check_layout
+from ddpmlab.callbacks.run_lock import check_resume_source, hold, starts_the_run
 from ddpmlab.checkpoint import load_checkpoint
 from ddpmlab.console import apply_extras, final_summary
+from ddpmlab.distributed import first_line
 from ddpmlab.errors import CheckpointError, NotWritableError
 from ddpmlab.fileio import write_atomic
 from ddpmlab.lit.module import check_compatible
@@ -57,7 +62,8 @@ def _train(cfg: DictConfig, run_dir: Path, stage: Stage, prepared, start: float)
     apply_extras(cfg, run_dir)  # warning filters, the config tree
     ckpt_path = resume_path(cfg, run_dir)
     if ckpt_path is not None:
-        check_resume_source(ckpt_path)
+        if starts_the_run():  # the other ranks of a DDP run find the directory held by their rank 0
+            check_resume_source(ckpt_path)
         check_resume(ckpt_path, cfg)
     check_writable(run_dir, cfg, resuming=ckpt_path is not None)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -67,7 +73,9 @@ def _train(cfg: DictConfig, run_dir: Path, stage: Stage, prepared, start: float)
     module = stage.build_module(cfg)
     datamodule = stage.setup_data(cfg, module, datamodule, prepared)
     # First, so that a diverged step stops training before any other callback acts on its weights.
-    callbacks = [FiniteGuard(), *(instantiate(c) for c in (cfg.get("callbacks") or {}).values())]
+    # The ranks' agreement (config, layout) and their last words; it must see a failure before anything saves.
+    ranks = Ranks(cfg.data.batch_size)
+    callbacks = [FiniteGuard(), ranks, *(instantiate(c) for c in (cfg.get("callbacks") or {}).values())]
     if cfg.get("ema"):
         callbacks.append(instantiate(cfg.ema))
     loggers = [instantiate(c, **wandb_resume(c, run_dir, ckpt_path)) for c in (cfg.get("logger") or {}).values()]
@@ -77,13 +85,18 @@ def _train(cfg: DictConfig, run_dir: Path, stage: Stage, prepared, start: float)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     plugins = [AtomicCheckpointIO()]  # checkpoints written atomically in their own directory
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
+    if ckpt_path is not None:  # a resume onto another layout continues exactly, or is refused with the reason
+        saved = load_checkpoint(ckpt_path, mmap=True).get("ddpmlab_layout")
+        change = check_layout(saved, Layout.of(trainer, cfg.data.batch_size), ckpt_path, cfg.get("allow_layout_change"))
+        if change:
+            rank_zero_warn(f"ddpmlab: {change}")
     # GPU levers; on the CPU, the thread count
     apply_perf(module, trainer.strategy.root_device, cfg.get("perf"), stage.trained_net(module), stage.training_probe)
     if trainer.strategy.root_device.type == "cpu" and trainer.is_global_zero:
         print(f"CPU threads: {torch.get_num_threads()}", flush=True)
     for logger in trainer.loggers:
         logger.log_hyperparams(module.config)
-    requeue = defer_submitit_requeue()
+    requeue = defer_requeue()
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except SIGTERMException:  # Lightning stopped at a step boundary and OnExceptionCheckpoint saved there
@@ -95,6 +108,24 @@ def _train(cfg: DictConfig, run_dir: Path, stage: Stage, prepared, start: float)
             )
         requeue()
         raise SystemExit(128 + signal.SIGTERM) from None
+    except Exception as e:
+        if trainer.world_size > 1 and not ranks.joined and isinstance(e, dist.DistError):
+            env = trainer.strategy.cluster_environment
+            raise RankFailedError(
+                f"the {trainer.world_size} ranks did not all join at {env.main_address}:{env.main_port} "
+                f"({first_line(e)}): start the same command on every node, check that each reaches that address "
+                "and port (a port in use: pick another), or wait longer: trainer.strategy.timeout.seconds=<s>"
+            ) from None
+        if ranks.failure is None:
+            raise
+        furthest = furthest_checkpoint(run_dir)
+        where = (
+            f"the last checkpoint, {furthest[1]} (step {furthest[0]}), resumes: run the same command again with "
+            f"ckpt_path=last hydra.run.dir={run_dir}"
+            if furthest
+            else "no checkpoint was written: start again"
+        )
+        raise RankFailedError(f"{ranks.failure}; {where}") from None
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)  # what a sweep summary reads
@@ -118,14 +149,22 @@ def last_checkpoint(trainer: pl.Trainer) -> Path | None:
     return None
 
 
-def defer_submitit_requeue():
-    """In a submitit job, its pre-emption/time-out signal (USR2) requeues the job and exits at once, wherever
-    training is. Turn that signal into a SIGTERM, so that Lightning stops at the next step boundary and saves
-    on_exception.ckpt, and return a function that then runs submitit's own handler (requeue, exit)."""
-    name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
-    signum = getattr(signal, f"SIG{name}", None)
-    submitit_handler = signal.getsignal(signum) if os.environ.get("SUBMITIT_EXECUTOR") and signum else None
-    if not callable(submitit_handler):
+def defer_requeue():
+    """A job's requeue signal would requeue it and exit at once, wherever training is: submitit's (USR2) in a
+    submitit job, SLURM's (USR1: ``#SBATCH --signal=USR1@120``, Lightning's requeue signal) in a job submitted by
+    hand. Turn it into a SIGTERM, so that Lightning stops every rank at the next step boundary and saves
+    on_exception.ckpt, and return a function that then requeues: submitit's own handler (requeue, exit), or rank 0's
+    ``scontrol requeue <job id>``. Installed before Lightning's, so Lightning's own SLURM handler, which saves from
+    inside the signal handler wherever the ranks are, stays out."""
+    if os.environ.get("SUBMITIT_EXECUTOR"):
+        signum = getattr(signal, f"SIG{os.environ.get('SUBMITIT_PREEMPT_SIGNAL', 'USR2')}", None)
+        handler = signal.getsignal(signum) if signum else None
+        if not callable(handler):
+            return lambda: None
+        then = functools.partial(handler, signum, None)
+    elif SLURMEnvironment.detect():
+        signum, then = signal.SIGUSR1, scontrol_requeue
+    else:
         return lambda: None
     received = []
 
@@ -134,7 +173,21 @@ def defer_submitit_requeue():
         os.kill(os.getpid(), signal.SIGTERM)
 
     signal.signal(signum, to_sigterm)
-    return lambda: submitit_handler(received[0], None) if received else None
+    return lambda: then() if received else None
+
+
+def scontrol_requeue() -> None:
+    """Requeue this SLURM job (rank 0; the others only stop): it starts again with the same command."""
+    if rank_zero_only.rank != 0:
+        return
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else os.environ["SLURM_JOB_ID"]
+    try:
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+        error = done.stderr.strip() if done.returncode else None
+    except (OSError, subprocess.TimeoutExpired) as e:
+        error = str(e)
+    print(f"requeue of SLURM job {job}: " + (f"failed ({error})" if error else "done"), flush=True)
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -159,6 +212,21 @@ def resume_path(cfg: DictConfig, run_dir: str | Path) -> str | None:
     # Lightning itself falls back to "last" when OnExceptionCheckpoint is present, and says so loudly.
     warnings.filterwarnings("ignore", message=r".*ckpt_path=None.*was called without a model")
     warnings.filterwarnings("ignore", message=r".*there is no last checkpoint available")
+    furthest = furthest_checkpoint(run_dir)
+    if furthest:
+        return str(furthest[1])
+    folder = Path(run_dir) / "checkpoints"
+    if cfg.get("ckpt_path") == "last":
+        raise CheckpointError(
+            f"ckpt_path=last: no complete checkpoint (last.ckpt, on_exception.ckpt, step_*.ckpt) in {folder}; pass "
+            "the run directory to continue as hydra.run.dir=<run dir>, or a file as ckpt_path=<path>"
+        )
+    return None
+
+
+def furthest_checkpoint(run_dir: str | Path) -> tuple[int, Path] | None:
+    """(global step, path) of the complete checkpoint in ``<run_dir>/checkpoints`` with the highest step; of equal
+    steps last.ckpt, else the newest file. Unreadable files are skipped with a warning."""
     folder = Path(run_dir) / "checkpoints"
     found = []
     for p in sorted(folder.glob("*.ckpt")) if folder.is_dir() else []:
@@ -167,14 +235,7 @@ def resume_path(cfg: DictConfig, run_dir: str | Path) -> str | None:
             rank_zero_warn(f"ddpmlab: skipping {p} when choosing where to resume: not a complete checkpoint")
             continue
         found.append((step, p.name == "last.ckpt", p.stat().st_mtime, p))
-    if found:
-        return str(max(found)[-1])  # the highest step; of equal steps last.ckpt, else the newest file
-    if cfg.get("ckpt_path") == "last":
-        raise CheckpointError(
-            f"ckpt_path=last: no complete checkpoint (last.ckpt, on_exception.ckpt, step_*.ckpt) in {folder}; pass "
-            "the run directory to continue as hydra.run.dir=<run dir>, or a file as ckpt_path=<path>"
-        )
-    return None
+    return (max(found)[0], max(found)[-1]) if found else None
 
 
 def check_resume(ckpt_path: str, cfg: DictConfig) -> None:

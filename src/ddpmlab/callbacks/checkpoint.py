@@ -10,7 +10,8 @@
 - :class:`OnExceptionCheckpoint`: saves where a crash or a SIGTERM stopped training, but only when this run has
   trained at least one step since it started (or resumed): a failure before the first optimizer step writes
   nothing, so it cannot shadow the checkpoint it was resuming from with an untrained one. Nor does a training that
-  diverged (:mod:`ddpmlab.callbacks.finite`): its weights are NaN.
+  diverged (:mod:`ddpmlab.callbacks.finite`): its weights are NaN. Under DDP it saves on a SIGTERM only, the one
+  failure every rank stops at together.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.callbacks import OnExceptionCheckpoint as _OnExceptionCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ddpmlab.callbacks.finite import TrainingDivergedError
 from ddpmlab.errors import DiskFullError, NotWritableError
@@ -67,4 +69,9 @@ class OnExceptionCheckpoint(_OnExceptionCheckpoint):
             return  # the disk is full or the directory read-only: a second write would fail the same way
         if isinstance(exception, TrainingDivergedError):
             return  # the weights are NaN or inf: the last checkpoint before it is the one to keep
+        if trainer.world_size > 1 and not isinstance(exception, SIGTERMException):
+            # Under DDP only a SIGTERM stops every rank at one step boundary (Lightning broadcasts it). Any other
+            # failure may be one rank's, or a rank gone: saving waits for them all (a barrier) and would hang. The
+            # last checkpoint is whole and resumes.
+            return
         super().on_exception(trainer, pl_module, exception)

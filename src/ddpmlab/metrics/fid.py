@@ -314,29 +314,48 @@ def generate_chunks(
 
 def generate_on_devices(
     denoiser, sampler, num_samples: int, batch_size: int, seed: int, devices: list, perf=None, conds=None,
-    progress: bool = True,
+    progress: bool = True, chunks: list[tuple[int, int]] | None = None,
 ) -> Tensor:  # fmt: skip
     """``num_samples`` images as uint8 [N,C,H,W] on the CPU, the chunks shared out over ``devices`` (one thread
     and one copy of the denoiser per device); the same images whatever the number of devices. ``conds``: the pool
-    of conditions of an image-conditioned model (:func:`generate_chunks`)."""
+    of conditions of an image-conditioned model (:func:`generate_chunks`). ``chunks``: only these chunks (k, n) of
+    the ``num_samples`` (one rank's :func:`share`), all of them when None."""
     import copy
     from concurrent.futures import ThreadPoolExecutor
 
     from ddpmlab.progress import SamplingProgress
 
-    evals = sampler.num_evaluations(denoiser.diffusion) * sum(
-        len(share(num_samples, batch_size, r, len(devices))) for r in range(len(devices))
-    )
+    chunks = chunks if chunks is not None else share(num_samples, batch_size, 0, 1)
+    evals = sampler.num_evaluations(denoiser.diffusion) * len(chunks)
+    split = [c.tolist() for c in torch.arange(len(chunks)).tensor_split(len(devices))]
 
     def run(rank: int) -> Tensor:
         model = denoiser if len(devices) == 1 else copy.deepcopy(denoiser).to(devices[rank])
-        chunks = share(num_samples, batch_size, rank, len(devices))
-        x = generate_chunks(model, sampler, chunks, seed, perf, progress=bar.wrap, conds=conds, chunk_size=batch_size)
+        mine = [chunks[i] for i in split[rank]]
+        x = generate_chunks(model, sampler, mine, seed, perf, progress=bar.wrap, conds=conds, chunk_size=batch_size)
         return to_uint8(x).cpu()
 
-    label = f"sampling {num_samples}"
+    label = f"sampling {sum(n for _, n in chunks)}"
     with SamplingProgress(evals, label, enabled=progress) as bar, ThreadPoolExecutor(len(devices)) as pool:
         return torch.cat(list(pool.map(run, range(len(devices)))))
+
+
+def generate_across_ranks(
+    denoiser, sampler, num_samples: int, batch_size: int, seed: int, perf=None, conds=None, progress: bool = True
+) -> Tensor:  # fmt: skip
+    """:func:`generate_on_devices` over the ranks of an initialised process group (evaluate.py under torchrun or
+    SLURM): each rank draws its own chunks (:func:`share`) once, on its own device, and every rank gets them all
+    back in chunk order, as uint8 [N,C,H,W] on the CPU: the images one process draws."""
+    import torch.distributed as dist
+
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    mine = generate_on_devices(
+        denoiser, sampler, num_samples, batch_size, seed, [next(denoiser.parameters()).device], perf, conds,
+        progress=progress and rank == 0, chunks=share(num_samples, batch_size, rank, world_size),
+    )  # fmt: skip
+    shares: list = [None] * world_size
+    dist.all_gather_object(shares, mine)  # uint8 on the CPU: gloo and NCCL alike
+    return torch.cat(shares)  # share() deals out contiguous runs of chunks: rank order is chunk order
 
 
 # ---------------------------------------------------------------------------------------------- torch-fidelity
