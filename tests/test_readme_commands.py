@@ -11,7 +11,11 @@ import pytest
 from conftest import REPO, compose_cfg
 
 SCRIPTS = {"train": "train", "sample": "sample", "evaluate": "evaluate", "export": "export"}
-ENTRY = re.compile(r"^(?:python3? (?:\S*/)?(train|sample|evaluate|export)\.py|ddpm-(train|sample|evaluate|export))$")
+# python train.py, ddpm-train; torchrun [its flags] train.py; srun [its flags] python train.py
+ENTRY = re.compile(
+    r"^(?:(?:srun(?: -\S+)* )?python3? (?:\S*/)?(train|sample|evaluate|export)\.py|ddpm-(train|sample|evaluate|export)"
+    r"|torchrun(?: -\S+)* (?:\S*/)?(train|sample|evaluate|export)\.py)$"
+)
 OPTIONAL = re.compile(r"\[\w[\w.]*=.*\]")  # [key=value]: an optional argument, composed as well
 OWN_CONFIGS = ("experiment=mine", "experiment=my_run")  # the README's example of a user's own config folder
 
@@ -40,7 +44,7 @@ def readme_commands() -> list[tuple[int, str, list[str]]]:
                 if match:
                     args = [w for w in words[i + 1 :] if not w.startswith("-")]  # -m, --cfg job: Hydra's flags
                     overrides = [w[1:-1] if OPTIONAL.fullmatch(w) else w for w in args]
-                    found.append((number, SCRIPTS[match.group(1) or match.group(2)], overrides))
+                    found.append((number, SCRIPTS[next(g for g in match.groups() if g)], overrides))
                     break
     return found
 
