@@ -57,7 +57,13 @@ def test_slurm_launcher_config_requeues_into_the_same_run_dir(tmp_path):
     assert launcher._target_.endswith("SlurmLauncher")
     assert launcher.tasks_per_node == 4 and launcher.gpus_per_node == 4 and launcher.nodes == 2
     assert launcher.max_num_timeout > 0 and launcher.signal_delay_s > 0  # a timed-out job is requeued
-    assert cfg.trainer.strategy == "ddp"
+    from datetime import timedelta
+
+    from hydra.utils import instantiate
+    from lightning.pytorch.strategies import DDPStrategy
+
+    strategy = instantiate(cfg.trainer.strategy)  # DDP, a rank waiting at most 10 minutes for the others
+    assert isinstance(strategy, DDPStrategy) and strategy._timeout == timedelta(seconds=600)
 
 
 def test_ddpm_cifar10_preset_is_the_papers_recipe(tmp_path):
