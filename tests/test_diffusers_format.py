@@ -172,6 +172,8 @@ def loaded_without_warnings(cls, folder, caplog):
         warnings.simplefilter("always")
         pipe = cls.from_pretrained(folder)
     said = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    # about the environment, not the folder: diffusers loads more slowly where accelerate is not installed
+    said = [m for m in said if "`accelerate` was not found" not in m]
     assert not said, said
     pipe.set_progress_bar_config(disable=True)
     return pipe
