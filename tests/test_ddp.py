@@ -8,7 +8,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from conftest import TINY, compose_cfg, run_cli
+from conftest import TINY, compose_cfg
 from ddpmlab.api import build_module
 from ddpmlab.callbacks.fid import FID
 from test_fid import TinyFeatures
@@ -83,31 +83,3 @@ def test_fid_under_two_process_ddp_equals_one_process_and_ranks_share_the_work(t
     # the real features were computed once (by rank 0) and cached for both ranks
     [stats] = (tmp_path / "cache").glob("digits-1x8x8-n100-*.pt")
     assert torch.load(stats, weights_only=True)["features"].shape == (100, 6)
-
-
-def test_cli_trainer_ddp_on_two_cpu_processes_writes_one_checkpoint(tmp_path):
-    run = tmp_path / "run"
-    overrides = [
-        o
-        for o in TINY
-        if not o.startswith(("trainer.max_steps", "callbacks.checkpoint", "callbacks.sample_grid.every"))
-    ]
-    res = run_cli(
-        "train.py",
-        "trainer=ddp",
-        "trainer.accelerator=cpu",
-        "trainer.devices=2",
-        *overrides,
-        "trainer.max_steps=4",
-        "callbacks.checkpoint.every_n_train_steps=4",
-        "callbacks.sample_grid.every_n_steps=4",
-        "callbacks.denoising_chain.num_images=2",
-        f"hydra.run.dir={run}",
-        cwd=tmp_path,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt", "step_0000004.ckpt"]
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["global_step"] == 4
-    assert json.loads((run / "final_metrics.json").read_text())["step"] == 4
-    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in res.stdout + res.stderr

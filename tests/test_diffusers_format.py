@@ -284,9 +284,8 @@ def test_evaluate_and_sample_read_a_diffusers_folder_and_need_data_only_where_it
     got = evaluate(compose_cfg("evaluate", [f"ckpt_path={out}", *base, "data=digits"], tmp_path / "e"), tmp_path / "e")
     assert got["bpd"]["protocol"]["dataset"] == "digits"
     assert abs(got["bpd"]["value"] - ours["bpd"]["value"]) < 1e-9  # the same model under the same protocol
-    proc = run_cli("sample.py", f"ckpt_path={out}", "num_samples=4", "sampler=ddim", "sampler.num_steps=5",
-                   f"hydra.run.dir={tmp_path / 's'}", cwd=tmp_path)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
+    overrides = [f"ckpt_path={out}", "num_samples=4", "sampler=ddim", "sampler.num_steps=5"]
+    sample(compose_cfg("sample", overrides, tmp_path / "s"), tmp_path / "s")
     assert (tmp_path / "s" / "grid.png").is_file() and (tmp_path / "s" / "samples.npz").is_file()
 
 

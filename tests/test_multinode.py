@@ -151,9 +151,16 @@ def test_two_nodes_one_node_of_two_and_one_process_accumulating_two_train_the_sa
     one_node += losses(tmp_path / "1x2-losses")
     one_process = [sys.executable, str(REPO / "train.py"), "trainer.accumulate_grad_batches=2", *RUN, *fid]
     one_process += losses(tmp_path / "1x1-losses")
+    outs = {}
     for cmd, run in ((one_node, runs["1x2"]), (one_process, runs["1x1"])):
-        [(rc, out)] = finish(launch([(cmd + [f"hydra.run.dir={run}"], env())], tmp_path))
-        assert rc == 0, out[-3000:]
+        [(rc, outs[run.name])] = finish(launch([(cmd + [f"hydra.run.dir={run}"], env())], tmp_path))
+        assert rc == 0, outs[run.name][-3000:]
+    # Lightning's own launcher started the second process of 1x2; rank 0 alone wrote the checkpoints
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in outs["1x2"]
+    for d in (run_2x1, runs["1x2"]):
+        saved = sorted(p.name for p in (d / "checkpoints").iterdir())
+        assert saved == ["last.ckpt", "step_0000008.ckpt"]  # the step-4 checkpoint was replaced (save_top_k 1)
+        assert json.loads((d / "final_metrics.json").read_text())["step"] == 8
     dirs = {"2x1": run_2x1, "1x2": runs["1x2"], "1x1": runs["1x1"]}
     layouts = {name: json.loads((d / "layout.json").read_text()) for name, d in dirs.items()}
     assert all(len(v) == 1 and v[0]["global_batch"] == 32 for v in layouts.values())

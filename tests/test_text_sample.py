@@ -137,19 +137,28 @@ def cli(ckpt, tmp_path, *args: str):
     return r.stderr
 
 
+def refused(ckpt, tmp_path, *args: str) -> str:
+    """sample.py's refusal of ``args``, in this process (what the CLI prints after ``ddpmlab: error:``)."""
+    out = tmp_path / "outputs" / "out"
+    with pytest.raises(ConfigError) as e:
+        sample(compose_cfg("sample", [f"ckpt_path={ckpt}", *args], out), out)
+    assert "\n" not in str(e.value) and not (out / "chunks").exists()  # one line, refused before anything was drawn
+    return str(e.value)
+
+
 def test_prompt_errors_are_one_line_with_exit_2(text_ckpt, tiny_ckpt, tmp_path):
-    err = cli(text_ckpt, tmp_path, "prompt=a 4 left of a cat on a dog")
+    err = cli(text_ckpt, tmp_path, "prompt=a 4 left of a cat on a dog")  # the command line: exit 2, one line
     assert "never saw in training: 'cat', 'dog'" in err
-    err = cli(text_ckpt, tmp_path, "prompt=" + " ".join([PROMPT] * 3))
+    err = refused(text_ckpt, tmp_path, "prompt=" + " ".join([PROMPT] * 3))
     assert "has 18 words, more than the text encoder's context length of 12" in err
-    err = cli(tiny_ckpt, tmp_path, f"prompt={PROMPT}")
+    err = refused(tiny_ckpt, tmp_path, f"prompt={PROMPT}")
     assert "need a text-conditioned model" in err and "has no text encoder" in err
-    err = cli(text_ckpt, tmp_path, f"prompt={PROMPT}", "prompts=[nine then four]")
+    err = refused(text_ckpt, tmp_path, f"prompt={PROMPT}", "prompts=[nine then four]")
     assert "give one of prompt=, prompts=[...] or prompts_file=, not prompt and prompts" in err
     (tmp_path / "empty.txt").write_text("\n  \n")
-    assert "holds no prompt" in cli(text_ckpt, tmp_path, f"prompts_file={tmp_path / 'empty.txt'}")
-    assert "is not a file" in cli(text_ckpt, tmp_path, f"prompts_file={tmp_path / 'missing.txt'}")
-    err = cli(text_ckpt, tmp_path)  # a text model without a prompt: refused, with the fix
+    assert "holds no prompt" in refused(text_ckpt, tmp_path, f"prompts_file={tmp_path / 'empty.txt'}")
+    assert "is not a file" in refused(text_ckpt, tmp_path, f"prompts_file={tmp_path / 'missing.txt'}")
+    err = refused(text_ckpt, tmp_path)  # a text model without a prompt: refused, with the fix
     assert f'conditioned on text: give its caption, e.g. prompt="{PROMPT}"' in err and 'prompt=""' in err
 
 
