@@ -549,8 +549,9 @@ def read_folder(folder: str | Path) -> tuple[DictConfig, dict[str, Tensor]]:
     unet = _read_json(unet_dir / "config.json", where)
     null_label = stored is not None and bool((stored.get("model") or {}).get("num_classes"))
     model = unet_from_config(unet, f"{unet_dir / 'config.json'}", null_label=null_label)
-    schedule, prediction, sampler = schedule_from_config(_read_json(scheduler_file, where), str(scheduler_file))
-    learned = _read_json(scheduler_file, where).get("variance_type") == "learned_range"
+    scheduler = _read_json(scheduler_file, where)
+    schedule, prediction, sampler = schedule_from_config(scheduler, str(scheduler_file))
+    learned = scheduler.get("variance_type") == "learned_range"
     if model["learn_sigma"] != learned:
         raise ConfigError(
             f"{where}: the U-Net gives {unet.get('out_channels')} channels for {unet.get('in_channels')} in, but "
@@ -562,7 +563,7 @@ def read_folder(folder: str | Path) -> tuple[DictConfig, dict[str, Tensor]]:
         if cfg.get("stage") is not None:
             raise CheckpointError(f"{where}: its {DDPMLAB_CONFIG} is of stage={cfg.stage}; a diffusers folder holds "
                                   "a pixel-diffusion model")  # fmt: skip
-        if _public(scheduler_config(cfg)) == _public(_read_json(scheduler_file, where)):
+        if _public(scheduler_config(cfg)) == _public(scheduler):
             schedule = OmegaConf.to_container(cfg.schedule)  # the same betas, as ddpmlab wrote them: exactly
         cfg.model, cfg.schedule, cfg.prediction = model, schedule, prediction
         cfg.sampler = cfg.get("sampler") or sampler

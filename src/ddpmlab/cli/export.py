@@ -91,7 +91,7 @@ def export_diffusers(
 
 def diffusers_card(cfg: DictConfig, stage: Stage, step: int | None, params: int, use_ema: bool) -> str:
     """The model card of a diffusers export: its tags, what the model is, and how diffusers and ddpmlab run it."""
-    T = denoiser_steps(cfg)
+    T = int(scheduler_config(cfg)["num_train_timesteps"])
     classes = cfg.model.get("num_classes")
     notes = []
     if classes:
@@ -146,10 +146,6 @@ def diffusers_card(cfg: DictConfig, stage: Stage, step: int | None, params: int,
         "",
     ]
     return "\n".join(lines)
-
-
-def denoiser_steps(cfg: DictConfig) -> int:
-    return int(scheduler_config(cfg)["num_train_timesteps"])
 
 
 def check_replaceable(out: Path, files: tuple[str, ...] = EXPORT_FILES["ddpmlab"]) -> None:
